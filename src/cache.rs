@@ -1,0 +1,226 @@
+//! The in-process cache of upstream answers.
+//!
+//! Invariant: the cache's weight — body bytes, kept header bytes and a fixed per-entry overhead —
+//! never exceeds `cache.max_bytes` after moka's pending maintenance runs, and each entry expires
+//! after exactly the TTL the policy gave it (none for terminal runs unless `terminal_max_age`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use moka::sync::Cache as Moka;
+use moka::Expiry;
+
+use crate::policy::EntryClass;
+use crate::run_id::RunId;
+
+/// Which configured app an entry belongs to. Dify scopes runs to the key's app, so the app is
+/// part of every cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppId(pub u32);
+
+/// Identity of a cache entry: (app, canonical run id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub app: AppId,
+    pub run: RunId,
+}
+
+/// Weight charged per entry beyond its bytes: the key, the `Arc<Stored>` and moka's own
+/// bookkeeping (measured by the `memory` benchmark), so the byte cap bounds real memory.
+pub const ENTRY_OVERHEAD: u32 = 256;
+
+/// The upstream response headers the gateway keeps and forwards.
+#[derive(Debug, Clone, Default)]
+pub struct KeptHeaders {
+    pub content_type: Option<HeaderValue>,
+    pub x_version: Option<HeaderValue>,
+    pub x_env: Option<HeaderValue>,
+    /// Only on answers that are never kept (429/503); forwarded so clients back off.
+    pub retry_after: Option<HeaderValue>,
+}
+
+impl KeptHeaders {
+    fn len(&self) -> usize {
+        [
+            &self.content_type,
+            &self.x_version,
+            &self.x_env,
+            &self.retry_after,
+        ]
+        .iter()
+        .filter_map(|v| v.as_ref().map(|v| v.len()))
+        .sum()
+    }
+}
+
+/// One upstream answer as received: status, kept headers and the body bytes untouched. Shared
+/// by reference between the cache and every request it answers.
+#[derive(Debug)]
+pub struct Stored {
+    pub status: StatusCode,
+    pub headers: KeptHeaders,
+    pub body: Bytes,
+    /// What the policy made of it; `None` when it is not kept.
+    pub class: Option<EntryClass>,
+    /// How long it may be reused; `None` with a class means no expiry.
+    pub ttl: Option<Duration>,
+    /// When the upstream answered (for `Age`).
+    pub fetched_at: Instant,
+}
+
+impl Stored {
+    /// The entry's weight for the byte cap, saturating at `u32::MAX`.
+    pub fn weight(&self) -> u32 {
+        let bytes = self.body.len() + self.headers.len();
+        u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .saturating_add(ENTRY_OVERHEAD)
+    }
+}
+
+/// Gives each entry the TTL the policy decided.
+struct PerEntryTtl;
+
+impl Expiry<CacheKey, Arc<Stored>> for PerEntryTtl {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Stored>,
+        _now: Instant,
+    ) -> Option<Duration> {
+        value.ttl
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<Stored>,
+        _now: Instant,
+        _current: Option<Duration>,
+    ) -> Option<Duration> {
+        value.ttl
+    }
+}
+
+/// Counts of what the cache holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: u64,
+    pub weighted_bytes: u64,
+}
+
+/// The cache: moka, weighed by bytes, with per-entry expiry.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Moka<CacheKey, Arc<Stored>>,
+}
+
+impl Cache {
+    /// A cache holding at most `max_bytes` of weight.
+    pub fn new(max_bytes: u64) -> Cache {
+        let inner = Moka::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &CacheKey, v: &Arc<Stored>| v.weight())
+            .expire_after(PerEntryTtl)
+            .build();
+        Cache { inner }
+    }
+
+    /// A live entry, if any.
+    #[inline]
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<Stored>> {
+        self.inner.get(key)
+    }
+
+    /// Keeps an answer the policy classified. Answers without a class are ignored, so a caller
+    /// cannot cache an error by mistake.
+    pub fn insert(&self, key: CacheKey, value: Arc<Stored>) {
+        if value.class.is_some() {
+            self.inner.insert(key, value);
+        }
+    }
+
+    /// Drops one entry.
+    pub fn remove(&self, key: &CacheKey) {
+        self.inner.invalidate(key);
+    }
+
+    /// Drops everything.
+    pub fn clear(&self) {
+        self.inner.invalidate_all();
+    }
+
+    /// Entries and weight, after running moka's pending maintenance so the figures are current.
+    pub fn stats(&self) -> CacheStats {
+        self.inner.run_pending_tasks();
+        CacheStats {
+            entries: self.inner.entry_count(),
+            weighted_bytes: self.inner.weighted_size(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn stored(body: usize, class: Option<EntryClass>, ttl: Option<Duration>) -> Arc<Stored> {
+        Arc::new(Stored {
+            status: StatusCode::OK,
+            headers: KeptHeaders::default(),
+            body: Bytes::from(vec![b'x'; body]),
+            class,
+            ttl,
+            fetched_at: Instant::now(),
+        })
+    }
+
+    fn key(n: u128) -> CacheKey {
+        CacheKey {
+            app: AppId(0),
+            run: RunId::from(Uuid::from_u128(n)),
+        }
+    }
+
+    #[test]
+    fn unclassified_answers_are_not_kept() {
+        let c = Cache::new(1 << 20);
+        c.insert(key(1), stored(10, None, None));
+        assert!(c.get(&key(1)).is_none());
+        c.insert(key(1), stored(10, Some(EntryClass::Terminal), None));
+        assert!(c.get(&key(1)).is_some());
+    }
+
+    #[test]
+    fn weight_is_bounded_by_max_bytes() {
+        let cap = 1 << 20;
+        let c = Cache::new(cap);
+        for n in 0..10_000 {
+            c.insert(key(n), stored(1000, Some(EntryClass::Terminal), None));
+        }
+        let s = c.stats();
+        assert!(s.weighted_bytes <= cap, "{s:?}");
+        assert!(s.entries > 100 && s.entries < 1100, "{s:?}");
+    }
+
+    #[test]
+    fn entries_expire_after_their_ttl() {
+        let c = Cache::new(1 << 20);
+        c.insert(
+            key(1),
+            stored(
+                10,
+                Some(EntryClass::Running),
+                Some(Duration::from_millis(50)),
+            ),
+        );
+        c.insert(key(2), stored(10, Some(EntryClass::Terminal), None));
+        assert!(c.get(&key(1)).is_some());
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(c.get(&key(1)).is_none());
+        assert!(c.get(&key(2)).is_some());
+    }
+}

@@ -1,0 +1,576 @@
+//! Configuration: a raw TOML layer and the validated types the rest of the code sees.
+//!
+//! Invariant: nothing outside this module reads a raw value; every setting reaches the gateway
+//! through [`Config`], already checked, with durations as [`Duration`] and the upstream key as a
+//! [`SecretString`] read from the environment or a key file — never from a command-line value.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::Uri;
+use secrecy::SecretString;
+use serde::Deserialize;
+
+/// Name of the environment variable that holds the upstream app key.
+pub const API_KEY_ENV: &str = "DIFY_API_KEY";
+
+/// Dify's cloud API base, the default upstream.
+pub const DEFAULT_UPSTREAM: &str = "https://api.dify.ai/v1";
+
+/// The default listen address of the public side.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Statuses Dify never moves a run out of.
+pub const DEFAULT_TERMINAL_STATUSES: [&str; 4] =
+    ["succeeded", "failed", "stopped", "partial-succeeded"];
+
+/// Why a configuration could not be used. Every variant names the key (and file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or holds unknown keys or wrongly typed values.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value parsed but is not acceptable.
+    #[error("invalid value for `{key}`{}: {message}", file_suffix(.file))]
+    Invalid {
+        key: &'static str,
+        file: Option<PathBuf>,
+        message: String,
+    },
+    /// No upstream key anywhere.
+    #[error(
+        "no upstream API key: set the {API_KEY_ENV} environment variable or `upstream.api_key_file` in the config file"
+    )]
+    MissingKey,
+}
+
+fn file_suffix(file: &Option<PathBuf>) -> String {
+    match file {
+        Some(p) => format!(" in {}", p.display()),
+        None => String::new(),
+    }
+}
+
+/// A duration written as humans write it (`1s`, `500ms`, `2m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim())
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration ({e}); write e.g. \"1s\" or \"500ms\""
+                ))
+            })
+    }
+}
+
+/// The file as written. Every field is optional; defaults live in [`RawConfig::validate`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub cache: RawCache,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub header_read_timeout: Option<HumanDuration>,
+    pub max_header_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub drain_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub base_url: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Option<HumanDuration>,
+    pub total_timeout: Option<HumanDuration>,
+    pub max_body_bytes: Option<usize>,
+    pub pool_idle_timeout: Option<HumanDuration>,
+    pub pool_max_idle_per_host: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub max_bytes: Option<u64>,
+    pub terminal_statuses: Option<Vec<String>>,
+    pub terminal_max_age: Option<HumanDuration>,
+    pub running_ttl: Option<HumanDuration>,
+    pub not_found_ttl: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub access_log: Option<bool>,
+}
+
+/// Values given on the command line or in `DIFY_GATEWAY_*` variables; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub upstream: Option<String>,
+    pub log_format: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+}
+
+/// Settings of the public listener.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where the public side listens.
+    pub listen: SocketAddr,
+    /// A client must send its complete request head within this time, or the connection is cut
+    /// (slow-header clients would otherwise hold connections forever).
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; beyond it the client gets 431.
+    pub max_header_bytes: usize,
+    /// Connections served at once; further ones wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// On SIGINT/SIGTERM, in-flight requests get this long to finish.
+    pub drain_timeout: Duration,
+}
+
+/// How the gateway reaches Dify.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL, e.g. `https://api.dify.ai/v1`, without a trailing slash.
+    pub base_url: Uri,
+    /// The app key injected as `Authorization: Bearer`.
+    pub api_key: SecretString,
+    /// Extra PEM CA certificates trusted beside the built-in web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// Time allowed to open a TCP connection (and finish TLS) to the upstream.
+    pub connect_timeout: Duration,
+    /// Time allowed for one upstream exchange, head and body.
+    pub total_timeout: Duration,
+    /// Largest upstream body accepted; larger answers become 502.
+    pub max_body_bytes: usize,
+    /// Idle pooled connections are closed after this long.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per upstream host.
+    pub pool_max_idle_per_host: usize,
+}
+
+/// How the cache decides and how big it may grow.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// Upper bound of the cache's weight: the bytes of bodies and headers plus per-entry overhead.
+    pub max_bytes: u64,
+    /// Run statuses kept without expiry.
+    pub terminal_statuses: Vec<String>,
+    /// When set, terminal entries expire after this long (runs can be deleted or keys revoked).
+    pub terminal_max_age: Option<Duration>,
+    /// How long a non-terminal answer is reused; zero means never kept (still coalesced).
+    pub running_ttl: Duration,
+    /// How long an upstream 404 is reused; zero disables.
+    pub not_found_ttl: Duration,
+}
+
+/// Output format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "text" => Some(Self::Text),
+            "json" => Some(Self::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// One line per request at INFO level on target `access`.
+    pub access_log: bool,
+}
+
+impl RawConfig {
+    /// Reads and parses a TOML file; unknown keys are errors.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every value and fills defaults. `env` looks up environment variables (injected so
+    /// tests need not touch the process environment); `file` names the source in errors.
+    pub fn validate(
+        self,
+        overrides: &Overrides,
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let file = file.map(Path::to_path_buf);
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            key,
+            file: file.clone(),
+            message,
+        };
+
+        let listen_s = overrides
+            .listen
+            .clone()
+            .or(self.server.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen: SocketAddr = listen_s
+            .parse()
+            .map_err(|e| invalid("server.listen", format!("`{listen_s}`: {e}")))?;
+        let max_header_bytes = self.server.max_header_bytes.unwrap_or(16 * 1024);
+        if !(8192..=1024 * 1024).contains(&max_header_bytes) {
+            return Err(invalid(
+                "server.max_header_bytes",
+                format!("{max_header_bytes} is outside 8192..=1048576"),
+            ));
+        }
+        let max_connections = self.server.max_connections.unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(invalid(
+                "server.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        let header_read_timeout = dur(self.server.header_read_timeout, Duration::from_secs(10));
+        if header_read_timeout.is_zero() {
+            return Err(invalid(
+                "server.header_read_timeout",
+                "must be above zero".into(),
+            ));
+        }
+        let server = ServerConfig {
+            listen,
+            header_read_timeout,
+            max_header_bytes,
+            max_connections,
+            drain_timeout: dur(self.server.drain_timeout, Duration::from_secs(30)),
+        };
+
+        let base_s = overrides
+            .upstream
+            .clone()
+            .or(self.upstream.base_url)
+            .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
+        let base_url = parse_base_url(&base_s).map_err(|m| invalid("upstream.base_url", m))?;
+        let api_key = match &self.upstream.api_key_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "upstream.api_key_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let key = text.trim();
+                if key.is_empty() {
+                    return Err(invalid(
+                        "upstream.api_key_file",
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                key.to_owned()
+            }
+            None => match env(API_KEY_ENV) {
+                Some(k) if !k.trim().is_empty() => k.trim().to_owned(),
+                _ => return Err(ConfigError::MissingKey),
+            },
+        };
+        if api_key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+            // Deliberately does not echo the key.
+            return Err(invalid(
+                "upstream.api_key",
+                "the key holds whitespace or non-printable characters".into(),
+            ));
+        }
+        let connect_timeout = dur(self.upstream.connect_timeout, Duration::from_secs(5));
+        let total_timeout = dur(self.upstream.total_timeout, Duration::from_secs(30));
+        if connect_timeout.is_zero() {
+            return Err(invalid(
+                "upstream.connect_timeout",
+                "must be above zero".into(),
+            ));
+        }
+        if total_timeout.is_zero() {
+            return Err(invalid(
+                "upstream.total_timeout",
+                "must be above zero".into(),
+            ));
+        }
+        let max_body_bytes = self.upstream.max_body_bytes.unwrap_or(16 * 1024 * 1024);
+        if max_body_bytes == 0 || max_body_bytes > u32::MAX as usize {
+            return Err(invalid(
+                "upstream.max_body_bytes",
+                format!("{max_body_bytes} is outside 1..=4294967295"),
+            ));
+        }
+        let upstream = UpstreamConfig {
+            base_url,
+            api_key: SecretString::from(api_key),
+            ca_file: self.upstream.ca_file,
+            connect_timeout,
+            total_timeout,
+            max_body_bytes,
+            pool_idle_timeout: dur(self.upstream.pool_idle_timeout, Duration::from_secs(90)),
+            pool_max_idle_per_host: self.upstream.pool_max_idle_per_host.unwrap_or(64),
+        };
+        if let Some(ca) = &upstream.ca_file {
+            if !ca.is_file() {
+                return Err(invalid(
+                    "upstream.ca_file",
+                    format!("{} is not a readable file", ca.display()),
+                ));
+            }
+        }
+
+        let max_bytes = self.cache.max_bytes.unwrap_or(256 * 1024 * 1024);
+        if max_bytes < 1024 * 1024 {
+            return Err(invalid(
+                "cache.max_bytes",
+                format!("{max_bytes} is below the minimum of 1048576 (1 MiB)"),
+            ));
+        }
+        let terminal_statuses = self.cache.terminal_statuses.unwrap_or_else(|| {
+            DEFAULT_TERMINAL_STATUSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
+        for s in &terminal_statuses {
+            if s.is_empty() || s == "running" || s == "paused" || s == "scheduled" {
+                return Err(invalid(
+                    "cache.terminal_statuses",
+                    format!("`{s}` is not a terminal status"),
+                ));
+            }
+        }
+        let cache = CacheConfig {
+            max_bytes,
+            terminal_statuses,
+            terminal_max_age: self.cache.terminal_max_age.map(|d| d.0),
+            running_ttl: dur(self.cache.running_ttl, Duration::from_secs(1)),
+            not_found_ttl: dur(self.cache.not_found_ttl, Duration::from_secs(2)),
+        };
+        if cache.terminal_max_age.is_some_and(|d| d.is_zero()) {
+            return Err(invalid(
+                "cache.terminal_max_age",
+                "must be above zero (leave it out for no expiry)".into(),
+            ));
+        }
+
+        let format_s = overrides
+            .log_format
+            .clone()
+            .or(self.log.format)
+            .unwrap_or_else(|| "text".into());
+        let format = LogFormat::parse(&format_s)
+            .ok_or_else(|| invalid("log.format", format!("`{format_s}`: expected text or json")))?;
+        let log = LogConfig {
+            format,
+            access_log: self.log.access_log.unwrap_or(true),
+        };
+
+        Ok(Config {
+            server,
+            upstream,
+            cache,
+            log,
+        })
+    }
+}
+
+fn dur(v: Option<HumanDuration>, default: Duration) -> Duration {
+    v.map(|d| d.0).unwrap_or(default)
+}
+
+fn parse_base_url(s: &str) -> Result<Uri, String> {
+    let trimmed = s.trim_end_matches('/');
+    let uri: Uri = trimmed.parse().map_err(|e| format!("`{s}`: {e}"))?;
+    match uri.scheme_str() {
+        Some("https") | Some("http") => {}
+        _ => return Err(format!("`{s}`: the scheme must be https:// or http://")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("`{s}`: no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{s}`: a query string is not allowed"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(format!("`{s}`: credentials in the URL are not allowed"));
+    }
+    Ok(uri)
+}
+
+impl Config {
+    /// A configuration with every default, for the given upstream and key (used by tests and
+    /// benchmarks that build a gateway in-process).
+    pub fn for_upstream(base_url: &str, api_key: &str) -> Result<Config, ConfigError> {
+        let key = api_key.to_owned();
+        RawConfig::default().validate(
+            &Overrides {
+                upstream: Some(base_url.to_owned()),
+                ..Overrides::default()
+            },
+            None,
+            &move |name| (name == API_KEY_ENV).then(|| key.clone()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn key_env(name: &str) -> Option<String> {
+        (name == API_KEY_ENV).then(|| "app-secretkey123".to_owned())
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = RawConfig::default()
+            .validate(&Overrides::default(), None, &key_env)
+            .unwrap();
+        assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.upstream.base_url.to_string(), "https://api.dify.ai/v1");
+        assert_eq!(c.cache.running_ttl, Duration::from_secs(1));
+        assert_eq!(c.cache.not_found_ttl, Duration::from_secs(2));
+        assert_eq!(c.cache.max_bytes, 256 * 1024 * 1024);
+        assert_eq!(c.upstream.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(c.cache.terminal_statuses.len(), 4);
+    }
+
+    #[test]
+    fn missing_key_is_an_error() {
+        let e = RawConfig::default()
+            .validate(&Overrides::default(), None, &no_env)
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::MissingKey));
+        assert!(e.to_string().contains(API_KEY_ENV));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = RawConfig::from_toml("[cache]\nrunning_tt = \"1s\"\n").unwrap_err();
+        assert!(e.contains("running_tt"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_are_named() {
+        let e = RawConfig::from_toml("[cache]\nrunning_ttl = \"soon\"\n").unwrap_err();
+        assert!(e.contains("running_ttl"), "{e}");
+        let ok = RawConfig::from_toml("[cache]\nrunning_ttl = \"500ms\"\n")
+            .unwrap()
+            .validate(&Overrides::default(), None, &key_env)
+            .unwrap();
+        assert_eq!(ok.cache.running_ttl, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_file() {
+        let raw = RawConfig::from_toml("[upstream]\nbase_url = \"ftp://x\"\n").unwrap();
+        let e = raw
+            .validate(&Overrides::default(), Some(Path::new("gw.toml")), &key_env)
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("upstream.base_url") && msg.contains("gw.toml"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn overrides_win_over_file() {
+        let raw = RawConfig::from_toml("[server]\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let c = raw
+            .validate(
+                &Overrides {
+                    listen: Some("127.0.0.1:2".into()),
+                    ..Overrides::default()
+                },
+                None,
+                &key_env,
+            )
+            .unwrap();
+        assert_eq!(c.server.listen.port(), 2);
+    }
+
+    #[test]
+    fn key_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("key");
+        std::fs::write(&p, "app-fromfile\n").unwrap();
+        let raw =
+            RawConfig::from_toml(&format!("[upstream]\napi_key_file = \"{}\"\n", p.display()))
+                .unwrap();
+        let c = raw.validate(&Overrides::default(), None, &no_env).unwrap();
+        use secrecy::ExposeSecret;
+        assert_eq!(c.upstream.api_key.expose_secret(), "app-fromfile");
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let c = RawConfig::default()
+            .validate(&Overrides::default(), None, &key_env)
+            .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("secretkey123"), "{dbg}");
+    }
+
+    #[test]
+    fn example_config_is_valid_and_complete() {
+        let text = include_str!("../config/dify-gateway.toml");
+        let raw = RawConfig::from_toml(text).expect("example parses");
+        raw.validate(&Overrides::default(), None, &key_env)
+            .expect("example validates");
+    }
+}

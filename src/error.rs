@@ -1,0 +1,137 @@
+//! The gateway's own errors and their single mapping to HTTP.
+//!
+//! Invariant: every failure the gateway itself reports leaves through [`GatewayError::status`]
+//! and [`GatewayError::to_response`], as Dify's JSON error shape `{"code","message","status"}`;
+//! no message carries the upstream key, a client credential, or a raw upstream error text that
+//! could.
+
+use bytes::Bytes;
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde::Serialize;
+
+/// A failure answered by the gateway itself (upstream error answers are passed through as
+/// received and are not this type).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// The path's run id is not a hyphenated UUID.
+    #[error("workflow_run_id must be a hyphenated UUID")]
+    InvalidRunId,
+    /// No route for this path.
+    #[error("the requested URL was not found on this gateway")]
+    RouteNotFound,
+    /// The route exists but not for this method.
+    #[error("method not allowed; use GET or HEAD")]
+    MethodNotAllowed,
+    /// The upstream could not be reached (DNS, TCP, TLS).
+    #[error("upstream connection failed")]
+    UpstreamConnect,
+    /// The upstream did not answer within `upstream.total_timeout`.
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    /// The upstream body exceeded `upstream.max_body_bytes`.
+    #[error("upstream response body exceeds the configured limit")]
+    UpstreamBodyTooLarge,
+    /// The upstream broke the exchange (reset, truncated body, protocol error).
+    #[error("upstream response was incomplete or malformed")]
+    UpstreamProtocol,
+    /// The fetch task ended without a result (it panicked); waiters get this.
+    #[error("internal error while fetching from upstream")]
+    Internal,
+}
+
+/// Dify's error body.
+#[derive(Serialize)]
+struct DifyError<'a> {
+    code: &'a str,
+    message: &'a str,
+    status: u16,
+}
+
+impl GatewayError {
+    /// The one HTTP status each error maps to.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::InvalidRunId => StatusCode::BAD_REQUEST,
+            GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::UpstreamConnect
+            | GatewayError::UpstreamBodyTooLarge
+            | GatewayError::UpstreamProtocol
+            | GatewayError::Internal => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Dify-style `code`; also the label used in logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidRunId => "invalid_param",
+            GatewayError::RouteNotFound => "not_found",
+            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::UpstreamConnect => "upstream_unavailable",
+            GatewayError::UpstreamTimeout => "upstream_timeout",
+            GatewayError::UpstreamBodyTooLarge => "upstream_body_too_large",
+            GatewayError::UpstreamProtocol => "upstream_bad_response",
+            GatewayError::Internal => "internal_error",
+        }
+    }
+
+    /// The JSON body bytes.
+    pub fn body(&self) -> Bytes {
+        dify_error_body(self.as_str(), &self.to_string(), self.status())
+    }
+
+    /// The full response.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let mut resp = Response::new(Full::new(self.body()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if *self == GatewayError::MethodNotAllowed {
+            h.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        }
+        resp
+    }
+}
+
+/// Serialises Dify's error shape.
+pub fn dify_error_body(code: &str, message: &str, status: StatusCode) -> Bytes {
+    let e = DifyError {
+        code,
+        message,
+        status: status.as_u16(),
+    };
+    // Serialising a struct of strings and an integer cannot fail.
+    Bytes::from(serde_json::to_vec(&e).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_have_difys_shape() {
+        for e in [
+            GatewayError::InvalidRunId,
+            GatewayError::RouteNotFound,
+            GatewayError::MethodNotAllowed,
+            GatewayError::UpstreamConnect,
+            GatewayError::UpstreamTimeout,
+            GatewayError::UpstreamBodyTooLarge,
+            GatewayError::UpstreamProtocol,
+            GatewayError::Internal,
+        ] {
+            let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+            assert_eq!(v["code"], e.as_str());
+            assert_eq!(v["status"], e.status().as_u16());
+            assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+        assert_eq!(GatewayError::InvalidRunId.as_str(), "invalid_param");
+        assert_eq!(
+            GatewayError::MethodNotAllowed.to_response().headers()[ALLOW],
+            "GET, HEAD"
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! The binary: parse arguments, load config, start logging, bind, serve until a signal.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dify_gateway::cli::Cli;
+use dify_gateway::server::{self, Drain};
+use dify_gateway::{telemetry, Gateway};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("dify-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        println!(
+            "configuration OK: listen {}, upstream {}, cache {} bytes, running_ttl {:?}",
+            config.server.listen,
+            config.upstream.base_url,
+            config.cache.max_bytes,
+            config.cache.running_ttl
+        );
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("dify-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _log_guard = telemetry::init(config.log.format);
+    runtime.block_on(async move {
+        let gateway = match Gateway::new(&config) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the upstream client");
+                return ExitCode::FAILURE;
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %config.server.listen, error = %e, "cannot bind");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            listen = %config.server.listen,
+            upstream = %config.upstream.base_url,
+            "dify-gateway serving"
+        );
+        match server::run(listener, gateway, &config.server, shutdown_signal()).await {
+            Drain::Complete => tracing::info!("drained; exiting"),
+            Drain::TimedOut => {
+                tracing::warn!("drain timeout passed; dropping remaining connections")
+            }
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}
