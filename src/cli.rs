@@ -28,6 +28,28 @@ pub struct Cli {
     /// Validate the configuration (and the key's presence), print a summary, and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Ask a running gateway's `/healthz` at ADDR and exit 0 when it answers 200 (for container
+    /// health checks in images without a shell).
+    #[arg(long, value_name = "ADDR", conflicts_with = "check_config")]
+    pub health_probe: Option<std::net::SocketAddr>,
+}
+
+/// One `GET /healthz` over plain TCP with a short deadline; true on a 200.
+pub fn health_probe(addr: std::net::SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(2);
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, timeout) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
 }
 
 impl Cli {

@@ -172,45 +172,40 @@ impl Gateway {
     }
 
     /// The shared fetch: one upstream exchange, the policy's decision, the cache insert.
-    fn fetch(
-        self: Arc<Self>,
-        key: CacheKey,
-    ) -> impl std::future::Future<Output = FlightValue> + Send + 'static {
-        async move {
-            let t = Instant::now();
-            let r = self.upstream.fetch_run(key.run, None).await;
-            let upstream_elapsed = t.elapsed();
-            let fetched = match r {
-                Ok(a) => {
-                    let (class, ttl, not_cached) = match self.policy.decide(a.status, &a.body) {
-                        Decision::Keep { class, ttl } => (Some(class), ttl, None),
-                        Decision::Pass(reason) => (None, None, Some(reason)),
-                    };
-                    let stored = Arc::new(Stored {
-                        status: a.status,
-                        headers: a.headers,
-                        body: a.body,
-                        class,
-                        ttl,
-                        fetched_at: Instant::now(),
-                    });
-                    self.cache.insert(key, Arc::clone(&stored));
-                    Fetched {
-                        result: Ok(stored),
-                        not_cached,
-                        upstream_status: Some(a.status),
-                        upstream_elapsed,
-                    }
-                }
-                Err(e) => Fetched {
-                    result: Err(e),
-                    not_cached: None,
-                    upstream_status: None,
+    async fn fetch(self: Arc<Self>, key: CacheKey) -> FlightValue {
+        let t = Instant::now();
+        let r = self.upstream.fetch_run(key.run, None).await;
+        let upstream_elapsed = t.elapsed();
+        let fetched = match r {
+            Ok(a) => {
+                let (class, ttl, not_cached) = match self.policy.decide(a.status, &a.body) {
+                    Decision::Keep { class, ttl } => (Some(class), ttl, None),
+                    Decision::Pass(reason) => (None, None, Some(reason)),
+                };
+                let stored = Arc::new(Stored {
+                    status: a.status,
+                    headers: a.headers,
+                    body: a.body,
+                    class,
+                    ttl,
+                    fetched_at: Instant::now(),
+                });
+                self.cache.insert(key, Arc::clone(&stored));
+                Fetched {
+                    result: Ok(stored),
+                    not_cached,
+                    upstream_status: Some(a.status),
                     upstream_elapsed,
-                },
-            };
-            FlightValue::Fetched(Arc::new(fetched))
-        }
+                }
+            }
+            Err(e) => Fetched {
+                result: Err(e),
+                not_cached: None,
+                upstream_status: None,
+                upstream_elapsed,
+            },
+        };
+        FlightValue::Fetched(Arc::new(fetched))
     }
 }
 

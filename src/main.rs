@@ -9,6 +9,13 @@ use dify_gateway::{telemetry, Gateway};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(addr) = cli.health_probe {
+        return if dify_gateway::cli::health_probe(addr) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {

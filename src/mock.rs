@@ -130,6 +130,8 @@ struct State {
     total: AtomicU64,
     per_path: Mutex<HashMap<String, u64>>,
     last_headers: Mutex<Option<HeaderMap>>,
+    /// Set to true to stop accepting and cut every open connection.
+    stop: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,9 +154,11 @@ impl MockDify {
 
     /// Starts on `listener` in auto mode.
     pub fn serve(listener: TcpListener, key: &str, auto: Option<AutoRuns>) -> MockDify {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let state = Arc::new(State {
             key: key.to_owned(),
             auto,
+            stop: Some(stop_tx),
             ..State::default()
         });
         let addr = listener
@@ -162,19 +166,28 @@ impl MockDify {
             .expect("bound listener has an address");
         let st = Arc::clone(&state);
         tokio::spawn(async move {
+            let mut stop = stop_rx.clone();
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    r = listener.accept() => r,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 let st = Arc::clone(&st);
+                let mut stop = stop_rx.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let st = Arc::clone(&st);
                         async move { Ok::<_, Infallible>(answer(&st, req).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
@@ -212,6 +225,14 @@ impl MockDify {
     pub fn hits(&self, run_id: &str) -> u64 {
         let path = format!("/v1/workflows/run/{run_id}");
         lock(&self.state.per_path).get(&path).copied().unwrap_or(0)
+    }
+
+    /// Stops the mock: the listener closes and open connections are cut, as when Dify goes
+    /// down.
+    pub fn stop(&self) {
+        if let Some(tx) = &self.state.stop {
+            let _ = tx.send(true);
+        }
     }
 
     /// Headers of the last request received.

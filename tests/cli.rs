@@ -1,0 +1,133 @@
+//! The binary's start-up contract: key from the environment only, config errors named, a
+//! check mode, and a real serve-and-stop cycle.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_dify-gateway");
+
+fn gateway() -> Command {
+    let mut c = Command::new(BIN);
+    c.env_remove("DIFY_API_KEY")
+        .env_remove("DIFY_GATEWAY_CONFIG")
+        .env_remove("DIFY_GATEWAY_LISTEN")
+        .env_remove("DIFY_GATEWAY_UPSTREAM")
+        .env_remove("DIFY_GATEWAY_LOG_FORMAT");
+    c
+}
+
+#[test]
+fn starting_without_a_key_fails_clearly() {
+    let out = gateway().output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DIFY_API_KEY"), "{err}");
+}
+
+#[test]
+fn there_is_no_flag_for_the_key() {
+    let out = gateway().args(["--api-key", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    let help = gateway().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(!text.to_lowercase().contains("api-key"), "{text}");
+}
+
+#[test]
+fn check_config_validates_the_example_and_names_bad_keys() {
+    let ok = gateway()
+        .args(["--config", "config/dify-gateway.toml", "--check-config"])
+        .env("DIFY_API_KEY", "app-x")
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[cache]\nrunning_ttl = \"fast\"\n").unwrap();
+    let out = gateway()
+        .args(["--config", bad.to_str().unwrap(), "--check-config"])
+        .env("DIFY_API_KEY", "app-x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("running_ttl") && err.contains("bad.toml"),
+        "{err}"
+    );
+
+    std::fs::write(&bad, "[cache]\nmax_byts = 5\n").unwrap();
+    let out = gateway()
+        .args(["--config", bad.to_str().unwrap(), "--check-config"])
+        .env("DIFY_API_KEY", "app-x")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_byts"), "{err}");
+}
+
+#[test]
+fn serves_and_exits_zero_on_sigterm() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = gateway()
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--upstream",
+            "http://127.0.0.1:9/v1",
+        ])
+        .env("DIFY_API_KEY", "app-clitest-secret")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("serving"), "{first}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("gateway did not listen: {e}"),
+        }
+    };
+    use std::io::{Read, Write};
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    stream.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    let probe = gateway()
+        .args(["--health-probe", &format!("127.0.0.1:{port}")])
+        .status()
+        .unwrap();
+    assert!(probe.success());
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = child.wait().unwrap();
+    assert_eq!(code.code(), Some(0));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let all = rest.join("\n");
+    assert!(!all.contains("clitest-secret") && !first.contains("clitest-secret"));
+    let probe = gateway()
+        .args(["--health-probe", &format!("127.0.0.1:{port}")])
+        .status()
+        .unwrap();
+    assert!(!probe.success(), "probe fails once the gateway is gone");
+}

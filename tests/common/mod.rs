@@ -1,0 +1,157 @@
+//! Helpers shared by the integration tests: a gateway and a mock Dify on `127.0.0.1:0`, and a
+//! small HTTP client.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dify_gateway::config::{Config, Overrides, RawConfig, API_KEY_ENV};
+use dify_gateway::mock::MockDify;
+use dify_gateway::server::{self, Drain};
+use dify_gateway::Gateway;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The app key the mock expects and the gateway injects.
+pub const KEY: &str = "app-TESTKEY-9f8e7d6c5b4a3210";
+
+/// A valid run id.
+pub const RUN: &str = "3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0c";
+
+pub async fn spawn_upstream() -> MockDify {
+    MockDify::start(KEY).await.expect("mock starts")
+}
+
+/// A running gateway.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<Drain>,
+}
+
+impl TestGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn run_url(&self, id: &str) -> String {
+        self.url(&format!("/v1/workflows/run/{id}"))
+    }
+
+    /// Signals shutdown and waits for the drain to end.
+    pub async fn shutdown(mut self) -> Drain {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await.expect("server task")
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Config for `upstream` with defaults, then `toml` applied over it.
+pub fn config(upstream: &MockDify, toml: &str) -> Config {
+    let raw = RawConfig::from_toml(toml).expect("test toml parses");
+    raw.validate(
+        &Overrides {
+            upstream: Some(upstream.base_url()),
+            listen: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        },
+        None,
+        &|n| (n == API_KEY_ENV).then(|| KEY.to_owned()),
+    )
+    .expect("test config validates")
+}
+
+pub async fn spawn_gateway(config: Config) -> TestGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gateway = Gateway::new(&config).expect("gateway builds");
+    let (tx, rx) = oneshot::channel();
+    let gw = Arc::clone(&gateway);
+    let task = tokio::spawn(async move {
+        server::run(listener, gw, &config.server, async {
+            let _ = rx.await;
+        })
+        .await
+    });
+    TestGateway {
+        addr,
+        gateway,
+        stop: Some(tx),
+        task,
+    }
+}
+
+/// A response as the tests look at it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("body is JSON")
+    }
+}
+
+pub type TestClient = Client<HttpConnector, Empty<Bytes>>;
+
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn request(c: &TestClient, method: Method, url: &str, headers: &[(&str, &str)]) -> Got {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        c.request(b.body(Empty::new()).unwrap()),
+    )
+    .await
+    .expect("request finishes in time")
+    .expect("request succeeds");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(c: &TestClient, url: &str) -> Got {
+    request(c, Method::GET, url, &[]).await
+}
+
+/// A fresh random run id.
+pub fn new_run() -> String {
+    uuid::Uuid::new_v4().to_string()
+}

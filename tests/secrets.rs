@@ -1,0 +1,101 @@
+//! The upstream key never leaves the gateway: not in responses, not in log lines (at every level),
+//! not in `Debug` output of config or gateway types.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use dify_gateway::mock::Reply;
+use http::{Method, StatusCode};
+
+/// Collects every log line written, at TRACE level.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_never_appears_in_responses_logs_or_debug_output() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .init();
+
+    let up = spawn_upstream().await;
+    let ok = new_run();
+    up.set(&ok, Reply::run(&ok, "\"succeeded\""));
+    let unauthorized = new_run();
+    up.set(
+        &unauthorized,
+        Reply::dify_error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Access token is invalid",
+        ),
+    );
+    let cfg = config(&up, "[upstream]\ntotal_timeout = \"2s\"\n");
+    let debug_cfg = format!("{cfg:?}");
+    let gw = spawn_gateway(cfg).await;
+    let c = client();
+
+    let mut bodies = Vec::new();
+    for url in [
+        gw.run_url(&ok),
+        gw.run_url(&ok),
+        gw.run_url(&unauthorized),
+        gw.run_url("bad-id"),
+        gw.url("/nope"),
+        gw.url("/healthz"),
+    ] {
+        let got = request(
+            &c,
+            Method::GET,
+            &url,
+            &[("authorization", "Bearer something-else")],
+        )
+        .await;
+        bodies.push(format!(
+            "{:?} {}",
+            got.headers,
+            String::from_utf8_lossy(&got.body)
+        ));
+    }
+    up.stop();
+    let down = get(&c, &gw.run_url(&new_run())).await;
+    bodies.push(format!(
+        "{:?} {}",
+        down.headers,
+        String::from_utf8_lossy(&down.body)
+    ));
+
+    let secret_part = KEY.trim_start_matches("app-");
+    for b in &bodies {
+        assert!(!b.contains(secret_part), "key in a response: {b}");
+    }
+    assert!(!debug_cfg.contains(secret_part), "key in Debug of config");
+    let upstream_dbg = format!(
+        "{:?}",
+        dify_gateway::upstream::Upstream::new(&config(&up, "").upstream).unwrap()
+    );
+    assert!(
+        !upstream_dbg.contains(secret_part),
+        "key in Debug of the upstream client"
+    );
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(text.contains("access"), "access lines were logged: {text}");
+    assert!(!text.contains(secret_part), "key in the logs");
+}
