@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
+use moka::notification::RemovalCause;
 use moka::sync::Cache as Moka;
 use moka::Expiry;
 
+use crate::metrics::{CacheMetrics, CauseLabel, ClassLabel};
 use crate::policy::EntryClass;
 use crate::run_id::RunId;
 
@@ -111,21 +113,49 @@ pub struct CacheStats {
     pub weighted_bytes: u64,
 }
 
+/// Why an entry left the cache (a metric label).
+fn cause_str(c: RemovalCause) -> &'static str {
+    match c {
+        RemovalCause::Expired => "expired",
+        RemovalCause::Explicit => "purged",
+        RemovalCause::Replaced => "replaced",
+        RemovalCause::Size => "size",
+    }
+}
+
+fn class_label(v: &Stored) -> ClassLabel {
+    ClassLabel {
+        class: v.class.map_or("none", |c| c.as_str()),
+    }
+}
+
 /// The cache: moka, weighed by bytes, with per-entry expiry.
 #[derive(Clone)]
 pub struct Cache {
     inner: Moka<CacheKey, Arc<Stored>>,
+    metrics: CacheMetrics,
 }
 
 impl Cache {
-    /// A cache holding at most `max_bytes` of weight.
-    pub fn new(max_bytes: u64) -> Cache {
+    /// A cache holding at most `max_bytes` of weight, reporting into `metrics`.
+    pub fn new(max_bytes: u64, metrics: CacheMetrics) -> Cache {
+        let m = metrics.clone();
         let inner = Moka::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<Stored>| v.weight())
             .expire_after(PerEntryTtl)
+            .eviction_listener(move |_k, v: Arc<Stored>, cause| {
+                let class = class_label(&v);
+                m.entries.get_or_create(&class).dec();
+                m.bytes.get_or_create(&class).dec_by(i64::from(v.weight()));
+                m.evictions
+                    .get_or_create(&CauseLabel {
+                        cause: cause_str(cause),
+                    })
+                    .inc();
+            })
             .build();
-        Cache { inner }
+        Cache { inner, metrics }
     }
 
     /// A live entry, if any.
@@ -138,6 +168,12 @@ impl Cache {
     /// cannot cache an error by mistake.
     pub fn insert(&self, key: CacheKey, value: Arc<Stored>) {
         if value.class.is_some() {
+            let class = class_label(&value);
+            self.metrics.entries.get_or_create(&class).inc();
+            self.metrics
+                .bytes
+                .get_or_create(&class)
+                .inc_by(i64::from(value.weight()));
             self.inner.insert(key, value);
         }
     }
@@ -187,7 +223,7 @@ mod tests {
 
     #[test]
     fn unclassified_answers_are_not_kept() {
-        let c = Cache::new(1 << 20);
+        let c = Cache::new(1 << 20, CacheMetrics::default());
         c.insert(key(1), stored(10, None, None));
         assert!(c.get(&key(1)).is_none());
         c.insert(key(1), stored(10, Some(EntryClass::Terminal), None));
@@ -197,7 +233,7 @@ mod tests {
     #[test]
     fn weight_is_bounded_by_max_bytes() {
         let cap = 1 << 20;
-        let c = Cache::new(cap);
+        let c = Cache::new(cap, CacheMetrics::default());
         for n in 0..10_000 {
             c.insert(key(n), stored(1000, Some(EntryClass::Terminal), None));
         }
@@ -208,7 +244,7 @@ mod tests {
 
     #[test]
     fn entries_expire_after_their_ttl() {
-        let c = Cache::new(1 << 20);
+        let c = Cache::new(1 << 20, CacheMetrics::default());
         c.insert(
             key(1),
             stored(

@@ -25,6 +25,9 @@ pub struct Cli {
     /// Log line format: text or json [default: text].
     #[arg(long, env = "DIFY_GATEWAY_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Address of the admin listener (metrics, readiness, purge) [default: 127.0.0.1:9090].
+    #[arg(long, env = "DIFY_GATEWAY_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     /// Validate the configuration (and the key's presence), print a summary, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -64,6 +67,7 @@ impl Cli {
             listen: self.listen.clone(),
             upstream: self.upstream.clone(),
             log_format: self.log_format.clone(),
+            admin_listen: self.admin_listen.clone(),
         };
         raw.validate(&overrides, self.config.as_deref(), &|name| {
             std::env::var(name).ok()

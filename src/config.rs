@@ -87,6 +87,17 @@ pub struct RawConfig {
     pub cache: RawCache,
     #[serde(default)]
     pub log: RawLog,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub probe_interval: Option<HumanDuration>,
+    pub ready_max_age: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -135,6 +146,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub upstream: Option<String>,
     pub log_format: Option<String>,
+    pub admin_listen: Option<String>,
 }
 
 /// The validated configuration.
@@ -144,6 +156,27 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub cache: CacheConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
+}
+
+/// Name of the environment variable that may hold the admin token.
+pub const ADMIN_TOKEN_ENV: &str = "DIFY_GATEWAY_ADMIN_TOKEN";
+
+/// The default admin listen address: loopback only.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
+/// The operational side: metrics, readiness, cache administration.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where the admin listener binds; keep it off the public network.
+    pub listen: SocketAddr,
+    /// When set, every admin route but `/healthz` and `/readyz` requires
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<SecretString>,
+    /// How often each app's upstream is probed for readiness and key health.
+    pub probe_interval: Duration,
+    /// `/readyz` fails when no app's upstream answered a probe within this long.
+    pub ready_max_age: Duration,
 }
 
 /// Settings of the public listener.
@@ -415,11 +448,59 @@ impl RawConfig {
             access_log: self.log.access_log.unwrap_or(true),
         };
 
+        let admin_s = overrides
+            .admin_listen
+            .clone()
+            .or(self.admin.listen)
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_owned());
+        let admin_listen: SocketAddr = admin_s
+            .parse()
+            .map_err(|e| invalid("admin.listen", format!("`{admin_s}`: {e}")))?;
+        let token = match &self.admin.token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    invalid(
+                        "admin.token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(text.trim().to_owned())
+            }
+            None => env(ADMIN_TOKEN_ENV).map(|t| t.trim().to_owned()),
+        };
+        if token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid(
+                "admin.token_file",
+                "the admin token must be at least 16 characters".into(),
+            ));
+        }
+        let probe_interval = dur(self.admin.probe_interval, Duration::from_secs(15));
+        if probe_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "admin.probe_interval",
+                "must be at least 1s".into(),
+            ));
+        }
+        let ready_max_age = dur(self.admin.ready_max_age, Duration::from_secs(60));
+        if ready_max_age < probe_interval {
+            return Err(invalid(
+                "admin.ready_max_age",
+                "must be at least admin.probe_interval".into(),
+            ));
+        }
+        let admin = AdminConfig {
+            listen: admin_listen,
+            token: token.map(SecretString::from),
+            probe_interval,
+            ready_max_age,
+        };
+
         Ok(Config {
             server,
             upstream,
             cache,
             log,
+            admin,
         })
     }
 }

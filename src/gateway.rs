@@ -12,14 +12,20 @@ use http::header::{HeaderValue, AGE, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
+use serde::Serialize;
+
+use crate::apps::App;
 use crate::cache::{AppId, Cache, CacheKey, KeptHeaders, Stored};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::flight::{Role, SingleFlight};
-use crate::outcome::{CacheOutcome, Route};
-use crate::policy::{Decision, NoCacheReason, Policy};
+use crate::metrics::{ClassLabel, Metrics, RejectReason};
+use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
+use crate::policy::{Decision, EntryClass, NoCacheReason, Policy};
+use crate::readiness::Readiness;
+use crate::request_id;
 use crate::run_id::RunId;
-use crate::upstream::{Upstream, UpstreamSetupError, X_ENV, X_VERSION};
+use crate::upstream::{UpstreamSetupError, X_ENV, X_REQUEST_ID, X_VERSION};
 
 /// Path prefix of the run-detail route, as Dify serves it under `/v1`.
 pub const RUN_DETAIL_PREFIX: &str = "/v1/workflows/run/";
@@ -40,34 +46,70 @@ pub struct Fetched {
     pub upstream_elapsed: Duration,
 }
 
-/// What the access log needs about a request beyond its response.
+/// What the access log and metrics need about a request beyond its response.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestInfo {
     pub route: Route,
     pub cache: Option<CacheOutcome>,
+    pub rejected: Option<RejectReason>,
     pub upstream_status: Option<StatusCode>,
     pub upstream_elapsed: Option<Duration>,
 }
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
-    app: AppId,
-    upstream: Upstream,
+    /// The apps served; the first is the default app.
+    apps: Vec<Arc<App>>,
     policy: Policy,
     cache: Cache,
+    /// The configured cap, reported by the admin API.
+    max_bytes: u64,
     flights: Arc<SingleFlight<CacheKey, FlightValue>>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    /// Write one log line per request.
     access_log: bool,
+}
+
+/// `/admin/cache/stats` body.
+#[derive(Debug, Serialize)]
+pub struct CacheReport {
+    pub entries: u64,
+    pub weighted_bytes: u64,
+    pub max_bytes: u64,
+    pub terminal: ClassReport,
+    pub running: ClassReport,
+    pub not_found: ClassReport,
+    pub fetches_in_flight: usize,
+}
+
+/// Entries and bytes of one entry class.
+#[derive(Debug, Serialize)]
+pub struct ClassReport {
+    pub entries: i64,
+    pub bytes: i64,
 }
 
 impl Gateway {
     /// Builds the gateway from validated config.
     pub fn new(config: &Config) -> Result<Arc<Gateway>, UpstreamSetupError> {
+        let metrics = Arc::new(Metrics::new());
+        let app = Arc::new(App::new(
+            AppId(0),
+            "default",
+            &config.upstream,
+            &config.upstream.api_key,
+        )?);
+        let apps = vec![app];
+        let readiness = Arc::new(Readiness::new(&apps, config.admin.ready_max_age));
         Ok(Arc::new(Gateway {
-            app: AppId(0),
-            upstream: Upstream::new(&config.upstream)?,
+            apps,
             policy: Policy::new(&config.cache),
-            cache: Cache::new(config.cache.max_bytes),
+            cache: Cache::new(config.cache.max_bytes, metrics.cache.clone()),
+            max_bytes: config.cache.max_bytes,
             flights: Arc::default(),
+            metrics,
+            readiness,
             access_log: config.log.access_log,
         }))
     }
@@ -77,13 +119,36 @@ impl Gateway {
         &self.cache
     }
 
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Per-app upstream probes.
+    pub fn readiness(&self) -> &Arc<Readiness> {
+        &self.readiness
+    }
+
     /// Answers one request. Never fails: every error becomes a response.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>> {
         let start = Instant::now();
-        let (resp, info) = self.route(req.method(), req.uri().path()).await;
-        if self.access_log {
-            log_access(&req, &resp, &info, start.elapsed());
+        let rid = request_id::for_request(req.headers());
+        let (mut resp, info) = self.route(req.method(), req.uri().path(), &rid).await;
+        let elapsed = start.elapsed();
+        self.metrics.request(
+            info.route,
+            resp.status().as_u16(),
+            info.cache,
+            None,
+            elapsed,
+        );
+        if let Some(r) = info.rejected {
+            self.metrics.reject(r);
         }
+        if self.access_log {
+            log_access(&req, &resp, &info, &rid, elapsed);
+        }
+        resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
         resp
     }
 
@@ -91,55 +156,120 @@ impl Gateway {
         self: &Arc<Self>,
         method: &Method,
         path: &str,
+        rid: &HeaderValue,
     ) -> (Response<Full<Bytes>>, RequestInfo) {
         let mut info = RequestInfo {
             route: Route::Unknown,
             cache: None,
+            rejected: None,
             upstream_status: None,
             upstream_elapsed: None,
+        };
+        let refuse = |mut info: RequestInfo, reason, e: GatewayError| {
+            info.rejected = Some(reason);
+            (e.to_response(), info)
         };
         if let Some(id) = path.strip_prefix(RUN_DETAIL_PREFIX) {
             if !id.contains('/') {
                 info.route = Route::RunDetail;
                 if method != Method::GET && method != Method::HEAD {
-                    return (GatewayError::MethodNotAllowed.to_response(), info);
+                    return refuse(info, RejectReason::Method, GatewayError::MethodNotAllowed);
                 }
                 let Ok(run) = RunId::parse(id) else {
-                    return (GatewayError::InvalidRunId.to_response(), info);
+                    return refuse(info, RejectReason::BadId, GatewayError::InvalidRunId);
                 };
-                let resp = self.run_detail(run, &mut info).await;
+                let app = &self.apps[0];
+                let resp = self.run_detail(app, run, rid, &mut info).await;
                 return (resp, info);
             }
         } else if path == "/healthz" {
             info.route = Route::Health;
             if method != Method::GET && method != Method::HEAD {
-                return (GatewayError::MethodNotAllowed.to_response(), info);
+                return refuse(info, RejectReason::Method, GatewayError::MethodNotAllowed);
             }
             let mut r = Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ok\"}")));
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             return (r, info);
         }
-        (GatewayError::RouteNotFound.to_response(), info)
+        refuse(info, RejectReason::BadRoute, GatewayError::RouteNotFound)
+    }
+
+    /// Purges one run for the named app, or for every app when `app` is `None`. `None` when
+    /// no app has that name; otherwise how many entries were dropped.
+    pub async fn purge_run(&self, run: RunId, app: Option<&str>) -> Option<u64> {
+        let targets: Vec<&Arc<App>> = match app {
+            Some(name) => {
+                let found: Vec<_> = self.apps.iter().filter(|a| a.name == name).collect();
+                if found.is_empty() {
+                    return None;
+                }
+                found
+            }
+            None => self.apps.iter().collect(),
+        };
+        let mut n = 0;
+        for a in targets {
+            let key = CacheKey { app: a.id, run };
+            if self.cache.get(&key).is_some() {
+                n += 1;
+            }
+            self.cache.remove(&key);
+        }
+        Some(n)
+    }
+
+    /// Drops every cached entry; returns how many there were.
+    pub async fn purge_all(&self) -> u64 {
+        let n = self.cache.stats().entries;
+        self.cache.clear();
+        // Run the invalidation now so gauges and the next stats call reflect it.
+        self.cache.stats();
+        n
+    }
+
+    /// Cache figures for the admin API.
+    pub fn cache_report(&self) -> CacheReport {
+        let s = self.cache.stats();
+        let class = |c: EntryClass| {
+            let l = ClassLabel { class: c.as_str() };
+            ClassReport {
+                entries: self.metrics.cache.entries.get_or_create(&l).get(),
+                bytes: self.metrics.cache.bytes.get_or_create(&l).get(),
+            }
+        };
+        CacheReport {
+            entries: s.entries,
+            weighted_bytes: s.weighted_bytes,
+            max_bytes: self.max_bytes,
+            terminal: class(EntryClass::Terminal),
+            running: class(EntryClass::Running),
+            not_found: class(EntryClass::NotFound),
+            fetches_in_flight: self.flights.len(),
+        }
     }
 
     async fn run_detail(
         self: &Arc<Self>,
+        app: &Arc<App>,
         run: RunId,
+        rid: &HeaderValue,
         info: &mut RequestInfo,
     ) -> Response<Full<Bytes>> {
-        let key = CacheKey { app: self.app, run };
+        let key = CacheKey { app: app.id, run };
         if let Some(hit) = self.cache.get(&key) {
             info.cache = Some(CacheOutcome::Hit);
             return answer(&hit, CacheOutcome::Hit);
         }
         let gw = Arc::clone(self);
+        let app = Arc::clone(app);
+        let rid = rid.clone();
         let flown = self
             .flights
             .run(
                 key,
                 || self.cache.get(&key).map(FlightValue::Cached),
-                move || gw.fetch(key),
+                move || gw.fetch(app, key, rid),
             )
             .await;
         let (fetched, role) = match flown {
@@ -172,10 +302,18 @@ impl Gateway {
     }
 
     /// The shared fetch: one upstream exchange, the policy's decision, the cache insert.
-    async fn fetch(self: Arc<Self>, key: CacheKey) -> FlightValue {
+    async fn fetch(self: Arc<Self>, app: Arc<App>, key: CacheKey, rid: HeaderValue) -> FlightValue {
         let t = Instant::now();
-        let r = self.upstream.fetch_run(key.run, None).await;
+        let r = app.upstream.fetch_run(key.run, Some(&rid)).await;
         let upstream_elapsed = t.elapsed();
+        let outcome = match &r {
+            Ok(a) => UpstreamOutcome::from_status(a.status),
+            Err(e) => UpstreamOutcome::from_error(e),
+        };
+        self.metrics.upstream(outcome.as_str(), upstream_elapsed);
+        if let Err(e) = &r {
+            tracing::warn!(request_id = ?rid, app = %app.name, run = %key.run, error = e.as_str(), "upstream fetch failed");
+        }
         let fetched = match r {
             Ok(a) => {
                 let (class, ttl, not_cached) = match self.policy.decide(a.status, &a.body) {
@@ -258,10 +396,12 @@ fn log_access<B>(
     req: &Request<B>,
     resp: &Response<Full<Bytes>>,
     info: &RequestInfo,
+    rid: &HeaderValue,
     elapsed: Duration,
 ) {
     tracing::info!(
         target: "access",
+        request_id = rid.to_str().unwrap_or("-"),
         method = %req.method(),
         path = req.uri().path(),
         status = resp.status().as_u16(),

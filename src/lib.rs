@@ -3,15 +3,20 @@
 //! The binary is a thin shell over this library: [`cli`] parses arguments, [`config`] validates
 //! them, [`gateway::Gateway`] answers requests and [`server::run`] serves it on a listener.
 
+pub mod admin;
+pub mod apps;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod flight;
 pub mod gateway;
+pub mod metrics;
 pub mod mock;
 pub mod outcome;
 pub mod policy;
+pub mod readiness;
+pub mod request_id;
 pub mod run_id;
 pub mod server;
 pub mod telemetry;

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use dify_gateway::admin::Admin;
 use dify_gateway::cli::Cli;
 use dify_gateway::server::{self, Drain};
 use dify_gateway::{telemetry, Gateway};
@@ -59,17 +60,45 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let admin_listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %config.admin.listen, error = %e, "cannot bind the admin listener");
+                return ExitCode::FAILURE;
+            }
+        };
+        if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
+            tracing::warn!(listen = %config.admin.listen, "admin listener is not on loopback and has no admin token: anyone who can reach it can purge the cache");
+        }
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let probes = gateway
+            .readiness()
+            .spawn(gateway.metrics().clone(), config.admin.probe_interval);
+        let admin = Admin::new(gateway.clone(), config.admin.token.as_ref());
+        let admin_cfg = config.server.clone();
+        let admin_task = tokio::spawn({
+            let rx = stop_rx.clone();
+            async move { server::run_admin(admin_listener, admin, &admin_cfg, stopped(rx)).await }
+        });
         tracing::info!(
             listen = %config.server.listen,
+            admin = %config.admin.listen,
             upstream = %config.upstream.base_url,
             "dify-gateway serving"
         );
-        match server::run(listener, gateway, &config.server, shutdown_signal()).await {
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        match server::run(listener, gateway, &config.server, stopped(stop_rx)).await {
             Drain::Complete => tracing::info!("drained; exiting"),
-            Drain::TimedOut => {
-                tracing::warn!("drain timeout passed; dropping remaining connections")
-            }
+            Drain::TimedOut => tracing::warn!("drain timeout passed; dropping remaining connections"),
         }
+        probes.abort();
+        let _ = admin_task.await;
         ExitCode::SUCCESS
     })
 }

@@ -52,3 +52,61 @@ impl Route {
         }
     }
 }
+
+/// What one upstream exchange came to (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamOutcome {
+    Ok,
+    NotFound,
+    Unauthorized,
+    Forbidden,
+    RateLimited,
+    ClientError,
+    ServerError,
+    Timeout,
+    ConnectError,
+    BodyTooLarge,
+    BadResponse,
+    CircuitOpen,
+}
+
+impl UpstreamOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamOutcome::Ok => "ok",
+            UpstreamOutcome::NotFound => "not_found",
+            UpstreamOutcome::Unauthorized => "unauthorized",
+            UpstreamOutcome::Forbidden => "forbidden",
+            UpstreamOutcome::RateLimited => "rate_limited",
+            UpstreamOutcome::ClientError => "client_error",
+            UpstreamOutcome::ServerError => "server_error",
+            UpstreamOutcome::Timeout => "timeout",
+            UpstreamOutcome::ConnectError => "connect_error",
+            UpstreamOutcome::BodyTooLarge => "body_too_large",
+            UpstreamOutcome::BadResponse => "bad_response",
+            UpstreamOutcome::CircuitOpen => "circuit_open",
+        }
+    }
+
+    pub fn from_status(s: http::StatusCode) -> Self {
+        match s.as_u16() {
+            200..=399 => UpstreamOutcome::Ok,
+            404 => UpstreamOutcome::NotFound,
+            401 => UpstreamOutcome::Unauthorized,
+            403 => UpstreamOutcome::Forbidden,
+            429 => UpstreamOutcome::RateLimited,
+            400..=499 => UpstreamOutcome::ClientError,
+            _ => UpstreamOutcome::ServerError,
+        }
+    }
+
+    pub fn from_error(e: &crate::error::GatewayError) -> Self {
+        use crate::error::GatewayError as E;
+        match e {
+            E::UpstreamTimeout => UpstreamOutcome::Timeout,
+            E::UpstreamConnect => UpstreamOutcome::ConnectError,
+            E::UpstreamBodyTooLarge => UpstreamOutcome::BodyTooLarge,
+            _ => UpstreamOutcome::BadResponse,
+        }
+    }
+}

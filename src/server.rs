@@ -8,6 +8,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -15,6 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::admin::Admin;
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
 
@@ -49,6 +54,45 @@ pub async fn run(
     cfg: &ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Drain {
+    let handler = move |req: Request<Incoming>| {
+        let gw = Arc::clone(&gateway);
+        async move { gw.handle(req).await }
+    };
+    serve(listener, cfg, handler, shutdown).await
+}
+
+/// Serves the admin routes on their own listener (few connections, same timeouts).
+pub async fn run_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    cfg: &ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Drain {
+    let cfg = ServerConfig {
+        max_connections: ADMIN_MAX_CONNECTIONS,
+        ..cfg.clone()
+    };
+    let handler = move |req: Request<Incoming>| {
+        let admin = Arc::clone(&admin);
+        async move { admin.handle(req).await }
+    };
+    serve(listener, &cfg, handler, shutdown).await
+}
+
+/// Connections the admin listener serves at once (scrapers and operators, not clients).
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Serves `handler` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve<H, Fut>(
+    listener: TcpListener,
+    cfg: &ServerConfig,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> Drain
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let builder = Arc::new(protocol(cfg));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
@@ -76,10 +120,10 @@ pub async fn run(
             },
         };
         let _ = stream.set_nodelay(true);
-        let gw = Arc::clone(&gateway);
+        let h = handler.clone();
         let svc = service_fn(move |req| {
-            let gw = Arc::clone(&gw);
-            async move { Ok::<_, Infallible>(gw.handle(req).await) }
+            let fut = h(req);
+            async move { Ok::<_, Infallible>(fut.await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)

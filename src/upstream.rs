@@ -151,7 +151,12 @@ impl Upstream {
     /// The run-detail URL for `run`.
     pub fn run_url(&self, run: RunId) -> Result<Uri, GatewayError> {
         let mut buf = [0u8; 36];
-        format!("{}/workflows/run/{}", self.base, run.encode(&mut buf))
+        self.path_url(&format!("/workflows/run/{}", run.encode(&mut buf)))
+    }
+
+    /// `base` + `path` (path starting with `/`).
+    pub fn path_url(&self, path: &str) -> Result<Uri, GatewayError> {
+        format!("{}{path}", self.base)
             .parse()
             .map_err(|_| GatewayError::Internal)
     }

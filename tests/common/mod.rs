@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dify_gateway::admin::Admin;
 use dify_gateway::config::{Config, Overrides, RawConfig, API_KEY_ENV};
 use dify_gateway::mock::MockDify;
 use dify_gateway::server::{self, Drain};
@@ -33,6 +34,7 @@ pub async fn spawn_upstream() -> MockDify {
 /// A running gateway.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<Drain>,
@@ -41,6 +43,10 @@ pub struct TestGateway {
 impl TestGateway {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin_addr, path)
     }
 
     pub fn run_url(&self, id: &str) -> String {
@@ -70,6 +76,7 @@ pub fn config(upstream: &MockDify, toml: &str) -> Config {
         &Overrides {
             upstream: Some(upstream.base_url()),
             listen: Some("127.0.0.1:0".into()),
+            admin_listen: Some("127.0.0.1:0".into()),
             ..Overrides::default()
         },
         None,
@@ -84,6 +91,14 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
     let gateway = Gateway::new(&config).expect("gateway builds");
     let (tx, rx) = oneshot::channel();
     let gw = Arc::clone(&gateway);
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    let admin = Admin::new(Arc::clone(&gateway), config.admin.token.as_ref());
+    let admin_cfg = config.server.clone();
+    // The admin listener lives until the test's runtime ends.
+    tokio::spawn(async move {
+        server::run_admin(admin_listener, admin, &admin_cfg, std::future::pending()).await
+    });
     let task = tokio::spawn(async move {
         server::run(listener, gw, &config.server, async {
             let _ = rx.await;
@@ -92,6 +107,7 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
     });
     TestGateway {
         addr,
+        admin_addr,
         gateway,
         stop: Some(tx),
         task,

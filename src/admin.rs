@@ -1,0 +1,157 @@
+//! The admin listener's routes: metrics, health, readiness and cache administration.
+//!
+//! Invariant: these routes are served only on the admin listener, never on the public one; when
+//! an admin token is configured every route but `/healthz` and `/readyz` requires it, compared
+//! in constant time.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::error::dify_error_body;
+use crate::gateway::Gateway;
+use crate::run_id::RunId;
+
+/// The admin side's state.
+pub struct Admin {
+    gateway: Arc<Gateway>,
+    /// SHA-256 of the admin token, when one is configured.
+    token_digest: Option<[u8; 32]>,
+}
+
+fn digest(s: &[u8]) -> [u8; 32] {
+    Sha256::digest(s).into()
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    json(status, dify_error_body(code, message, status))
+}
+
+fn to_json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec(v) {
+        Ok(b) => json(status, b),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "encoding failed",
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct Purged {
+    purged: u64,
+}
+
+impl Admin {
+    pub fn new(gateway: Arc<Gateway>, token: Option<&SecretString>) -> Arc<Admin> {
+        Arc::new(Admin {
+            gateway,
+            token_digest: token.map(|t| digest(t.expose_secret().as_bytes())),
+        })
+    }
+
+    fn authorized<B>(&self, req: &Request<B>) -> bool {
+        let Some(want) = &self.token_digest else {
+            return true;
+        };
+        let presented = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or(b"");
+        // Hashing first makes the comparison independent of the presented length.
+        bool::from(digest(presented).ct_eq(want))
+    }
+
+    /// Answers one admin request.
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        let method = req.method();
+        match (method, path) {
+            (&Method::GET, "/healthz") => {
+                return json(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}"))
+            }
+            (&Method::GET, "/readyz") => {
+                let report = self.gateway.readiness().report();
+                let code = if report.ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                return to_json(code, &report);
+            }
+            _ => {}
+        }
+        if !self.authorized(&req) {
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "admin token required",
+            );
+            r.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"dify-gateway-admin\""),
+            );
+            return r;
+        }
+        match (method, path) {
+            (&Method::GET, "/metrics") => {
+                let mut r = Response::new(Full::new(Bytes::from(self.gateway.metrics().encode())));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                r
+            }
+            (&Method::GET, "/admin/cache/stats") => {
+                to_json(StatusCode::OK, &self.gateway.cache_report())
+            }
+            (&Method::DELETE, "/admin/cache") => {
+                let n = self.gateway.purge_all().await;
+                to_json(StatusCode::OK, &Purged { purged: n })
+            }
+            (&Method::DELETE, p) if p.starts_with("/admin/cache/runs/") => {
+                let id = &p["/admin/cache/runs/".len()..];
+                let Ok(run) = RunId::parse(id) else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_param",
+                        "workflow_run_id must be a hyphenated UUID",
+                    );
+                };
+                let app = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
+                match self.gateway.purge_run(run, app).await {
+                    Some(n) => to_json(StatusCode::OK, &Purged { purged: n }),
+                    None => error(StatusCode::NOT_FOUND, "not_found", "no such app"),
+                }
+            }
+            (_, "/metrics" | "/admin/cache/stats" | "/admin/cache") => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed",
+            ),
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin route"),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The Dify apps the gateway fronts, each with its own key and upstream client.
+//!
+//! Invariant: an app's identity in every cache key is its [`AppId`], and its identity across
+//! replicas (the shared tier) is its `tag` — a fingerprint of its upstream URL and key that
+//! reveals neither — so two apps never share a cache entry, whatever their names.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+
+use crate::cache::AppId;
+use crate::config::UpstreamConfig;
+use crate::upstream::{Upstream, UpstreamSetupError};
+
+/// One configured app.
+#[derive(Debug)]
+pub struct App {
+    /// Index in the app table; part of every in-process cache key.
+    pub id: AppId,
+    /// Configured name, for logs, metrics and the admin API.
+    pub name: Cow<'static, str>,
+    /// Stable cross-replica identity: hex of the first 12 bytes of
+    /// SHA-256("dify-gateway app" ‖ base URL ‖ key).
+    pub tag: Arc<str>,
+    /// The pooled client carrying this app's key.
+    pub upstream: Upstream,
+}
+
+impl App {
+    /// Builds an app from its upstream settings and key.
+    pub fn new(
+        id: AppId,
+        name: &str,
+        cfg: &UpstreamConfig,
+        key: &SecretString,
+    ) -> Result<App, UpstreamSetupError> {
+        Ok(App {
+            id,
+            name: Cow::Owned(name.to_owned()),
+            tag: fingerprint(&cfg.base_url.to_string(), key).into(),
+            upstream: Upstream::with_key(cfg, key)?,
+        })
+    }
+}
+
+/// The app fingerprint (see [`App::tag`]).
+pub fn fingerprint(base_url: &str, key: &SecretString) -> String {
+    let mut h = Sha256::new();
+    h.update(b"dify-gateway app\0");
+    h.update(base_url.trim_end_matches('/').as_bytes());
+    h.update(b"\0");
+    h.update(key.expose_secret().as_bytes());
+    let d = h.finalize();
+    d[..12].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_differ_by_key_and_url_and_hide_the_key() {
+        let k1 = SecretString::from("app-one-secret");
+        let k2 = SecretString::from("app-two-secret");
+        let a = fingerprint("https://api.dify.ai/v1", &k1);
+        assert_eq!(a.len(), 24);
+        assert_eq!(a, fingerprint("https://api.dify.ai/v1/", &k1));
+        assert_ne!(a, fingerprint("https://api.dify.ai/v1", &k2));
+        assert_ne!(a, fingerprint("http://dify.local/v1", &k1));
+        assert!(!a.contains("secret"));
+    }
+}

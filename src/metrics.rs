@@ -1,0 +1,357 @@
+//! Prometheus metrics (text format via prometheus-client).
+//!
+//! Invariant: every label value comes from an outcome enum's `as_str()` or a configured name
+//! (route, status class, cache outcome, reject reason, client and app names), so cardinality is
+//! bounded by the configuration; a run id or a token is never a label.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::outcome::{CacheOutcome, Route};
+
+/// Labels of `dify_gateway_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub status_class: &'static str,
+    pub cache: &'static str,
+    pub client: Cow<'static, str>,
+}
+
+/// Labels of the request latency histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub cache: &'static str,
+}
+
+/// A single `reason`/`outcome`/`cause`/`class`/`state` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabel {
+    pub app: Cow<'static, str>,
+}
+
+/// Why a request was refused before reaching the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    BadId,
+    BadRoute,
+    Method,
+    Auth,
+    RateLimit,
+    Overload,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BadId => "bad_id",
+            RejectReason::BadRoute => "bad_route",
+            RejectReason::Method => "method",
+            RejectReason::Auth => "auth",
+            RejectReason::RateLimit => "rate_limit",
+            RejectReason::Overload => "overload",
+        }
+    }
+}
+
+/// Latency buckets from 50 µs to 30 s.
+const LATENCY_BUCKETS: [f64; 18] = [
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+/// The cache's gauges and eviction counters, shared with the cache's eviction listener.
+#[derive(Clone, Default)]
+pub struct CacheMetrics {
+    pub entries: Family<ClassLabel, Gauge>,
+    pub bytes: Family<ClassLabel, Gauge>,
+    pub evictions: Family<CauseLabel, Counter>,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<LatencyLabels, Histogram, fn() -> Histogram>,
+    pub upstream_requests: Family<OutcomeLabel, Counter>,
+    pub upstream_duration: Histogram,
+    pub upstream_saved: Counter,
+    pub coalesced_waiters: Counter,
+    pub stale_served: Counter,
+    pub rejected: Family<ReasonLabel, Counter>,
+    pub retries: Counter,
+    pub circuit_open: Gauge,
+    pub shared_tier_errors: Family<ReasonLabel, Counter>,
+    pub shared_tier_hits: Counter,
+    pub app_key_healthy: Family<AppLabel, Gauge>,
+    pub cache: CacheMetrics,
+    /// Pre-resolved handles for the hit path (run detail, 2xx, hit, no client), so a hit does
+    /// not hash a label set.
+    hot_hit: Counter,
+    hot_hit_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("dify_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, status class, cache outcome and client",
+            requests.clone(),
+        );
+        let request_duration: Family<LatencyLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a run-detail request, by cache outcome",
+            request_duration.clone(),
+        );
+        let upstream_requests = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Upstream requests by outcome",
+            upstream_requests.clone(),
+        );
+        let upstream_duration = latency_histogram();
+        registry.register(
+            "upstream_duration_seconds",
+            "Time of upstream exchanges",
+            upstream_duration.clone(),
+        );
+        let upstream_saved = Counter::default();
+        registry.register(
+            "upstream_requests_saved",
+            "Run-detail requests answered without an upstream request of their own (hits, coalesced, stale)",
+            upstream_saved.clone(),
+        );
+        let coalesced_waiters = Counter::default();
+        registry.register(
+            "coalesced_waiters",
+            "Requests that waited for another request's upstream fetch",
+            coalesced_waiters.clone(),
+        );
+        let stale_served = Counter::default();
+        registry.register(
+            "stale_served",
+            "Answers served stale because a refresh failed",
+            stale_served.clone(),
+        );
+        let rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register("rejected", "Requests refused by reason", rejected.clone());
+        let retries = Counter::default();
+        registry.register("upstream_retries", "Upstream retries", retries.clone());
+        let circuit_open = Gauge::default();
+        registry.register(
+            "upstream_circuit_open",
+            "1 while the upstream circuit breaker is open",
+            circuit_open.clone(),
+        );
+        let shared_tier_errors = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "shared_tier_errors",
+            "Shared-tier (Redis) calls that failed, by reason",
+            shared_tier_errors.clone(),
+        );
+        let shared_tier_hits = Counter::default();
+        registry.register(
+            "shared_tier_hits",
+            "In-process misses answered from the shared tier",
+            shared_tier_hits.clone(),
+        );
+        let app_key_healthy = Family::<AppLabel, Gauge>::default();
+        registry.register(
+            "app_key_healthy",
+            "1 when the app's last readiness probe was accepted by the upstream",
+            app_key_healthy.clone(),
+        );
+        let cache = CacheMetrics::default();
+        registry.register(
+            "cache_entries",
+            "Entries in the in-process cache, by class",
+            cache.entries.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Weighted bytes in the in-process cache, by class",
+            cache.bytes.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Entries removed from the in-process cache, by cause",
+            cache.evictions.clone(),
+        );
+        let hot_hit = requests
+            .get_or_create(&RequestLabels {
+                route: Route::RunDetail.as_str(),
+                status_class: "2xx",
+                cache: CacheOutcome::Hit.as_str(),
+                client: Cow::Borrowed("none"),
+            })
+            .clone();
+        let hot_hit_latency = request_duration
+            .get_or_create(&LatencyLabels {
+                cache: CacheOutcome::Hit.as_str(),
+            })
+            .clone();
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_requests,
+            upstream_duration,
+            upstream_saved,
+            coalesced_waiters,
+            stale_served,
+            rejected,
+            retries,
+            circuit_open,
+            shared_tier_errors,
+            shared_tier_hits,
+            app_key_healthy,
+            cache,
+            hot_hit,
+            hot_hit_latency,
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn request(
+        &self,
+        route: Route,
+        status: u16,
+        cache: Option<CacheOutcome>,
+        client: Option<&Cow<'static, str>>,
+        elapsed: Duration,
+    ) {
+        let class = status_class(status);
+        if route == Route::RunDetail
+            && class == "2xx"
+            && cache == Some(CacheOutcome::Hit)
+            && client.is_none()
+        {
+            self.hot_hit.inc();
+            self.hot_hit_latency.observe(elapsed.as_secs_f64());
+            self.upstream_saved.inc();
+            return;
+        }
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.as_str(),
+                status_class: class,
+                cache: cache.map_or("none", CacheOutcome::as_str),
+                client: client.cloned().unwrap_or(Cow::Borrowed("none")),
+            })
+            .inc();
+        if let Some(c) = cache {
+            self.request_duration
+                .get_or_create(&LatencyLabels { cache: c.as_str() })
+                .observe(elapsed.as_secs_f64());
+            if c != CacheOutcome::Miss {
+                self.upstream_saved.inc();
+            }
+            if c == CacheOutcome::Coalesced {
+                self.coalesced_waiters.inc();
+            }
+        }
+    }
+
+    /// Counts one refused request.
+    pub fn reject(&self, reason: RejectReason) {
+        self.rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+    }
+
+    /// Counts one upstream exchange.
+    pub fn upstream(&self, outcome: &'static str, elapsed: Duration) {
+        self.upstream_requests
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+        self.upstream_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// `2xx`, `4xx`, … for a status code.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_conventions() {
+        let m = Metrics::new();
+        m.request(
+            Route::RunDetail,
+            200,
+            Some(CacheOutcome::Hit),
+            None,
+            Duration::from_micros(30),
+        );
+        m.reject(RejectReason::BadId);
+        m.upstream("ok", Duration::from_millis(3));
+        let text = m.encode();
+        assert!(text.contains("dify_gateway_requests_total{route=\"run_detail\",status_class=\"2xx\",cache=\"hit\",client=\"none\"} 1"), "{text}");
+        assert!(text.contains("dify_gateway_rejected_total{reason=\"bad_id\"} 1"));
+        assert!(text.contains("dify_gateway_upstream_requests_total{outcome=\"ok\"} 1"));
+        assert!(text.contains("dify_gateway_request_duration_seconds_bucket"));
+        assert!(text.contains("dify_gateway_upstream_requests_saved_total 1"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

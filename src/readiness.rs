@@ -1,0 +1,180 @@
+//! Readiness: each app's upstream is probed at an interval with the app's own key.
+//!
+//! Invariant: `/readyz` says ready only when some app's upstream answered a probe (any status
+//! below 500) within `admin.ready_max_age`; each app's key health reflects its last probe, so a
+//! revoked or disabled key (401/403) is visible before clients hit it.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::apps::App;
+use crate::metrics::{AppLabel, Metrics};
+
+/// What the last probe of an app found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyHealth {
+    /// Not probed yet.
+    Unknown,
+    /// The upstream accepted the key.
+    Ok,
+    /// 401 or 403: the key is revoked, the app disabled or deleted.
+    Rejected,
+    /// Some other answer (429, other 4xx).
+    Degraded,
+    /// No usable answer (connect error, timeout, 5xx).
+    Unreachable,
+}
+
+impl KeyHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyHealth::Unknown => "unknown",
+            KeyHealth::Ok => "ok",
+            KeyHealth::Rejected => "rejected",
+            KeyHealth::Degraded => "degraded",
+            KeyHealth::Unreachable => "unreachable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    health: KeyHealth,
+    status: Option<u16>,
+    at: Option<Instant>,
+    /// Last time the upstream answered at all (status < 500).
+    reachable_at: Option<Instant>,
+}
+
+/// The per-app probe results.
+pub struct Readiness {
+    apps: Vec<(Arc<App>, Arc<Mutex<Probe>>)>,
+    max_age: Duration,
+}
+
+/// `/readyz` body.
+#[derive(Serialize)]
+pub struct Report {
+    pub ready: bool,
+    pub apps: Vec<AppReport>,
+}
+
+#[derive(Serialize)]
+pub struct AppReport {
+    pub app: String,
+    pub key: &'static str,
+    pub upstream_status: Option<u16>,
+    pub last_probe_seconds_ago: Option<u64>,
+    pub reachable: bool,
+}
+
+impl Readiness {
+    pub fn new(apps: &[Arc<App>], max_age: Duration) -> Readiness {
+        let blank = Probe {
+            health: KeyHealth::Unknown,
+            status: None,
+            at: None,
+            reachable_at: None,
+        };
+        Readiness {
+            apps: apps
+                .iter()
+                .map(|a| (Arc::clone(a), Arc::new(Mutex::new(blank))))
+                .collect(),
+            max_age,
+        }
+    }
+
+    /// Probes every app once (concurrently) and records the results.
+    pub async fn probe_all(&self, metrics: &Arc<Metrics>) {
+        let mut set = tokio::task::JoinSet::new();
+        for (app, slot) in &self.apps {
+            let (app, slot, metrics) = (Arc::clone(app), Arc::clone(slot), Arc::clone(metrics));
+            set.spawn(async move { probe_one(&app, &slot, &metrics).await });
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    /// The current report.
+    pub fn report(&self) -> Report {
+        let now = Instant::now();
+        let apps: Vec<AppReport> = self
+            .apps
+            .iter()
+            .map(|(app, slot)| {
+                let p = *slot.lock().unwrap_or_else(PoisonError::into_inner);
+                AppReport {
+                    app: app.name.to_string(),
+                    key: p.health.as_str(),
+                    upstream_status: p.status,
+                    last_probe_seconds_ago: p.at.map(|t| now.duration_since(t).as_secs()),
+                    reachable: p
+                        .reachable_at
+                        .is_some_and(|t| now.duration_since(t) <= self.max_age),
+                }
+            })
+            .collect();
+        Report {
+            ready: apps.iter().any(|a| a.reachable),
+            apps,
+        }
+    }
+
+    /// Probes at `interval` until the returned task is aborted.
+    pub fn spawn(
+        self: &Arc<Self>,
+        metrics: Arc<Metrics>,
+        interval: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                me.probe_all(&metrics).await;
+            }
+        })
+    }
+}
+
+async fn probe_one(app: &App, slot: &Mutex<Probe>, metrics: &Metrics) {
+    let uri = app.upstream.path_url("/info");
+    let result = match uri {
+        Ok(u) => app.upstream.get(u, None).await,
+        Err(e) => Err(e),
+    };
+    let now = Instant::now();
+    let mut p = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    p.at = Some(now);
+    match result {
+        Ok(a) => {
+            let code = a.status.as_u16();
+            p.status = Some(code);
+            p.health = match code {
+                200..=299 => KeyHealth::Ok,
+                401 | 403 => KeyHealth::Rejected,
+                500.. => KeyHealth::Unreachable,
+                _ => KeyHealth::Degraded,
+            };
+            if code < 500 {
+                p.reachable_at = Some(now);
+            }
+        }
+        Err(_) => {
+            p.status = None;
+            p.health = KeyHealth::Unreachable;
+        }
+    }
+    if p.health == KeyHealth::Rejected {
+        tracing::warn!(app = %app.name, status = ?p.status, "upstream rejected the app key");
+    }
+    metrics
+        .app_key_healthy
+        .get_or_create(&AppLabel {
+            app: app.name.clone(),
+        })
+        .set(i64::from(p.health == KeyHealth::Ok));
+}
