@@ -82,6 +82,8 @@ fn serves_and_exits_zero_on_sigterm() {
         .args([
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            "127.0.0.1:0",
             "--upstream",
             "http://127.0.0.1:9/v1",
         ])
