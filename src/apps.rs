@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::cache::AppId;
-use crate::config::UpstreamConfig;
+use crate::config::{AppConfig, UpstreamConfig};
 use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// One configured app.
@@ -29,18 +29,17 @@ pub struct App {
 }
 
 impl App {
-    /// Builds an app from its upstream settings and key.
+    /// Builds an app from its settings and the shared upstream settings.
     pub fn new(
         id: AppId,
-        name: &str,
+        app: &AppConfig,
         cfg: &UpstreamConfig,
-        key: &SecretString,
     ) -> Result<App, UpstreamSetupError> {
         Ok(App {
             id,
-            name: Cow::Owned(name.to_owned()),
-            tag: fingerprint(&cfg.base_url.to_string(), key).into(),
-            upstream: Upstream::with_key(cfg, key)?,
+            name: Cow::Owned(app.name.clone()),
+            tag: fingerprint(&app.base_url.to_string(), &app.api_key).into(),
+            upstream: Upstream::new(cfg, app)?,
         })
     }
 }

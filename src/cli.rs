@@ -35,6 +35,40 @@ pub struct Cli {
     /// health checks in images without a shell).
     #[arg(long, value_name = "ADDR", conflicts_with = "check_config")]
     pub health_probe: Option<std::net::SocketAddr>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands (without one, the gateway serves).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Create a random client token; prints it once, with the `[[clients]]` entry to paste
+    /// into the config (which stores only the token's SHA-256).
+    GenToken {
+        /// The client's name.
+        #[arg(long)]
+        client: String,
+        /// The app the client may use.
+        #[arg(long, default_value = crate::config::DEFAULT_APP)]
+        app: String,
+    },
+}
+
+/// Prints a new token and its config entry.
+pub fn print_new_token(client: &str, app: &str) -> Result<(), String> {
+    let token = crate::clients::generate_token().map_err(|e| format!("no randomness: {e}"))?;
+    println!("token (give this to the client; it is not stored anywhere):\n  {token}\n");
+    println!("config entry:\n");
+    println!("[[clients]]");
+    println!("name = {client:?}");
+    println!(
+        "token_sha256 = \"{}\"",
+        crate::clients::token_sha256_hex(&token)
+    );
+    println!("app = {app:?}");
+    println!("# rate_per_second = 20");
+    println!("# burst = 40");
+    Ok(())
 }
 
 /// One `GET /healthz` over plain TCP with a short deadline; true on a 200.

@@ -89,6 +89,37 @@ pub struct RawConfig {
     pub log: RawLog,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub apps: Vec<RawApp>,
+    #[serde(default)]
+    pub clients: Vec<RawClient>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    pub name: String,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub base_url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClient {
+    pub name: String,
+    pub token_sha256: String,
+    pub app: String,
+    pub rate_per_second: Option<u32>,
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub handshake_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -108,6 +139,7 @@ pub struct RawServer {
     pub max_header_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub drain_timeout: Option<HumanDuration>,
+    pub tls: Option<RawTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -121,6 +153,8 @@ pub struct RawUpstream {
     pub max_body_bytes: Option<usize>,
     pub pool_idle_timeout: Option<HumanDuration>,
     pub pool_max_idle_per_host: Option<usize>,
+    pub max_concurrent: Option<usize>,
+    pub queue_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +191,51 @@ pub struct Config {
     pub cache: CacheConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    /// The Dify apps served; never empty. Without `[[apps]]` it is one app named `default`
+    /// with `upstream.base_url` and `DIFY_API_KEY` / `upstream.api_key_file`.
+    pub apps: Vec<AppConfig>,
+    /// Clients allowed in; empty means the gateway runs open.
+    pub clients: Vec<ClientConfig>,
+}
+
+/// Name of the app built from the top-level upstream settings.
+pub const DEFAULT_APP: &str = "default";
+
+/// One Dify app: its name, upstream base and key.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub name: String,
+    pub base_url: Uri,
+    pub api_key: SecretString,
+}
+
+/// One client: who it is, how it proves it, what it may use.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    /// SHA-256 of the client's bearer token; the token itself is never stored.
+    pub token_sha256: [u8; 32],
+    /// Index into [`Config::apps`].
+    pub app: usize,
+    pub rate: Option<RateLimit>,
+}
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: std::num::NonZeroU32,
+    pub burst: std::num::NonZeroU32,
+}
+
+/// TLS on the public listener.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// A client must finish its TLS handshake within this time.
+    pub handshake_timeout: Duration,
 }
 
 /// Name of the environment variable that may hold the admin token.
@@ -193,15 +272,15 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// On SIGINT/SIGTERM, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// Serve HTTPS with these files when set.
+    pub tls: Option<TlsConfig>,
 }
 
 /// How the gateway reaches Dify.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Base URL, e.g. `https://api.dify.ai/v1`, without a trailing slash.
+    /// Base URL of the default app, e.g. `https://api.dify.ai/v1`.
     pub base_url: Uri,
-    /// The app key injected as `Authorization: Bearer`.
-    pub api_key: SecretString,
     /// Extra PEM CA certificates trusted beside the built-in web PKI roots.
     pub ca_file: Option<PathBuf>,
     /// Time allowed to open a TCP connection (and finish TLS) to the upstream.
@@ -214,6 +293,11 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per upstream host.
     pub pool_max_idle_per_host: usize,
+    /// Upstream requests in flight at once, over all apps, so a flood of misses cannot
+    /// overwhelm Dify.
+    pub max_concurrent: usize,
+    /// A fetch waits this long for an upstream slot before its requests get 503.
+    pub queue_timeout: Duration,
 }
 
 /// How the cache decides and how big it may grow.
@@ -324,6 +408,27 @@ impl RawConfig {
             max_header_bytes,
             max_connections,
             drain_timeout: dur(self.server.drain_timeout, Duration::from_secs(30)),
+            tls: match self.server.tls {
+                None => None,
+                Some(t) => {
+                    for (key, path) in [
+                        ("server.tls.cert_file", &t.cert_file),
+                        ("server.tls.key_file", &t.key_file),
+                    ] {
+                        if !path.is_file() {
+                            return Err(invalid(
+                                key,
+                                format!("{} is not a readable file", path.display()),
+                            ));
+                        }
+                    }
+                    Some(TlsConfig {
+                        cert_file: t.cert_file,
+                        key_file: t.key_file,
+                        handshake_timeout: dur(t.handshake_timeout, Duration::from_secs(10)),
+                    })
+                }
+            },
         };
 
         let base_s = overrides
@@ -332,35 +437,6 @@ impl RawConfig {
             .or(self.upstream.base_url)
             .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
         let base_url = parse_base_url(&base_s).map_err(|m| invalid("upstream.base_url", m))?;
-        let api_key = match &self.upstream.api_key_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    invalid(
-                        "upstream.api_key_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                let key = text.trim();
-                if key.is_empty() {
-                    return Err(invalid(
-                        "upstream.api_key_file",
-                        format!("{} is empty", path.display()),
-                    ));
-                }
-                key.to_owned()
-            }
-            None => match env(API_KEY_ENV) {
-                Some(k) if !k.trim().is_empty() => k.trim().to_owned(),
-                _ => return Err(ConfigError::MissingKey),
-            },
-        };
-        if api_key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
-            // Deliberately does not echo the key.
-            return Err(invalid(
-                "upstream.api_key",
-                "the key holds whitespace or non-printable characters".into(),
-            ));
-        }
         let connect_timeout = dur(self.upstream.connect_timeout, Duration::from_secs(5));
         let total_timeout = dur(self.upstream.total_timeout, Duration::from_secs(30));
         if connect_timeout.is_zero() {
@@ -382,15 +458,156 @@ impl RawConfig {
                 format!("{max_body_bytes} is outside 1..=4294967295"),
             ));
         }
+        let max_concurrent = self.upstream.max_concurrent.unwrap_or(64);
+        if max_concurrent == 0 {
+            return Err(invalid(
+                "upstream.max_concurrent",
+                "must be at least 1".into(),
+            ));
+        }
+        let apps = if self.apps.is_empty() {
+            let key = match &self.upstream.api_key_file {
+                Some(path) => {
+                    read_key_file(path).map_err(|m| invalid("upstream.api_key_file", m))?
+                }
+                None => match env(API_KEY_ENV) {
+                    Some(k) if !k.trim().is_empty() => k.trim().to_owned(),
+                    _ => return Err(ConfigError::MissingKey),
+                },
+            };
+            check_key(&key).map_err(|m| invalid("upstream.api_key_file", m))?;
+            vec![AppConfig {
+                name: DEFAULT_APP.to_owned(),
+                base_url: base_url.clone(),
+                api_key: SecretString::from(key),
+            }]
+        } else {
+            if self.upstream.api_key_file.is_some() {
+                return Err(invalid(
+                    "upstream.api_key_file",
+                    "with [[apps]], give each app its own api_key_env or api_key_file".into(),
+                ));
+            }
+            let mut apps: Vec<AppConfig> = Vec::with_capacity(self.apps.len());
+            for a in self.apps {
+                check_name(&a.name).map_err(|m| invalid("apps.name", m))?;
+                if apps.iter().any(|x| x.name == a.name) {
+                    return Err(invalid(
+                        "apps.name",
+                        format!("`{}` is defined twice", a.name),
+                    ));
+                }
+                let key = match (&a.api_key_env, &a.api_key_file) {
+                    (Some(var), None) => env(var)
+                        .map(|k| k.trim().to_owned())
+                        .filter(|k| !k.is_empty())
+                        .ok_or_else(|| {
+                            invalid(
+                                "apps.api_key_env",
+                                format!("app `{}`: environment variable {var} is not set", a.name),
+                            )
+                        })?,
+                    (None, Some(path)) => read_key_file(path).map_err(|m| {
+                        invalid("apps.api_key_file", format!("app `{}`: {m}", a.name))
+                    })?,
+                    _ => {
+                        return Err(invalid(
+                            "apps.api_key_env",
+                            format!(
+                                "app `{}`: set exactly one of api_key_env and api_key_file",
+                                a.name
+                            ),
+                        ))
+                    }
+                };
+                check_key(&key)
+                    .map_err(|m| invalid("apps.api_key_env", format!("app `{}`: {m}", a.name)))?;
+                let base = match &a.base_url {
+                    Some(u) => parse_base_url(u).map_err(|m| invalid("apps.base_url", m))?,
+                    None => base_url.clone(),
+                };
+                apps.push(AppConfig {
+                    name: a.name,
+                    base_url: base,
+                    api_key: SecretString::from(key),
+                });
+            }
+            apps
+        };
+        let mut clients: Vec<ClientConfig> = Vec::with_capacity(self.clients.len());
+        for c in self.clients {
+            check_name(&c.name).map_err(|m| invalid("clients.name", m))?;
+            if clients.iter().any(|x| x.name == c.name) {
+                return Err(invalid(
+                    "clients.name",
+                    format!("`{}` is defined twice", c.name),
+                ));
+            }
+            let token_sha256 = parse_sha256(&c.token_sha256).ok_or_else(|| {
+                invalid(
+                    "clients.token_sha256",
+                    format!("client `{}`: expected 64 hex digits", c.name),
+                )
+            })?;
+            if clients.iter().any(|x| x.token_sha256 == token_sha256) {
+                return Err(invalid(
+                    "clients.token_sha256",
+                    format!("client `{}` shares its token with another client", c.name),
+                ));
+            }
+            let app = apps.iter().position(|a| a.name == c.app).ok_or_else(|| {
+                invalid(
+                    "clients.app",
+                    format!("client `{}`: no app named `{}`", c.name, c.app),
+                )
+            })?;
+            let rate = match (c.rate_per_second, c.burst) {
+                (None, None) => None,
+                (Some(r), b) => {
+                    let per_second = std::num::NonZeroU32::new(r).ok_or_else(|| {
+                        invalid(
+                            "clients.rate_per_second",
+                            format!("client `{}`: must be at least 1", c.name),
+                        )
+                    })?;
+                    let burst = std::num::NonZeroU32::new(b.unwrap_or(r)).ok_or_else(|| {
+                        invalid(
+                            "clients.burst",
+                            format!("client `{}`: must be at least 1", c.name),
+                        )
+                    })?;
+                    Some(RateLimit { per_second, burst })
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        "clients.burst",
+                        format!("client `{}`: burst needs rate_per_second", c.name),
+                    ))
+                }
+            };
+            clients.push(ClientConfig {
+                name: c.name,
+                token_sha256,
+                app,
+                rate,
+            });
+        }
+        if clients.is_empty() && apps.len() > 1 {
+            return Err(invalid(
+                "clients",
+                "several apps are configured but no clients: each request must map to an app through its client".into(),
+            ));
+        }
         let upstream = UpstreamConfig {
             base_url,
-            api_key: SecretString::from(api_key),
             ca_file: self.upstream.ca_file,
             connect_timeout,
             total_timeout,
             max_body_bytes,
             pool_idle_timeout: dur(self.upstream.pool_idle_timeout, Duration::from_secs(90)),
             pool_max_idle_per_host: self.upstream.pool_max_idle_per_host.unwrap_or(64),
+            max_concurrent,
+            queue_timeout: dur(self.upstream.queue_timeout, Duration::from_secs(1)),
         };
         if let Some(ca) = &upstream.ca_file {
             if !ca.is_file() {
@@ -501,8 +718,55 @@ impl RawConfig {
             cache,
             log,
             admin,
+            apps,
+            clients,
         })
     }
+}
+
+fn read_key_file(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(key.to_owned())
+}
+
+/// Keys must be sendable as a header value. The message deliberately does not echo the key.
+fn check_key(key: &str) -> Result<(), String> {
+    if key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+        return Err("the key holds whitespace or non-printable characters".into());
+    }
+    Ok(())
+}
+
+/// Names become metric labels and admin API parameters: keep them short and plain.
+fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("`{name}`: use 1-64 characters of [A-Za-z0-9._-]"))
+    }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
 }
 
 fn dur(v: Option<HumanDuration>, default: Duration) -> Duration {
@@ -635,7 +899,7 @@ mod tests {
                 .unwrap();
         let c = raw.validate(&Overrides::default(), None, &no_env).unwrap();
         use secrecy::ExposeSecret;
-        assert_eq!(c.upstream.api_key.expose_secret(), "app-fromfile");
+        assert_eq!(c.apps[0].api_key.expose_secret(), "app-fromfile");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! could.
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
@@ -18,6 +18,11 @@ pub enum GatewayError {
     /// The path's run id is not a hyphenated UUID.
     #[error("workflow_run_id must be a hyphenated UUID")]
     InvalidRunId,
+    /// The request carries a body (`Transfer-Encoding`, or a non-zero `Content-Length`),
+    /// which no route takes; with both headers it is the request-smuggling shape. The
+    /// connection is closed after the answer.
+    #[error("request bodies are not accepted (Transfer-Encoding or Content-Length present)")]
+    AmbiguousFraming,
     /// No route for this path.
     #[error("the requested URL was not found on this gateway")]
     RouteNotFound,
@@ -36,6 +41,15 @@ pub enum GatewayError {
     /// The upstream broke the exchange (reset, truncated body, protocol error).
     #[error("upstream response was incomplete or malformed")]
     UpstreamProtocol,
+    /// Clients are configured and the request carries no valid token.
+    #[error("a valid gateway token is required: Authorization: Bearer <token>")]
+    Unauthorized,
+    /// The client exceeded its rate limit; retry after this many seconds.
+    #[error("rate limit exceeded; retry later")]
+    RateLimited { retry_after_secs: u64 },
+    /// Too many upstream requests in flight; the fetch could not get a slot in time.
+    #[error("the gateway is overloaded; retry shortly")]
+    Overloaded,
     /// The fetch task ended without a result (it panicked); waiters get this.
     #[error("internal error while fetching from upstream")]
     Internal,
@@ -53,7 +67,7 @@ impl GatewayError {
     /// The one HTTP status each error maps to.
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidRunId => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidRunId | GatewayError::AmbiguousFraming => StatusCode::BAD_REQUEST,
             GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UpstreamConnect
@@ -61,6 +75,9 @@ impl GatewayError {
             | GatewayError::UpstreamProtocol
             | GatewayError::Internal => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -68,6 +85,7 @@ impl GatewayError {
     pub fn as_str(&self) -> &'static str {
         match self {
             GatewayError::InvalidRunId => "invalid_param",
+            GatewayError::AmbiguousFraming => "bad_request",
             GatewayError::RouteNotFound => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::UpstreamConnect => "upstream_unavailable",
@@ -75,6 +93,9 @@ impl GatewayError {
             GatewayError::UpstreamBodyTooLarge => "upstream_body_too_large",
             GatewayError::UpstreamProtocol => "upstream_bad_response",
             GatewayError::Internal => "internal_error",
+            GatewayError::Unauthorized => "unauthorized",
+            GatewayError::RateLimited { .. } => "too_many_requests",
+            GatewayError::Overloaded => "overloaded",
         }
     }
 
@@ -89,8 +110,26 @@ impl GatewayError {
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if *self == GatewayError::MethodNotAllowed {
-            h.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        match self {
+            GatewayError::MethodNotAllowed => {
+                h.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            GatewayError::Unauthorized => {
+                h.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"dify-gateway\""),
+                );
+            }
+            GatewayError::RateLimited { retry_after_secs } => {
+                h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            GatewayError::Overloaded => {
+                h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            GatewayError::AmbiguousFraming => {
+                h.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         resp
     }
@@ -122,6 +161,12 @@ mod tests {
             GatewayError::UpstreamBodyTooLarge,
             GatewayError::UpstreamProtocol,
             GatewayError::Internal,
+            GatewayError::Unauthorized,
+            GatewayError::RateLimited {
+                retry_after_secs: 2,
+            },
+            GatewayError::Overloaded,
+            GatewayError::AmbiguousFraming,
         ] {
             let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
             assert_eq!(v["code"], e.as_str());

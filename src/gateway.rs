@@ -8,14 +8,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AGE, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    HeaderValue, AGE, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING,
+};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 use crate::apps::App;
 use crate::cache::{AppId, Cache, CacheKey, KeptHeaders, Stored};
+use crate::clients::{Client, ClientTable};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::flight::{Role, SingleFlight};
@@ -54,12 +59,20 @@ pub struct RequestInfo {
     pub rejected: Option<RejectReason>,
     pub upstream_status: Option<StatusCode>,
     pub upstream_elapsed: Option<Duration>,
+    /// The app the request was served for.
+    pub app: Option<AppId>,
 }
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
     /// The apps served; the first is the default app.
     apps: Vec<Arc<App>>,
+    /// Who may come in, swapped whole on reload.
+    clients: ArcSwap<ClientTable>,
+    /// Upstream requests in flight, over all apps.
+    upstream_slots: Arc<Semaphore>,
+    /// How long a fetch waits for an upstream slot.
+    queue_timeout: Duration,
     policy: Policy,
     cache: Cache,
     /// The configured cap, reported by the admin API.
@@ -94,24 +107,50 @@ impl Gateway {
     /// Builds the gateway from validated config.
     pub fn new(config: &Config) -> Result<Arc<Gateway>, UpstreamSetupError> {
         let metrics = Arc::new(Metrics::new());
-        let app = Arc::new(App::new(
-            AppId(0),
-            "default",
-            &config.upstream,
-            &config.upstream.api_key,
-        )?);
-        let apps = vec![app];
+        let apps = config
+            .apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| App::new(AppId(i as u32), a, &config.upstream).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
         let readiness = Arc::new(Readiness::new(&apps, config.admin.ready_max_age));
         Ok(Arc::new(Gateway {
             apps,
+            clients: ArcSwap::from_pointee(ClientTable::new(&config.clients)),
             policy: Policy::new(&config.cache),
             cache: Cache::new(config.cache.max_bytes, metrics.cache.clone()),
             max_bytes: config.cache.max_bytes,
             flights: Arc::default(),
+            upstream_slots: Arc::new(Semaphore::new(config.upstream.max_concurrent)),
+            queue_timeout: config.upstream.queue_timeout,
             metrics,
             readiness,
             access_log: config.log.access_log,
         }))
+    }
+
+    /// Replaces the client table from a newly validated config (tokens added, revoked, limits
+    /// changed). Takes effect for the next request. Apps cannot change without a restart: the
+    /// new config's apps must have the same names, in the same order, as the running ones.
+    pub fn reload_clients(&self, config: &Config) -> Result<usize, String> {
+        let same_apps = config.apps.len() == self.apps.len()
+            && config
+                .apps
+                .iter()
+                .zip(&self.apps)
+                .all(|(c, a)| c.name == a.name);
+        if !same_apps {
+            return Err("the [[apps]] list changed; app changes need a restart".into());
+        }
+        let table = ClientTable::new(&config.clients);
+        let n = table.len();
+        self.clients.store(Arc::new(table));
+        Ok(n)
+    }
+
+    /// True when no clients are configured (everyone may use the default app).
+    pub fn is_open(&self) -> bool {
+        self.clients.load().is_open()
     }
 
     /// The cache (for operations and tests).
@@ -133,54 +172,94 @@ impl Gateway {
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>> {
         let start = Instant::now();
         let rid = request_id::for_request(req.headers());
-        let (mut resp, info) = self.route(req.method(), req.uri().path(), &rid).await;
+        let (mut resp, info, client) = self.route(&req, &rid).await;
         let elapsed = start.elapsed();
         self.metrics.request(
             info.route,
             resp.status().as_u16(),
             info.cache,
-            None,
+            client.as_ref().map(|c| &c.name),
             elapsed,
         );
         if let Some(r) = info.rejected {
             self.metrics.reject(r);
         }
         if self.access_log {
-            log_access(&req, &resp, &info, &rid, elapsed);
+            log_access(&req, &resp, &info, &rid, client.as_deref(), elapsed);
         }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
         resp
     }
 
-    async fn route(
+    async fn route<B>(
         self: &Arc<Self>,
-        method: &Method,
-        path: &str,
+        req: &Request<B>,
         rid: &HeaderValue,
-    ) -> (Response<Full<Bytes>>, RequestInfo) {
+    ) -> (Response<Full<Bytes>>, RequestInfo, Option<Arc<Client>>) {
         let mut info = RequestInfo {
             route: Route::Unknown,
             cache: None,
             rejected: None,
             upstream_status: None,
             upstream_elapsed: None,
+            app: None,
         };
         let refuse = |mut info: RequestInfo, reason, e: GatewayError| {
             info.rejected = Some(reason);
-            (e.to_response(), info)
+            (e.to_response(), info, None)
         };
+        let (method, path) = (req.method(), req.uri().path());
+        // No route takes a body. A body announced by Transfer-Encoding (hyper drops a
+        // Content-Length sent beside it, the request-smuggling shape) or a non-zero
+        // Content-Length is refused and the connection closed.
+        let h = req.headers();
+        if h.contains_key(TRANSFER_ENCODING) || h.get(CONTENT_LENGTH).is_some_and(|v| v != "0") {
+            return refuse(
+                info,
+                RejectReason::BadFraming,
+                GatewayError::AmbiguousFraming,
+            );
+        }
         if let Some(id) = path.strip_prefix(RUN_DETAIL_PREFIX) {
             if !id.contains('/') {
                 info.route = Route::RunDetail;
                 if method != Method::GET && method != Method::HEAD {
                     return refuse(info, RejectReason::Method, GatewayError::MethodNotAllowed);
                 }
-                let Ok(run) = RunId::parse(id) else {
-                    return refuse(info, RejectReason::BadId, GatewayError::InvalidRunId);
+                // Authenticate before looking at the id: an outsider learns nothing.
+                let client = {
+                    let table = self.clients.load();
+                    if table.is_open() {
+                        None
+                    } else {
+                        match table.authenticate(req.headers()) {
+                            Ok(c) => Some(c),
+                            Err(_) => {
+                                return refuse(info, RejectReason::Auth, GatewayError::Unauthorized)
+                            }
+                        }
+                    }
                 };
-                let app = &self.apps[0];
+                if let Some(c) = &client {
+                    if let Err(wait) = c.check_rate() {
+                        let e = GatewayError::RateLimited {
+                            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                        };
+                        let (r, i, _) = refuse(info, RejectReason::RateLimit, e);
+                        return (r, i, client);
+                    }
+                }
+                let Ok(run) = RunId::parse(id) else {
+                    let (r, i, _) = refuse(info, RejectReason::BadId, GatewayError::InvalidRunId);
+                    return (r, i, client);
+                };
+                let app = match &client {
+                    Some(c) => &self.apps[c.app],
+                    None => &self.apps[0],
+                };
+                info.app = Some(app.id);
                 let resp = self.run_detail(app, run, rid, &mut info).await;
-                return (resp, info);
+                return (resp, info, client);
             }
         } else if path == "/healthz" {
             info.route = Route::Health;
@@ -190,7 +269,7 @@ impl Gateway {
             let mut r = Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ok\"}")));
             r.headers_mut()
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            return (r, info);
+            return (r, info, None);
         }
         refuse(info, RejectReason::BadRoute, GatewayError::RouteNotFound)
     }
@@ -304,7 +383,23 @@ impl Gateway {
     /// The shared fetch: one upstream exchange, the policy's decision, the cache insert.
     async fn fetch(self: Arc<Self>, app: Arc<App>, key: CacheKey, rid: HeaderValue) -> FlightValue {
         let t = Instant::now();
-        let r = app.upstream.fetch_run(key.run, Some(&rid)).await;
+        let permit = tokio::time::timeout(
+            self.queue_timeout,
+            Arc::clone(&self.upstream_slots).acquire_owned(),
+        )
+        .await;
+        let r = match permit {
+            Ok(Ok(_permit)) => app.upstream.fetch_run(key.run, Some(&rid)).await,
+            _ => {
+                self.metrics.reject(RejectReason::Overload);
+                return FlightValue::Fetched(Arc::new(Fetched {
+                    result: Err(GatewayError::Overloaded),
+                    not_cached: None,
+                    upstream_status: None,
+                    upstream_elapsed: Duration::ZERO,
+                }));
+            }
+        };
         let upstream_elapsed = t.elapsed();
         let outcome = match &r {
             Ok(a) => UpstreamOutcome::from_status(a.status),
@@ -397,11 +492,14 @@ fn log_access<B>(
     resp: &Response<Full<Bytes>>,
     info: &RequestInfo,
     rid: &HeaderValue,
+    client: Option<&Client>,
     elapsed: Duration,
 ) {
     tracing::info!(
         target: "access",
         request_id = rid.to_str().unwrap_or("-"),
+        client = client.map_or("-", |c| &*c.name),
+        app = info.app.map(|a| a.0),
         method = %req.method(),
         path = req.uri().path(),
         status = resp.status().as_u16(),

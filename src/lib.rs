@@ -7,6 +7,7 @@ pub mod admin;
 pub mod apps;
 pub mod cache;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod error;
 pub mod flight;
@@ -20,6 +21,7 @@ pub mod request_id;
 pub mod run_id;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

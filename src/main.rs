@@ -1,12 +1,14 @@
 //! The binary: parse arguments, load config, start logging, bind, serve until a signal.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 use dify_gateway::admin::Admin;
-use dify_gateway::cli::Cli;
+use dify_gateway::cli::{Cli, Command};
 use dify_gateway::server::{self, Drain};
-use dify_gateway::{telemetry, Gateway};
+use dify_gateway::tls::TlsAcceptor;
+use dify_gateway::{telemetry, Config, Gateway};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -15,6 +17,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
+        };
+    }
+    if let Some(Command::GenToken { client, app }) = &cli.command {
+        return match dify_gateway::cli::print_new_token(client, app) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dify-gateway: {e}");
+                ExitCode::FAILURE
+            }
         };
     }
     let config = match cli.load_config() {
@@ -26,9 +37,12 @@ fn main() -> ExitCode {
     };
     if cli.check_config {
         println!(
-            "configuration OK: listen {}, upstream {}, cache {} bytes, running_ttl {:?}",
+            "configuration OK: listen {}{}, admin {}, {} app(s), {} client(s), cache {} bytes, running_ttl {:?}",
             config.server.listen,
-            config.upstream.base_url,
+            if config.server.tls.is_some() { " (TLS)" } else { "" },
+            config.admin.listen,
+            config.apps.len(),
+            config.clients.len(),
             config.cache.max_bytes,
             config.cache.running_ttl
         );
@@ -45,62 +59,120 @@ fn main() -> ExitCode {
         }
     };
     let _log_guard = telemetry::init(config.log.format);
-    runtime.block_on(async move {
-        let gateway = match Gateway::new(&config) {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up the upstream client");
-                return ExitCode::FAILURE;
-            }
-        };
-        let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listen = %config.server.listen, error = %e, "cannot bind");
-                return ExitCode::FAILURE;
-            }
-        };
-        let admin_listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(listen = %config.admin.listen, error = %e, "cannot bind the admin listener");
-                return ExitCode::FAILURE;
-            }
-        };
-        if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
-            tracing::warn!(listen = %config.admin.listen, "admin listener is not on loopback and has no admin token: anyone who can reach it can purge the cache");
+    runtime.block_on(serve(cli, config))
+}
+
+async fn serve(cli: Cli, config: Config) -> ExitCode {
+    let gateway = match Gateway::new(&config) {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the upstream client");
+            return ExitCode::FAILURE;
         }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let probes = gateway
-            .readiness()
-            .spawn(gateway.metrics().clone(), config.admin.probe_interval);
-        let admin = Admin::new(gateway.clone(), config.admin.token.as_ref());
-        let admin_cfg = config.server.clone();
-        let admin_task = tokio::spawn({
-            let rx = stop_rx.clone();
-            async move { server::run_admin(admin_listener, admin, &admin_cfg, stopped(rx)).await }
-        });
-        tracing::info!(
-            listen = %config.server.listen,
-            admin = %config.admin.listen,
-            upstream = %config.upstream.base_url,
-            "dify-gateway serving"
+    };
+    let tls = match &config.server.tls {
+        None => None,
+        Some(t) => match TlsAcceptor::new(t) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up TLS");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %config.server.listen, error = %e, "cannot bind");
+            return ExitCode::FAILURE;
+        }
+    };
+    let admin_listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(listen = %config.admin.listen, error = %e, "cannot bind the admin listener");
+            return ExitCode::FAILURE;
+        }
+    };
+    if gateway.is_open() {
+        tracing::warn!(
+            "NO CLIENTS CONFIGURED: the gateway is open; anyone who can reach {} can read runs with the app key. Add [[clients]] unless only trusted callers can reach it.",
+            config.server.listen
         );
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        });
-        match server::run(listener, gateway, &config.server, stopped(stop_rx)).await {
-            Drain::Complete => tracing::info!("drained; exiting"),
-            Drain::TimedOut => tracing::warn!("drain timeout passed; dropping remaining connections"),
+    }
+    if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.admin.listen, "admin listener is not on loopback and has no admin token: anyone who can reach it can purge the cache");
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let probes = gateway
+        .readiness()
+        .spawn(gateway.metrics().clone(), config.admin.probe_interval);
+    let admin = Admin::new(gateway.clone(), config.admin.token.as_ref());
+    let admin_cfg = config.server.clone();
+    let admin_task = tokio::spawn({
+        let rx = stop_rx.clone();
+        async move { server::run_admin(admin_listener, admin, &admin_cfg, stopped(rx)).await }
+    });
+    let reloader = tokio::spawn(reload_on_sighup(cli, gateway.clone(), tls.clone()));
+    tracing::info!(
+        listen = %config.server.listen,
+        admin = %config.admin.listen,
+        tls = config.server.tls.is_some(),
+        apps = config.apps.len(),
+        clients = config.clients.len(),
+        "dify-gateway serving"
+    );
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    match server::run(listener, gateway, &config.server, tls, stopped(stop_rx)).await {
+        Drain::Complete => tracing::info!("drained; exiting"),
+        Drain::TimedOut => tracing::warn!("drain timeout passed; dropping remaining connections"),
+    }
+    probes.abort();
+    reloader.abort();
+    let _ = admin_task.await;
+    ExitCode::SUCCESS
+}
+
+/// On SIGHUP: re-read the config file, swap in the client list and reload the TLS certificate.
+/// A file that no longer validates changes nothing.
+async fn reload_on_sighup(cli: Cli, gateway: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match cli.load_config() {
+                Ok(cfg) => match gateway.reload_clients(&cfg) {
+                    Ok(n) => tracing::info!(clients = n, "reloaded the client list"),
+                    Err(e) => tracing::error!(error = %e, "reload refused"),
+                },
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
+                }
+            }
+            if let Some(t) = &tls {
+                match t.reload() {
+                    Ok(()) => tracing::info!("reloaded the TLS certificate"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
+                    }
+                }
+            }
         }
-        probes.abort();
-        let _ = admin_task.await;
-        ExitCode::SUCCESS
-    })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (cli, gateway, tls);
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -62,6 +62,7 @@ pub struct AppLabel {
 pub enum RejectReason {
     BadId,
     BadRoute,
+    BadFraming,
     Method,
     Auth,
     RateLimit,
@@ -73,6 +74,7 @@ impl RejectReason {
         match self {
             RejectReason::BadId => "bad_id",
             RejectReason::BadRoute => "bad_route",
+            RejectReason::BadFraming => "bad_framing",
             RejectReason::Method => "method",
             RejectReason::Auth => "auth",
             RejectReason::RateLimit => "rate_limit",

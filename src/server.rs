@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use crate::admin::Admin;
 use crate::config::ServerConfig;
 use crate::gateway::Gateway;
+use crate::tls::TlsAcceptor;
 
 /// How a server run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,13 +53,14 @@ pub async fn run(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     cfg: &ServerConfig,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) -> Drain {
     let handler = move |req: Request<Incoming>| {
         let gw = Arc::clone(&gateway);
         async move { gw.handle(req).await }
     };
-    serve(listener, cfg, handler, shutdown).await
+    serve(listener, cfg, tls, handler, shutdown).await
 }
 
 /// Serves the admin routes on their own listener (few connections, same timeouts).
@@ -76,7 +78,7 @@ pub async fn run_admin(
         let admin = Arc::clone(&admin);
         async move { admin.handle(req).await }
     };
-    serve(listener, &cfg, handler, shutdown).await
+    serve(listener, &cfg, None, handler, shutdown).await
 }
 
 /// Connections the admin listener serves at once (scrapers and operators, not clients).
@@ -86,6 +88,7 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     cfg: &ServerConfig,
+    tls: Option<TlsAcceptor>,
     handler: H,
     shutdown: impl Future<Output = ()>,
 ) -> Drain
@@ -125,12 +128,25 @@ where
             let fut = h(req);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(tls) => {
+                    let Some(stream) = tls.accept(stream).await else {
+                        drop(permit);
+                        return;
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);

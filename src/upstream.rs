@@ -21,10 +21,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 
 use crate::cache::KeptHeaders;
-use crate::config::UpstreamConfig;
+use crate::config::{AppConfig, UpstreamConfig};
 use crate::error::GatewayError;
 use crate::run_id::RunId;
 
@@ -82,16 +82,10 @@ pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 impl Upstream {
-    /// Builds the client: web PKI roots plus the optional CA file, HTTP/1.1 and HTTP/2 by ALPN.
-    pub fn new(cfg: &UpstreamConfig) -> Result<Upstream, UpstreamSetupError> {
-        Self::with_key(cfg, &cfg.api_key)
-    }
-
-    /// Like [`Upstream::new`] with a specific key (one client per configured app).
-    pub fn with_key(
-        cfg: &UpstreamConfig,
-        key: &SecretString,
-    ) -> Result<Upstream, UpstreamSetupError> {
+    /// Builds the client for one app: web PKI roots plus the optional CA file, HTTP/1.1 and
+    /// HTTP/2 by ALPN, the app's key in a sensitive header value.
+    pub fn new(cfg: &UpstreamConfig, app: &AppConfig) -> Result<Upstream, UpstreamSetupError> {
+        let key = &app.api_key;
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &cfg.ca_file {
@@ -137,7 +131,7 @@ impl Upstream {
         authorization.set_sensitive(true);
         Ok(Upstream {
             client,
-            base: cfg.base_url.to_string().trim_end_matches('/').into(),
+            base: app.base_url.to_string().trim_end_matches('/').into(),
             authorization,
             user_agent: HeaderValue::from_static(concat!(
                 "dify-gateway/",

@@ -91,10 +91,31 @@ fn serves_and_exits_zero_on_sigterm() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Kill the child if an assertion below fails, so no gateway outlives the test.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let stdout = child.stdout.take().unwrap();
+    let pid = child.id();
+    let mut child = KillOnDrop(child);
     let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().unwrap().unwrap();
+    let mut first = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        first.push_str(&line);
+        if line.contains("serving") {
+            break;
+        }
+    }
     assert!(first.contains("serving"), "{first}");
+    assert!(
+        first.contains("NO CLIENTS CONFIGURED"),
+        "open mode is announced: {first}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut stream = loop {
         match std::net::TcpStream::connect(("127.0.0.1", port)) {
@@ -118,11 +139,11 @@ fn serves_and_exits_zero_on_sigterm() {
     assert!(probe.success());
 
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let code = child.wait().unwrap();
+    let code = child.0.wait().unwrap();
     assert_eq!(code.code(), Some(0));
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let all = rest.join("\n");
@@ -132,4 +153,32 @@ fn serves_and_exits_zero_on_sigterm() {
         .status()
         .unwrap();
     assert!(!probe.success(), "probe fails once the gateway is gone");
+}
+
+#[test]
+fn gen_token_prints_a_token_and_its_config_entry() {
+    let out = gateway()
+        .args(["gen-token", "--client", "team-a", "--app", "default"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let token = text
+        .split_whitespace()
+        .find(|w| w.starts_with("dgw_"))
+        .expect("a token is printed");
+    let digest = dify_gateway::clients::token_sha256_hex(token);
+    assert!(
+        text.contains(&format!("token_sha256 = \"{digest}\"")),
+        "{text}"
+    );
+    // The printed entry is a valid config.
+    let entry = &text[text.find("[[clients]]").unwrap()..];
+    let raw = dify_gateway::config::RawConfig::from_toml(entry).unwrap();
+    let cfg = raw
+        .validate(&Default::default(), None, &|n| {
+            (n == "DIFY_API_KEY").then(|| "app-x".to_owned())
+        })
+        .unwrap();
+    assert_eq!(cfg.clients[0].name, "team-a");
 }

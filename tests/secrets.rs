@@ -88,7 +88,11 @@ async fn key_never_appears_in_responses_logs_or_debug_output() {
     assert!(!debug_cfg.contains(secret_part), "key in Debug of config");
     let upstream_dbg = format!(
         "{:?}",
-        dify_gateway::upstream::Upstream::new(&config(&up, "").upstream).unwrap()
+        {
+            let c = config(&up, "");
+            dify_gateway::upstream::Upstream::new(&c.upstream, &c.apps[0])
+        }
+        .unwrap()
     );
     assert!(
         !upstream_dbg.contains(secret_part),

@@ -11,6 +11,7 @@ use dify_gateway::admin::Admin;
 use dify_gateway::config::{Config, Overrides, RawConfig, API_KEY_ENV};
 use dify_gateway::mock::MockDify;
 use dify_gateway::server::{self, Drain};
+use dify_gateway::tls::TlsAcceptor;
 use dify_gateway::Gateway;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -36,6 +37,7 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
+    pub tls: Option<TlsAcceptor>,
     stop: Option<oneshot::Sender<()>>,
     pub task: JoinHandle<Drain>,
 }
@@ -99,8 +101,14 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
     tokio::spawn(async move {
         server::run_admin(admin_listener, admin, &admin_cfg, std::future::pending()).await
     });
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(|t| TlsAcceptor::new(t).expect("test TLS material loads"));
+    let tls_handle = tls.clone();
     let task = tokio::spawn(async move {
-        server::run(listener, gw, &config.server, async {
+        server::run(listener, gw, &config.server, tls, async {
             let _ = rx.await;
         })
         .await
@@ -109,6 +117,7 @@ pub async fn spawn_gateway(config: Config) -> TestGateway {
         addr,
         admin_addr,
         gateway,
+        tls: tls_handle,
         stop: Some(tx),
         task,
     }
