@@ -14,6 +14,7 @@ pub mod outcome;
 pub mod policy;
 pub mod run_id;
 pub mod server;
+pub mod shared;
 pub mod telemetry;
 pub mod upstream;
 
