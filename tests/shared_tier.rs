@@ -662,3 +662,76 @@ async fn a_cluster_keeps_values_locks_and_notifications_working() {
     assert_eq!(b.get(TAG, runs[1]).await.as_str(), "miss");
     assert_eq!(a.stats().total(), 0, "{:?}", a.stats());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rediss_url_builds_its_tls_client_on_the_one_crypto_provider() {
+    // A peer that accepts and hangs up: the client must get as far as building its rustls
+    // config (which panics if the crypto provider is ambiguous), connect, and fail cleanly.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let peer = tokio::spawn({
+        let accepted = Arc::clone(&accepted);
+        async move {
+            while let Ok((s, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(s);
+            }
+        }
+    });
+    let t = SharedTier::new(config(
+        vec![format!("rediss://127.0.0.1:{port}")],
+        false,
+        "timeout = \"200ms\"",
+    ))
+    .expect("tier builds");
+    eventually(
+        Duration::from_secs(5),
+        "a TLS attempt reached the peer",
+        || async {
+            t.get(TAG, new_run()).await.as_str() == "unavailable"
+                && accepted.load(std::sync::atomic::Ordering::SeqCst) > 0
+        },
+    )
+    .await;
+    assert!(t.stats().total() >= 1);
+    peer.abort();
+}
+
+/// The `[shared]` table of a gateway TOML file, validated.
+fn shared_section(toml_text: &str) -> SharedConfig {
+    let doc: toml::Table = toml_text.parse().expect("the deployment TOML parses");
+    let shared = doc
+        .get("shared")
+        .expect("the deployment config has a [shared] table")
+        .clone();
+    let raw: RawShared = shared.try_into().expect("[shared] has only known keys");
+    raw.validate().expect("[shared] validates")
+}
+
+#[test]
+fn the_deployment_configs_have_a_valid_shared_section() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let compose = std::fs::read_to_string(root.join("deploy/gateway.toml")).unwrap();
+    let c = shared_section(&compose);
+    assert_eq!(c.urls, ["redis://valkey:6379"]);
+
+    // The ConfigMap embeds the TOML as a YAML block scalar indented by four spaces.
+    let cm = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let (_, block) = cm
+        .split_once("dify-gateway.toml: |\n")
+        .expect("the ConfigMap holds dify-gateway.toml");
+    let text: String = block
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let c = shared_section(&text);
+    assert_eq!(c.urls, ["redis://valkey:6379"]);
+    let doc: toml::Table = text.parse().unwrap();
+    assert_eq!(
+        doc["admin"]["listen"].as_str(),
+        Some("0.0.0.0:9090"),
+        "probes reach the admin listener from outside the pod"
+    );
+}

@@ -2,11 +2,9 @@
 //!
 //! Invariant: every key starts with the configured prefix and the format version (`v1:`), so
 //! `purge_all` touches nothing else and a future format never reads this one; a run's value and
-//! lock keys carry the same cluster hash tag `{app_tag:run_id}`, so they share a slot; and the
-//! app's API key only ever enters the key space through a one-way fingerprint.
-
-use ring::digest;
-use secrecy::{ExposeSecret, SecretString};
+//! lock keys carry the same cluster hash tag `{app_tag:run_id}`, so they share a slot. The app
+//! tag is the caller's opaque app fingerprint (`App::tag`: a hash of upstream URL and key), so
+//! two apps never share a key and the API key never enters the key space.
 
 use crate::run_id::RunId;
 
@@ -78,22 +76,6 @@ pub fn valid_app_tag(tag: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
 }
 
-/// A stable tag for one configured app: the first 128 bits of SHA-256 over the upstream base URL
-/// and the API key, in hex. Two apps (different key, or same key at a different Dify) never
-/// share entries, gateways configured alike agree, and the key cannot be recovered from Redis.
-pub fn app_tag(base_url: &str, api_key: &SecretString) -> String {
-    let mut ctx = digest::Context::new(&digest::SHA256);
-    ctx.update(b"dify-gateway app tag v1\0");
-    ctx.update(base_url.trim_end_matches('/').as_bytes());
-    ctx.update(b"\0");
-    ctx.update(api_key.expose_secret().as_bytes());
-    let d = ctx.finish();
-    d.as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,18 +129,5 @@ mod tests {
         for bad in [&b""[..], b"x", b"x:2", b"\xff:1"] {
             assert_eq!(parse_done_payload(bad), None);
         }
-    }
-
-    #[test]
-    fn app_tags_separate_apps_and_hide_the_key() {
-        let k1 = SecretString::from("app-secret-one");
-        let k2 = SecretString::from("app-secret-two");
-        let a = app_tag("https://api.dify.ai/v1", &k1);
-        assert_eq!(a, app_tag("https://api.dify.ai/v1/", &k1));
-        assert_ne!(a, app_tag("https://api.dify.ai/v1", &k2));
-        assert_ne!(a, app_tag("http://dify.internal/v1", &k1));
-        assert_eq!(a.len(), 32);
-        assert!(valid_app_tag(&a));
-        assert!(!a.contains("secret"));
     }
 }

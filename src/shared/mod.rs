@@ -43,7 +43,7 @@ pub use config::{
     DEFAULT_KEY_PREFIX, DEFAULT_LOCK_TTL, DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
 };
 pub use errors::{SharedError, SharedStats};
-pub use keys::{app_tag, valid_app_tag, MAX_APP_TAG};
+pub use keys::{valid_app_tag, MAX_APP_TAG};
 pub use lock::{LockResult, LockToken, ReleaseOutcome};
 pub use outcome::{Lookup, NotifyOutcome, PutOutcome, WaitOutcome};
 
@@ -100,8 +100,11 @@ impl std::fmt::Debug for SharedTier {
 
 impl SharedTier {
     /// Sets up the tier without waiting for Redis: connections are made in the background and
-    /// re-made whenever they break, so this succeeds with Redis down. Must be called inside a
-    /// Tokio runtime. Fails only on URLs the client cannot use (validation already refuses them).
+    /// re-made whenever they break, so this succeeds with Redis down. Fails only on URLs the
+    /// client cannot use (validation already refuses them).
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (it spawns the subscriber task).
     pub fn new(config: SharedConfig) -> Result<SharedTier, SharedConfigError> {
         let conn = Conn::open(&config)?;
         let clients = conn::pubsub_clients(&config)?;
@@ -160,7 +163,9 @@ impl SharedTier {
         .map(|_| t.elapsed())
     }
 
-    /// The value of (`app_tag`, `run`), if there is one that passes the codec's checks.
+    /// The value of (`app_tag`, `run`), if there is one that passes the codec's checks. Its
+    /// `ttl` is what Redis has left of it (so a local copy expires no later than the shared one)
+    /// and its `fetched_at` lies as far back as the upstream answer (so `Age` is right).
     pub async fn get(&self, app_tag: &str, run: RunId) -> Lookup {
         let Ok(keys) = self.keys("get", app_tag, run) else {
             return Lookup::Unavailable;
