@@ -20,6 +20,7 @@ pub mod readiness;
 pub mod request_id;
 pub mod run_id;
 pub mod server;
+pub mod shared;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

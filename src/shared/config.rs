@@ -1,0 +1,367 @@
+//! Settings of the shared tier: the raw `[shared]` TOML table and its validated form.
+//!
+//! Invariant: a [`SharedConfig`] only exists validated — at least one parseable Redis/Valkey URL
+//! (exactly one unless `cluster`), every timeout above zero, `wait_timeout <= lock_ttl`, and a key
+//! prefix that cannot break a cluster hash tag or a SCAN pattern; its `Debug` never shows a
+//! password from a URL.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::HumanDuration;
+
+/// Default per-call timeout: a healthy Redis on the same network answers in about a millisecond,
+/// so this only bounds how long a request waits on a sick one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default time to open one connection (TCP and, for `rediss://`, TLS) in the background.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default lifetime of a fleet-wide fetch lock.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(10);
+/// Default longest wait for another gateway's fetch.
+pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default prefix of every key and channel name.
+pub const DEFAULT_KEY_PREFIX: &str = "dify-gateway:";
+/// Longest accepted key prefix.
+pub const MAX_KEY_PREFIX: usize = 64;
+
+/// URL schemes accepted for a standalone server.
+const STANDALONE_SCHEMES: [&str; 7] = [
+    "redis",
+    "rediss",
+    "valkey",
+    "valkeys",
+    "redis+unix",
+    "valkey+unix",
+    "unix",
+];
+/// URL schemes accepted for cluster seed nodes (cluster nodes are reached over TCP).
+const CLUSTER_SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
+
+/// The `[shared]` table as written. Every field but `urls` is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShared {
+    /// Server URL(s): one for a standalone server, one or more seed nodes with `cluster = true`.
+    pub urls: Option<Vec<String>>,
+    /// Talk the Redis Cluster protocol.
+    pub cluster: Option<bool>,
+    /// Per-call timeout.
+    pub timeout: Option<HumanDuration>,
+    /// Time to open one connection.
+    pub connect_timeout: Option<HumanDuration>,
+    /// Lifetime of a fetch lock.
+    pub lock_ttl: Option<HumanDuration>,
+    /// Longest wait for another gateway's fetch.
+    pub wait_timeout: Option<HumanDuration>,
+    /// Prefix of every key and channel.
+    pub key_prefix: Option<String>,
+}
+
+/// A `[shared]` value that cannot be used. `key` is the full TOML key (`shared.urls`, …), so the
+/// caller can report it together with the file name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for `{key}`: {message}")]
+pub struct SharedConfigError {
+    /// The TOML key at fault.
+    pub key: &'static str,
+    /// What is wrong; never contains a password.
+    pub message: String,
+}
+
+/// The validated shared-tier settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedConfig {
+    /// Redis/Valkey URLs (`redis://`, `rediss://`, `valkey://`, `valkeys://`, and for a standalone
+    /// server `redis+unix://`/`unix://`). Standalone: exactly one. Cluster: seed nodes, any of
+    /// which lets the client discover the rest. May carry a password; never logged.
+    pub urls: Vec<String>,
+    /// When true the urls are cluster seed nodes and keys are routed by hash slot.
+    pub cluster: bool,
+    /// Longest a request waits on one shared-tier call before treating the tier as unavailable
+    /// and carrying on without it. Default 100 ms.
+    pub timeout: Duration,
+    /// Longest one connection attempt (TCP, TLS, handshake) may take; attempts run in the
+    /// background, so this never delays a request. Default 1 s.
+    pub connect_timeout: Duration,
+    /// Lifetime of a fleet-wide fetch lock: a holder that crashes blocks other gateways for at
+    /// most this long. Should exceed a normal upstream fetch. Default 10 s.
+    pub lock_ttl: Duration,
+    /// Longest a request waits for another gateway's fetch before fetching itself; at most
+    /// `lock_ttl`. Default 5 s.
+    pub wait_timeout: Duration,
+    /// Prefix of every key and of the notification channel, so several deployments can share a
+    /// server and `purge_all` touches only this one. Default `dify-gateway:`.
+    pub key_prefix: String,
+}
+
+impl fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("urls", &self.redacted_urls())
+            .field("cluster", &self.cluster)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+impl SharedConfig {
+    /// The urls with any password replaced by `***`, for summaries and logs.
+    pub fn redacted_urls(&self) -> Vec<String> {
+        self.urls.iter().map(|u| redact(u)).collect()
+    }
+
+    /// A standalone configuration for `url` with every default (for tests and tools).
+    pub fn for_url(url: &str) -> Result<SharedConfig, SharedConfigError> {
+        RawShared {
+            urls: Some(vec![url.to_owned()]),
+            ..RawShared::default()
+        }
+        .validate()
+    }
+}
+
+/// `url` without its password; a URL that does not parse is hidden entirely.
+pub fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                // Cannot fail for URLs that have a password (they have a host).
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable URL>".to_owned(),
+    }
+}
+
+impl RawShared {
+    /// Parses a `[shared]` table on its own (tests, tools).
+    pub fn from_toml(text: &str) -> Result<RawShared, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks every value and fills the defaults.
+    pub fn validate(self) -> Result<SharedConfig, SharedConfigError> {
+        let invalid = |key: &'static str, message: String| SharedConfigError { key, message };
+        let cluster = self.cluster.unwrap_or(false);
+        let urls = self.urls.unwrap_or_default();
+        if urls.is_empty() {
+            return Err(invalid(
+                "shared.urls",
+                "at least one URL is required, e.g. [\"redis://127.0.0.1:6379\"]".into(),
+            ));
+        }
+        if !cluster && urls.len() > 1 {
+            return Err(invalid(
+                "shared.urls",
+                format!(
+                    "{} URLs given: a standalone server takes one (set `shared.cluster = true` for cluster seed nodes)",
+                    urls.len()
+                ),
+            ));
+        }
+        let schemes: &[&str] = if cluster {
+            &CLUSTER_SCHEMES
+        } else {
+            &STANDALONE_SCHEMES
+        };
+        for (i, u) in urls.iter().enumerate() {
+            check_url(u, schemes)
+                .map_err(|m| invalid("shared.urls", format!("entry {i} ({}): {m}", redact(u))))?;
+        }
+
+        let positive = |key: &'static str, v: Option<HumanDuration>, default: Duration| {
+            let d = v.map(|d| d.0).unwrap_or(default);
+            if d.is_zero() {
+                Err(invalid(key, "must be above zero".into()))
+            } else {
+                Ok(d)
+            }
+        };
+        let timeout = positive("shared.timeout", self.timeout, DEFAULT_TIMEOUT)?;
+        let connect_timeout = positive(
+            "shared.connect_timeout",
+            self.connect_timeout,
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let lock_ttl = positive("shared.lock_ttl", self.lock_ttl, DEFAULT_LOCK_TTL)?;
+        let wait_timeout = positive(
+            "shared.wait_timeout",
+            self.wait_timeout,
+            DEFAULT_WAIT_TIMEOUT,
+        )?;
+        if lock_ttl < Duration::from_millis(1) {
+            return Err(invalid(
+                "shared.lock_ttl",
+                "must be at least 1ms (Redis expiries are in milliseconds)".into(),
+            ));
+        }
+        if wait_timeout > lock_ttl {
+            return Err(invalid(
+                "shared.wait_timeout",
+                format!(
+                    "{wait_timeout:?} exceeds shared.lock_ttl ({lock_ttl:?}); a lock never lives longer than its ttl"
+                ),
+            ));
+        }
+        if timeout > Duration::from_secs(10) {
+            return Err(invalid(
+                "shared.timeout",
+                format!(
+                    "{timeout:?} is above 10s; the shared tier must never hold requests that long"
+                ),
+            ));
+        }
+
+        let key_prefix = self
+            .key_prefix
+            .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+        if key_prefix.len() > MAX_KEY_PREFIX {
+            return Err(invalid(
+                "shared.key_prefix",
+                format!("longer than {MAX_KEY_PREFIX} bytes"),
+            ));
+        }
+        if let Some(c) = key_prefix
+            .chars()
+            .find(|c| !c.is_ascii_graphic() || "{}*?[]\\".contains(*c))
+        {
+            return Err(invalid(
+                "shared.key_prefix",
+                format!(
+                    "`{key_prefix}` holds {c:?}; use printable ASCII without braces, glob characters or spaces"
+                ),
+            ));
+        }
+
+        Ok(SharedConfig {
+            urls,
+            cluster,
+            timeout,
+            connect_timeout,
+            lock_ttl,
+            wait_timeout,
+            key_prefix,
+        })
+    }
+}
+
+/// Checks one URL without echoing it (it may hold a password).
+fn check_url(u: &str, schemes: &[&str]) -> Result<(), String> {
+    let parsed = url::Url::parse(u).map_err(|e| format!("not a URL ({e})"))?;
+    if !schemes.contains(&parsed.scheme()) {
+        return Err(format!(
+            "scheme `{}` is not one of {}",
+            parsed.scheme(),
+            schemes.join(", ")
+        ));
+    }
+    redis::Client::open(u)
+        .map(drop)
+        .map_err(|_| "not a usable Redis URL (check host, port and database number)".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SharedConfig, SharedConfigError> {
+        RawShared::from_toml(text).expect("toml parses").validate()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse("urls = [\"redis://127.0.0.1:6379\"]").unwrap();
+        assert!(!c.cluster);
+        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(c.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+        assert_eq!(c.lock_ttl, DEFAULT_LOCK_TTL);
+        assert_eq!(c.wait_timeout, DEFAULT_WAIT_TIMEOUT);
+        assert_eq!(c.key_prefix, DEFAULT_KEY_PREFIX);
+    }
+
+    #[test]
+    fn every_field_parses() {
+        let c = parse(
+            r#"
+            urls = ["redis://a:7000", "rediss://b:7001"]
+            cluster = true
+            timeout = "50ms"
+            connect_timeout = "2s"
+            lock_ttl = "30s"
+            wait_timeout = "10s"
+            key_prefix = "gw:prod:"
+            "#,
+        )
+        .unwrap();
+        assert!(c.cluster);
+        assert_eq!(c.urls.len(), 2);
+        assert_eq!(c.timeout, Duration::from_millis(50));
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.lock_ttl, Duration::from_secs(30));
+        assert_eq!(c.wait_timeout, Duration::from_secs(10));
+        assert_eq!(c.key_prefix, "gw:prod:");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = RawShared::from_toml("urls = [\"redis://x\"]\nurl = \"redis://y\"").unwrap_err();
+        assert!(e.contains("url"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("", "shared.urls"),
+            ("urls = []", "shared.urls"),
+            ("urls = [\"http://x\"]", "shared.urls"),
+            ("urls = [\"not a url\"]", "shared.urls"),
+            ("urls = [\"redis://a\", \"redis://b\"]", "shared.urls"),
+            (
+                "urls = [\"unix:///tmp/r.sock\"]\ncluster = true",
+                "shared.urls",
+            ),
+            ("urls = [\"redis://a\"]\ntimeout = \"0s\"", "shared.timeout"),
+            ("urls = [\"redis://a\"]\ntimeout = \"1m\"", "shared.timeout"),
+            (
+                "urls = [\"redis://a\"]\nlock_ttl = \"0s\"",
+                "shared.lock_ttl",
+            ),
+            (
+                "urls = [\"redis://a\"]\nlock_ttl = \"1s\"\nwait_timeout = \"2s\"",
+                "shared.wait_timeout",
+            ),
+            (
+                "urls = [\"redis://a\"]\nkey_prefix = \"a{b}\"",
+                "shared.key_prefix",
+            ),
+            (
+                "urls = [\"redis://a\"]\nkey_prefix = \"a b\"",
+                "shared.key_prefix",
+            ),
+            (
+                "urls = [\"redis://a\"]\nkey_prefix = \"a*\"",
+                "shared.key_prefix",
+            ),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn passwords_never_show() {
+        let c = parse("urls = [\"redis://user:hunter2secret@cache:6379/0\"]").unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2secret"), "{dbg}");
+        assert!(dbg.contains("cache:6379"), "{dbg}");
+        let e = parse("urls = [\"ftp://user:hunter2secret@cache\"]").unwrap_err();
+        assert!(!e.to_string().contains("hunter2secret"), "{e}");
+    }
+}
