@@ -112,7 +112,7 @@ impl Admin {
         }
         match (method, path) {
             (&Method::GET, "/metrics") => {
-                let mut r = Response::new(Full::new(Bytes::from(self.gateway.metrics().encode())));
+                let mut r = Response::new(Full::new(Bytes::from(self.gateway.metrics_text())));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static(

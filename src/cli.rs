@@ -28,6 +28,9 @@ pub struct Cli {
     /// Address of the admin listener (metrics, readiness, purge) [default: 127.0.0.1:9090].
     #[arg(long, env = "DIFY_GATEWAY_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
+    /// Redis/Valkey URL of the shared tier (`redis://`, `rediss://`); overrides `shared.urls`.
+    #[arg(long, env = "DIFY_GATEWAY_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
     /// Validate the configuration (and the key's presence), print a summary, and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -102,6 +105,7 @@ impl Cli {
             upstream: self.upstream.clone(),
             log_format: self.log_format.clone(),
             admin_listen: self.admin_listen.clone(),
+            redis_url: self.redis_url.clone(),
         };
         raw.validate(&overrides, self.config.as_deref(), &|name| {
             std::env::var(name).ok()

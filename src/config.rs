@@ -93,6 +93,7 @@ pub struct RawConfig {
     pub apps: Vec<RawApp>,
     #[serde(default)]
     pub clients: Vec<RawClient>,
+    pub shared: Option<crate::shared::RawShared>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +182,8 @@ pub struct Overrides {
     pub upstream: Option<String>,
     pub log_format: Option<String>,
     pub admin_listen: Option<String>,
+    /// A single Redis/Valkey URL for the shared tier (`--redis-url`).
+    pub redis_url: Option<String>,
 }
 
 /// The validated configuration.
@@ -196,6 +199,8 @@ pub struct Config {
     pub apps: Vec<AppConfig>,
     /// Clients allowed in; empty means the gateway runs open.
     pub clients: Vec<ClientConfig>,
+    /// The Redis/Valkey tier shared by replicas; `None` keeps everything in-process.
+    pub shared: Option<crate::shared::SharedConfig>,
 }
 
 /// Name of the app built from the top-level upstream settings.
@@ -712,6 +717,23 @@ impl RawConfig {
             ready_max_age,
         };
 
+        let raw_shared = match (&overrides.redis_url, self.shared) {
+            (Some(url), raw) => {
+                let mut raw = raw.unwrap_or_default();
+                raw.urls = Some(vec![url.clone()]);
+                Some(raw)
+            }
+            (None, raw) => raw,
+        };
+        let shared = match raw_shared {
+            None => None,
+            Some(raw) => Some(raw.validate().map_err(|e| ConfigError::Invalid {
+                key: e.key,
+                file: file.clone(),
+                message: e.message,
+            })?),
+        };
+
         Ok(Config {
             server,
             upstream,
@@ -720,6 +742,7 @@ impl RawConfig {
             admin,
             apps,
             clients,
+            shared,
         })
     }
 }

@@ -16,6 +16,7 @@ use http_body_util::Full;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
+use std::sync::{Mutex, PoisonError};
 use tokio::sync::Semaphore;
 
 use crate::apps::App;
@@ -24,12 +25,16 @@ use crate::clients::{Client, ClientTable};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::flight::{Role, SingleFlight};
-use crate::metrics::{ClassLabel, Metrics, RejectReason};
+use crate::metrics::{ClassLabel, Metrics, ReasonLabel, RejectReason};
 use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
 use crate::policy::{Decision, EntryClass, NoCacheReason, Policy};
 use crate::readiness::Readiness;
 use crate::request_id;
 use crate::run_id::RunId;
+use crate::shared::{
+    LockResult, Lookup, PutOutcome, SharedConfigError, SharedError, SharedStats, SharedTier,
+    WaitOutcome,
+};
 use crate::upstream::{UpstreamSetupError, X_ENV, X_REQUEST_ID, X_VERSION};
 
 /// Path prefix of the run-detail route, as Dify serves it under `/v1`.
@@ -49,6 +54,15 @@ pub struct Fetched {
     pub upstream_status: Option<StatusCode>,
     /// Time the upstream exchange took.
     pub upstream_elapsed: Duration,
+}
+
+/// Why the gateway could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamSetupError),
+    #[error(transparent)]
+    Shared(#[from] SharedConfigError),
 }
 
 /// What the access log and metrics need about a request beyond its response.
@@ -71,6 +85,10 @@ pub struct Gateway {
     clients: ArcSwap<ClientTable>,
     /// Upstream requests in flight, over all apps.
     upstream_slots: Arc<Semaphore>,
+    /// The Redis/Valkey tier shared with other replicas, when configured.
+    shared: Option<SharedTier>,
+    /// Shared-tier error counts already exported as metrics.
+    shared_seen: Mutex<SharedStats>,
     /// How long a fetch waits for an upstream slot.
     queue_timeout: Duration,
     policy: Policy,
@@ -105,7 +123,7 @@ pub struct ClassReport {
 
 impl Gateway {
     /// Builds the gateway from validated config.
-    pub fn new(config: &Config) -> Result<Arc<Gateway>, UpstreamSetupError> {
+    pub fn new(config: &Config) -> Result<Arc<Gateway>, SetupError> {
         let metrics = Arc::new(Metrics::new());
         let apps = config
             .apps
@@ -114,7 +132,10 @@ impl Gateway {
             .map(|(i, a)| App::new(AppId(i as u32), a, &config.upstream).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let readiness = Arc::new(Readiness::new(&apps, config.admin.ready_max_age));
+        let shared = config.shared.clone().map(SharedTier::new).transpose()?;
         Ok(Arc::new(Gateway {
+            shared,
+            shared_seen: Mutex::new(SharedStats::default()),
             apps,
             clients: ArcSwap::from_pointee(ClientTable::new(&config.clients)),
             policy: Policy::new(&config.cache),
@@ -148,6 +169,11 @@ impl Gateway {
         Ok(n)
     }
 
+    /// The cross-replica identity of app `i` (see [`App::tag`]).
+    pub fn app_tag(&self, i: usize) -> &str {
+        &self.apps[i].tag
+    }
+
     /// True when no clients are configured (everyone may use the default app).
     pub fn is_open(&self) -> bool {
         self.clients.load().is_open()
@@ -161,6 +187,28 @@ impl Gateway {
     /// The metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The metrics exposition, with the shared tier's error counts brought up to date.
+    pub fn metrics_text(&self) -> String {
+        if let Some(shared) = &self.shared {
+            let now = shared.stats();
+            let mut seen = self
+                .shared_seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for e in SharedError::ALL {
+                let delta = now.get(e).saturating_sub(seen.get(e));
+                if delta > 0 {
+                    self.metrics
+                        .shared_tier_errors
+                        .get_or_create(&ReasonLabel { reason: e.as_str() })
+                        .inc_by(delta);
+                }
+            }
+            *seen = now;
+        }
+        self.metrics.encode()
     }
 
     /// Per-app upstream probes.
@@ -294,13 +342,23 @@ impl Gateway {
                 n += 1;
             }
             self.cache.remove(&key);
+            if let Some(shared) = &self.shared {
+                if let Ok(true) = shared.purge(&a.tag, run).await {
+                    n = n.max(1);
+                }
+            }
         }
         Some(n)
     }
 
     /// Drops every cached entry; returns how many there were.
     pub async fn purge_all(&self) -> u64 {
-        let n = self.cache.stats().entries;
+        let mut n = self.cache.stats().entries;
+        if let Some(shared) = &self.shared {
+            if let Ok(m) = shared.purge_all().await {
+                n = n.max(m);
+            }
+        }
         self.cache.clear();
         // Run the invalidation now so gauges and the next stats call reflect it.
         self.cache.stats();
@@ -380,8 +438,61 @@ impl Gateway {
         }
     }
 
-    /// The shared fetch: one upstream exchange, the policy's decision, the cache insert.
+    /// The fetch behind a flight: the shared tier first (when configured), under its
+    /// fleet-wide lock the upstream, then the shared tier is filled for the other replicas.
+    /// Every shared-tier failure falls back to the upstream: Redis down is not an outage.
     async fn fetch(self: Arc<Self>, app: Arc<App>, key: CacheKey, rid: HeaderValue) -> FlightValue {
+        let Some(shared) = self.shared.clone() else {
+            return self.fetch_upstream(&app, key, &rid).await.0;
+        };
+        if let Lookup::Hit(stored) = shared.get(&app.tag, key.run).await {
+            return self.warm_from_shared(key, stored);
+        }
+        match shared.try_lock(&app.tag, key.run).await {
+            LockResult::Acquired(token) => {
+                let (value, kept) = self.fetch_upstream(&app, key, &rid).await;
+                let written = match kept {
+                    Some(stored) => matches!(
+                        shared.put(&app.tag, key.run, &stored).await,
+                        PutOutcome::Written
+                    ),
+                    None => false,
+                };
+                shared.notify_done(&app.tag, key.run, written).await;
+                shared.release(token).await;
+                value
+            }
+            LockResult::Held => {
+                let wait = shared.config().wait_timeout;
+                if let WaitOutcome::Notified { stored: true } =
+                    shared.wait(&app.tag, key.run, wait).await
+                {
+                    if let Lookup::Hit(stored) = shared.get(&app.tag, key.run).await {
+                        return self.warm_from_shared(key, stored);
+                    }
+                }
+                // The holder failed, crashed or took too long: fetch ourselves.
+                self.fetch_upstream(&app, key, &rid).await.0
+            }
+            LockResult::Unavailable => self.fetch_upstream(&app, key, &rid).await.0,
+        }
+    }
+
+    /// An entry another replica fetched: warm the in-process cache with it.
+    fn warm_from_shared(&self, key: CacheKey, stored: Arc<Stored>) -> FlightValue {
+        self.metrics.shared_tier_hits.inc();
+        self.cache.insert(key, Arc::clone(&stored));
+        FlightValue::Cached(stored)
+    }
+
+    /// One upstream exchange, the policy's decision, the in-process cache insert. Returns the
+    /// flight's value and the entry when it was kept.
+    async fn fetch_upstream(
+        &self,
+        app: &App,
+        key: CacheKey,
+        rid: &HeaderValue,
+    ) -> (FlightValue, Option<Arc<Stored>>) {
         let t = Instant::now();
         let permit = tokio::time::timeout(
             self.queue_timeout,
@@ -389,15 +500,16 @@ impl Gateway {
         )
         .await;
         let r = match permit {
-            Ok(Ok(_permit)) => app.upstream.fetch_run(key.run, Some(&rid)).await,
+            Ok(Ok(_permit)) => app.upstream.fetch_run(key.run, Some(rid)).await,
             _ => {
                 self.metrics.reject(RejectReason::Overload);
-                return FlightValue::Fetched(Arc::new(Fetched {
+                let f = Fetched {
                     result: Err(GatewayError::Overloaded),
                     not_cached: None,
                     upstream_status: None,
                     upstream_elapsed: Duration::ZERO,
-                }));
+                };
+                return (FlightValue::Fetched(Arc::new(f)), None);
             }
         };
         let upstream_elapsed = t.elapsed();
@@ -438,7 +550,11 @@ impl Gateway {
                 upstream_elapsed,
             },
         };
-        FlightValue::Fetched(Arc::new(fetched))
+        let kept = match &fetched.result {
+            Ok(s) if s.class.is_some() => Some(Arc::clone(s)),
+            _ => None,
+        };
+        (FlightValue::Fetched(Arc::new(fetched)), kept)
     }
 }
 

@@ -66,7 +66,7 @@ async fn serve(cli: Cli, config: Config) -> ExitCode {
     let gateway = match Gateway::new(&config) {
         Ok(g) => g,
         Err(e) => {
-            tracing::error!(error = %e, "cannot set up the upstream client");
+            tracing::error!(error = %e, "cannot set up the gateway");
             return ExitCode::FAILURE;
         }
     };

@@ -3,6 +3,7 @@
 //! A server can be stopped and started again on the same port (to test Redis going away and
 //! coming back); it is killed when dropped. Without `redis-server` on PATH the tests fail with a
 //! message saying so — CI installs it (`.ci/run`), so a silent skip would hide a broken suite.
+#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
