@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::AppId;
 use crate::config::{AppConfig, UpstreamConfig};
+use crate::resilience::CircuitBreaker;
 use crate::upstream::{Upstream, UpstreamSetupError};
 
 /// One configured app.
@@ -26,6 +27,8 @@ pub struct App {
     pub tag: Arc<str>,
     /// The pooled client carrying this app's key.
     pub upstream: Upstream,
+    /// Fails fast while this app's upstream keeps failing.
+    pub breaker: CircuitBreaker,
 }
 
 impl App {
@@ -40,6 +43,7 @@ impl App {
             name: Cow::Owned(app.name.clone()),
             tag: fingerprint(&app.base_url.to_string(), &app.api_key).into(),
             upstream: Upstream::new(cfg, app)?,
+            breaker: CircuitBreaker::new(cfg.circuit_failure_threshold, cfg.circuit_cooldown),
         })
     }
 }

@@ -82,27 +82,56 @@ impl Stored {
     }
 }
 
-/// Gives each entry the TTL the policy decided.
-struct PerEntryTtl;
+/// What moka holds: the answer and until when it is fresh.
+#[derive(Clone)]
+struct Slot {
+    stored: Arc<Stored>,
+    /// `None`: fresh until evicted (terminal runs without `terminal_max_age`).
+    fresh_until: Option<Instant>,
+}
 
-impl Expiry<CacheKey, Arc<Stored>> for PerEntryTtl {
+/// A cache entry as a lookup finds it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub stored: Arc<Stored>,
+    /// False once its TTL has passed: it is kept only to be served if a refresh fails.
+    pub fresh: bool,
+}
+
+/// Gives each entry the TTL the policy decided, plus, for running entries, the stale-if-error
+/// grace during which it is kept (not fresh) for outages.
+struct PerEntryTtl {
+    grace: Duration,
+}
+
+impl PerEntryTtl {
+    fn lifetime(&self, s: &Stored) -> Option<Duration> {
+        let ttl = s.ttl?;
+        Some(match s.class {
+            Some(EntryClass::Running) => ttl.saturating_add(self.grace),
+            _ => ttl,
+        })
+    }
+}
+
+impl Expiry<CacheKey, Slot> for PerEntryTtl {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        value: &Arc<Stored>,
+        value: &Slot,
         _now: Instant,
     ) -> Option<Duration> {
-        value.ttl
+        self.lifetime(&value.stored)
     }
 
     fn expire_after_update(
         &self,
         _key: &CacheKey,
-        value: &Arc<Stored>,
+        value: &Slot,
         _now: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
-        value.ttl
+        self.lifetime(&value.stored)
     }
 }
 
@@ -132,19 +161,21 @@ fn class_label(v: &Stored) -> ClassLabel {
 /// The cache: moka, weighed by bytes, with per-entry expiry.
 #[derive(Clone)]
 pub struct Cache {
-    inner: Moka<CacheKey, Arc<Stored>>,
+    inner: Moka<CacheKey, Slot>,
     metrics: CacheMetrics,
 }
 
 impl Cache {
-    /// A cache holding at most `max_bytes` of weight, reporting into `metrics`.
-    pub fn new(max_bytes: u64, metrics: CacheMetrics) -> Cache {
+    /// A cache holding at most `max_bytes` of weight, keeping running entries `stale_grace`
+    /// past their TTL for stale-if-error, reporting into `metrics`.
+    pub fn new(max_bytes: u64, stale_grace: Duration, metrics: CacheMetrics) -> Cache {
         let m = metrics.clone();
         let inner = Moka::builder()
             .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Arc<Stored>| v.weight())
-            .expire_after(PerEntryTtl)
-            .eviction_listener(move |_k, v: Arc<Stored>, cause| {
+            .weigher(|_k: &CacheKey, v: &Slot| v.stored.weight())
+            .expire_after(PerEntryTtl { grace: stale_grace })
+            .eviction_listener(move |_k, slot: Slot, cause| {
+                let v = slot.stored;
                 let class = class_label(&v);
                 m.entries.get_or_create(&class).dec();
                 m.bytes.get_or_create(&class).dec_by(i64::from(v.weight()));
@@ -158,10 +189,24 @@ impl Cache {
         Cache { inner, metrics }
     }
 
-    /// A live entry, if any.
+    /// A fresh entry, if any (the hit path).
     #[inline]
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Stored>> {
-        self.inner.get(key)
+        let slot = self.inner.get(key)?;
+        match slot.fresh_until {
+            Some(t) if Instant::now() >= t => None,
+            _ => Some(slot.stored),
+        }
+    }
+
+    /// An entry, fresh or kept past its TTL for stale-if-error.
+    pub fn lookup(&self, key: &CacheKey) -> Option<Found> {
+        let slot = self.inner.get(key)?;
+        let fresh = slot.fresh_until.is_none_or(|t| Instant::now() < t);
+        Some(Found {
+            stored: slot.stored,
+            fresh,
+        })
     }
 
     /// Keeps an answer the policy classified. Answers without a class are ignored, so a caller
@@ -174,7 +219,14 @@ impl Cache {
                 .bytes
                 .get_or_create(&class)
                 .inc_by(i64::from(value.weight()));
-            self.inner.insert(key, value);
+            let fresh_until = value.ttl.map(|t| Instant::now() + t);
+            self.inner.insert(
+                key,
+                Slot {
+                    stored: value,
+                    fresh_until,
+                },
+            );
         }
     }
 
@@ -223,7 +275,7 @@ mod tests {
 
     #[test]
     fn unclassified_answers_are_not_kept() {
-        let c = Cache::new(1 << 20, CacheMetrics::default());
+        let c = Cache::new(1 << 20, Duration::ZERO, CacheMetrics::default());
         c.insert(key(1), stored(10, None, None));
         assert!(c.get(&key(1)).is_none());
         c.insert(key(1), stored(10, Some(EntryClass::Terminal), None));
@@ -233,7 +285,7 @@ mod tests {
     #[test]
     fn weight_is_bounded_by_max_bytes() {
         let cap = 1 << 20;
-        let c = Cache::new(cap, CacheMetrics::default());
+        let c = Cache::new(cap, Duration::ZERO, CacheMetrics::default());
         for n in 0..10_000 {
             c.insert(key(n), stored(1000, Some(EntryClass::Terminal), None));
         }
@@ -244,7 +296,7 @@ mod tests {
 
     #[test]
     fn entries_expire_after_their_ttl() {
-        let c = Cache::new(1 << 20, CacheMetrics::default());
+        let c = Cache::new(1 << 20, Duration::ZERO, CacheMetrics::default());
         c.insert(
             key(1),
             stored(
@@ -258,5 +310,34 @@ mod tests {
         std::thread::sleep(Duration::from_millis(120));
         assert!(c.get(&key(1)).is_none());
         assert!(c.get(&key(2)).is_some());
+    }
+
+    #[test]
+    fn running_entries_outlive_their_ttl_as_stale_for_the_grace() {
+        let c = Cache::new(1 << 20, Duration::from_millis(300), CacheMetrics::default());
+        c.insert(
+            key(1),
+            stored(
+                10,
+                Some(EntryClass::Running),
+                Some(Duration::from_millis(50)),
+            ),
+        );
+        c.insert(
+            key(2),
+            stored(
+                10,
+                Some(EntryClass::NotFound),
+                Some(Duration::from_millis(50)),
+            ),
+        );
+        assert!(c.lookup(&key(1)).unwrap().fresh);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(c.get(&key(1)).is_none(), "not fresh");
+        let stale = c.lookup(&key(1)).expect("kept for the grace");
+        assert!(!stale.fresh);
+        assert!(c.lookup(&key(2)).is_none(), "404s get no grace");
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(c.lookup(&key(1)).is_none());
     }
 }

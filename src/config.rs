@@ -156,6 +156,12 @@ pub struct RawUpstream {
     pub pool_max_idle_per_host: Option<usize>,
     pub max_concurrent: Option<usize>,
     pub queue_timeout: Option<HumanDuration>,
+    pub retry_attempts: Option<u32>,
+    pub retry_base_delay: Option<HumanDuration>,
+    pub retry_max_delay: Option<HumanDuration>,
+    pub retry_after_cap: Option<HumanDuration>,
+    pub circuit_failure_threshold: Option<u32>,
+    pub circuit_cooldown: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +172,7 @@ pub struct RawCache {
     pub terminal_max_age: Option<HumanDuration>,
     pub running_ttl: Option<HumanDuration>,
     pub not_found_ttl: Option<HumanDuration>,
+    pub stale_if_error: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -303,6 +310,13 @@ pub struct UpstreamConfig {
     pub max_concurrent: usize,
     /// A fetch waits this long for an upstream slot before its requests get 503.
     pub queue_timeout: Duration,
+    /// Retries of the idempotent GET after transient failures.
+    pub retry: crate::resilience::RetryPolicy,
+    /// Consecutive upstream failures (transport errors, 5xx) that open an app's circuit;
+    /// 0 disables the breaker.
+    pub circuit_failure_threshold: u32,
+    /// How long an open circuit fails fast before one probe request is let through.
+    pub circuit_cooldown: Duration,
 }
 
 /// How the cache decides and how big it may grow.
@@ -318,6 +332,9 @@ pub struct CacheConfig {
     pub running_ttl: Duration,
     /// How long an upstream 404 is reused; zero disables.
     pub not_found_ttl: Duration,
+    /// How long past its TTL a running entry is still served (as `X-Cache: STALE`) when a
+    /// refresh fails; zero disables.
+    pub stale_if_error: Duration,
 }
 
 /// Output format of log lines.
@@ -613,7 +630,27 @@ impl RawConfig {
             pool_max_idle_per_host: self.upstream.pool_max_idle_per_host.unwrap_or(64),
             max_concurrent,
             queue_timeout: dur(self.upstream.queue_timeout, Duration::from_secs(1)),
+            retry: crate::resilience::RetryPolicy {
+                max_attempts: self.upstream.retry_attempts.unwrap_or(3),
+                base_delay: dur(self.upstream.retry_base_delay, Duration::from_millis(100)),
+                max_delay: dur(self.upstream.retry_max_delay, Duration::from_secs(1)),
+                retry_after_cap: dur(self.upstream.retry_after_cap, Duration::from_secs(5)),
+            },
+            circuit_failure_threshold: self.upstream.circuit_failure_threshold.unwrap_or(5),
+            circuit_cooldown: dur(self.upstream.circuit_cooldown, Duration::from_secs(10)),
         };
+        if !(1..=10).contains(&upstream.retry.max_attempts) {
+            return Err(invalid(
+                "upstream.retry_attempts",
+                "must be within 1..=10 (1 = no retries)".into(),
+            ));
+        }
+        if upstream.circuit_cooldown.is_zero() {
+            return Err(invalid(
+                "upstream.circuit_cooldown",
+                "must be above zero".into(),
+            ));
+        }
         if let Some(ca) = &upstream.ca_file {
             if !ca.is_file() {
                 return Err(invalid(
@@ -650,6 +687,7 @@ impl RawConfig {
             terminal_max_age: self.cache.terminal_max_age.map(|d| d.0),
             running_ttl: dur(self.cache.running_ttl, Duration::from_secs(1)),
             not_found_ttl: dur(self.cache.not_found_ttl, Duration::from_secs(2)),
+            stale_if_error: dur(self.cache.stale_if_error, Duration::from_secs(30)),
         };
         if cache.terminal_max_age.is_some_and(|d| d.is_zero()) {
             return Err(invalid(

@@ -50,6 +50,9 @@ pub enum GatewayError {
     /// Too many upstream requests in flight; the fetch could not get a slot in time.
     #[error("the gateway is overloaded; retry shortly")]
     Overloaded,
+    /// The app's circuit breaker is open after repeated upstream failures.
+    #[error("the upstream is failing; requests are paused briefly")]
+    CircuitOpen { retry_after_secs: u64 },
     /// The fetch task ended without a result (it panicked); waiters get this.
     #[error("internal error while fetching from upstream")]
     Internal,
@@ -77,7 +80,9 @@ impl GatewayError {
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Overloaded | GatewayError::CircuitOpen { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -96,6 +101,7 @@ impl GatewayError {
             GatewayError::Unauthorized => "unauthorized",
             GatewayError::RateLimited { .. } => "too_many_requests",
             GatewayError::Overloaded => "overloaded",
+            GatewayError::CircuitOpen { .. } => "upstream_circuit_open",
         }
     }
 
@@ -120,7 +126,8 @@ impl GatewayError {
                     HeaderValue::from_static("Bearer realm=\"dify-gateway\""),
                 );
             }
-            GatewayError::RateLimited { retry_after_secs } => {
+            GatewayError::RateLimited { retry_after_secs }
+            | GatewayError::CircuitOpen { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
             GatewayError::Overloaded => {
@@ -167,6 +174,9 @@ mod tests {
             },
             GatewayError::Overloaded,
             GatewayError::AmbiguousFraming,
+            GatewayError::CircuitOpen {
+                retry_after_secs: 3,
+            },
         ] {
             let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
             assert_eq!(v["code"], e.as_str());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, AGE, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING,
+    HeaderValue, AGE, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING, WARNING,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -30,12 +30,13 @@ use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
 use crate::policy::{Decision, EntryClass, NoCacheReason, Policy};
 use crate::readiness::Readiness;
 use crate::request_id;
+use crate::resilience::{is_failure, jitter, retry_after, Refused, RetryPolicy};
 use crate::run_id::RunId;
 use crate::shared::{
     LockResult, Lookup, PutOutcome, SharedConfigError, SharedError, SharedStats, SharedTier,
     WaitOutcome,
 };
-use crate::upstream::{UpstreamSetupError, X_ENV, X_REQUEST_ID, X_VERSION};
+use crate::upstream::{UpstreamAnswer, UpstreamSetupError, X_ENV, X_REQUEST_ID, X_VERSION};
 
 /// Path prefix of the run-detail route, as Dify serves it under `/v1`.
 pub const RUN_DETAIL_PREFIX: &str = "/v1/workflows/run/";
@@ -91,6 +92,10 @@ pub struct Gateway {
     shared_seen: Mutex<SharedStats>,
     /// How long a fetch waits for an upstream slot.
     queue_timeout: Duration,
+    /// Retries of transient upstream failures.
+    retry: RetryPolicy,
+    /// Deadline of one fetch, retries included.
+    total_timeout: Duration,
     policy: Policy,
     cache: Cache,
     /// The configured cap, reported by the admin API.
@@ -139,7 +144,13 @@ impl Gateway {
             apps,
             clients: ArcSwap::from_pointee(ClientTable::new(&config.clients)),
             policy: Policy::new(&config.cache),
-            cache: Cache::new(config.cache.max_bytes, metrics.cache.clone()),
+            cache: Cache::new(
+                config.cache.max_bytes,
+                config.cache.stale_if_error,
+                metrics.cache.clone(),
+            ),
+            retry: config.upstream.retry,
+            total_timeout: config.upstream.total_timeout,
             max_bytes: config.cache.max_bytes,
             flights: Arc::default(),
             upstream_slots: Arc::new(Semaphore::new(config.upstream.max_concurrent)),
@@ -394,10 +405,14 @@ impl Gateway {
         info: &mut RequestInfo,
     ) -> Response<Full<Bytes>> {
         let key = CacheKey { app: app.id, run };
-        if let Some(hit) = self.cache.get(&key) {
-            info.cache = Some(CacheOutcome::Hit);
-            return answer(&hit, CacheOutcome::Hit);
-        }
+        let stale = match self.cache.lookup(&key) {
+            Some(found) if found.fresh => {
+                info.cache = Some(CacheOutcome::Hit);
+                return answer(&found.stored, CacheOutcome::Hit);
+            }
+            Some(found) => Some(found.stored),
+            None => None,
+        };
         let gw = Arc::clone(self);
         let app = Arc::clone(app);
         let rid = rid.clone();
@@ -431,6 +446,16 @@ impl Gateway {
         info.upstream_status = fetched.upstream_status;
         if role == Role::Leader {
             info.upstream_elapsed = Some(fetched.upstream_elapsed);
+        }
+        if let Some(old) = stale.filter(|_| refresh_failed(&fetched.result)) {
+            info.cache = Some(CacheOutcome::Stale);
+            self.metrics.stale_served.inc();
+            let mut resp = answer(&old, CacheOutcome::Stale);
+            resp.headers_mut().insert(
+                WARNING,
+                HeaderValue::from_static("111 dify-gateway \"Revalidation Failed\""),
+            );
+            return resp;
         }
         match &fetched.result {
             Ok(stored) => answer(stored, outcome),
@@ -494,30 +519,8 @@ impl Gateway {
         rid: &HeaderValue,
     ) -> (FlightValue, Option<Arc<Stored>>) {
         let t = Instant::now();
-        let permit = tokio::time::timeout(
-            self.queue_timeout,
-            Arc::clone(&self.upstream_slots).acquire_owned(),
-        )
-        .await;
-        let r = match permit {
-            Ok(Ok(_permit)) => app.upstream.fetch_run(key.run, Some(rid)).await,
-            _ => {
-                self.metrics.reject(RejectReason::Overload);
-                let f = Fetched {
-                    result: Err(GatewayError::Overloaded),
-                    not_cached: None,
-                    upstream_status: None,
-                    upstream_elapsed: Duration::ZERO,
-                };
-                return (FlightValue::Fetched(Arc::new(f)), None);
-            }
-        };
+        let r = self.call_upstream(app, key.run, rid).await;
         let upstream_elapsed = t.elapsed();
-        let outcome = match &r {
-            Ok(a) => UpstreamOutcome::from_status(a.status),
-            Err(e) => UpstreamOutcome::from_error(e),
-        };
-        self.metrics.upstream(outcome.as_str(), upstream_elapsed);
         if let Err(e) = &r {
             tracing::warn!(request_id = ?rid, app = %app.name, run = %key.run, error = e.as_str(), "upstream fetch failed");
         }
@@ -556,6 +559,82 @@ impl Gateway {
         };
         (FlightValue::Fetched(Arc::new(fetched)), kept)
     }
+
+    /// The upstream exchange behind a fetch: the app's circuit breaker, a slot under the
+    /// global concurrency cap, and retries of transient failures within the fetch's deadline.
+    async fn call_upstream(
+        &self,
+        app: &App,
+        run: RunId,
+        rid: &HeaderValue,
+    ) -> Result<UpstreamAnswer, GatewayError> {
+        let deadline = Instant::now() + self.total_timeout;
+        let mut attempt = 1;
+        loop {
+            if let Err(Refused(wait)) = app.breaker.admit() {
+                self.metrics
+                    .upstream(UpstreamOutcome::CircuitOpen.as_str(), Duration::ZERO);
+                return Err(GatewayError::CircuitOpen {
+                    retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+                });
+            }
+            let slot = tokio::time::timeout(
+                self.queue_timeout,
+                Arc::clone(&self.upstream_slots).acquire_owned(),
+            )
+            .await;
+            let Ok(Ok(permit)) = slot else {
+                self.metrics.reject(RejectReason::Overload);
+                return Err(GatewayError::Overloaded);
+            };
+            let t = Instant::now();
+            let r = match tokio::time::timeout_at(
+                deadline.into(),
+                app.upstream.fetch_run(run, Some(rid)),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(GatewayError::UpstreamTimeout),
+            };
+            drop(permit);
+            let outcome = match &r {
+                Ok(a) => UpstreamOutcome::from_status(a.status),
+                Err(e) => UpstreamOutcome::from_error(e),
+            };
+            self.metrics.upstream(outcome.as_str(), t.elapsed());
+            if app.breaker.record(is_failure(&r)) {
+                tracing::warn!(app = %app.name, "upstream circuit opened after repeated failures");
+            }
+            self.metrics
+                .circuit_open
+                .set(self.apps.iter().filter(|a| a.breaker.is_open()).count() as i64);
+            if attempt >= self.retry.max_attempts || !RetryPolicy::retryable(&r) {
+                return r;
+            }
+            let hint = r.as_ref().ok().and_then(retry_after);
+            let Some(pause) = self.retry.delay(attempt, hint, jitter()) else {
+                return r;
+            };
+            if Instant::now() + pause >= deadline {
+                return r;
+            }
+            tracing::debug!(request_id = ?rid, app = %app.name, attempt, ?pause, outcome = outcome.as_str(), "retrying upstream");
+            self.metrics.retries.inc();
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+}
+
+/// Did a refresh fail in a way that makes a stale answer better than the failure? Transport
+/// errors, the gateway's own refusals (overload, circuit open), 429 and 5xx do; an answer the
+/// upstream gave deliberately (200, 404, 401, 403) does not.
+fn refresh_failed(r: &Result<Arc<Stored>, GatewayError>) -> bool {
+    match r {
+        Ok(s) => s.status == StatusCode::TOO_MANY_REQUESTS || s.status.is_server_error(),
+        Err(_) => true,
+    }
 }
 
 /// What a flight yields: a fresh fetch, or a cache entry the re-check under the flight lock
@@ -592,7 +671,7 @@ fn answer(s: &Stored, outcome: CacheOutcome) -> Response<Full<Bytes>> {
         h.insert(RETRY_AFTER, v.clone());
     }
     h.insert(X_CACHE.clone(), outcome.header());
-    if outcome == CacheOutcome::Hit {
+    if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Stale) {
         h.insert(AGE, HeaderValue::from(s.fetched_at.elapsed().as_secs()));
     }
     resp

@@ -18,6 +18,7 @@ pub mod outcome;
 pub mod policy;
 pub mod readiness;
 pub mod request_id;
+pub mod resilience;
 pub mod run_id;
 pub mod server;
 pub mod shared;

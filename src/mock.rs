@@ -123,7 +123,7 @@ pub struct AutoRuns {
 #[derive(Default)]
 struct State {
     key: String,
-    replies: Mutex<HashMap<String, Reply>>,
+    replies: Mutex<HashMap<String, std::collections::VecDeque<Reply>>>,
     auto: Option<AutoRuns>,
     first_seen: Mutex<HashMap<String, Instant>>,
     delay_ms: AtomicU64,
@@ -206,7 +206,12 @@ impl MockDify {
 
     /// Sets the reply for a run id (case-insensitive, as PostgreSQL compares UUIDs).
     pub fn set(&self, run_id: &str, reply: Reply) {
-        lock(&self.state.replies).insert(run_id.to_ascii_lowercase(), reply);
+        self.set_sequence(run_id, vec![reply]);
+    }
+
+    /// Sets replies given in turn, one per request; the last one then repeats.
+    pub fn set_sequence(&self, run_id: &str, replies: Vec<Reply>) {
+        lock(&self.state.replies).insert(run_id.to_ascii_lowercase(), replies.into());
     }
 
     /// Delays every answer by `d`.
@@ -346,7 +351,13 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
         ));
     };
     let canon = uuid.hyphenated().to_string();
-    let reply = lock(&st.replies).get(&canon).cloned();
+    let reply = lock(&st.replies).get_mut(&canon).and_then(|q| {
+        if q.len() > 1 {
+            q.pop_front()
+        } else {
+            q.front().cloned()
+        }
+    });
     let reply = match (reply, st.auto) {
         (Some(r), _) => r,
         (None, Some(auto)) => {

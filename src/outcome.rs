@@ -14,6 +14,8 @@ pub enum CacheOutcome {
     Miss,
     /// Joined an upstream fetch another request had started.
     Coalesced,
+    /// A refresh failed; the last known answer was served past its TTL.
+    Stale,
 }
 
 impl CacheOutcome {
@@ -22,6 +24,7 @@ impl CacheOutcome {
             CacheOutcome::Hit => "hit",
             CacheOutcome::Miss => "miss",
             CacheOutcome::Coalesced => "coalesced",
+            CacheOutcome::Stale => "stale",
         }
     }
 
@@ -31,6 +34,7 @@ impl CacheOutcome {
             CacheOutcome::Hit => "HIT",
             CacheOutcome::Miss => "MISS",
             CacheOutcome::Coalesced => "COALESCED",
+            CacheOutcome::Stale => "STALE",
         })
     }
 }

@@ -97,6 +97,7 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let builder = Arc::new(protocol(cfg));
+    let header_timeout = cfg.header_read_timeout;
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(cfg.max_connections));
     tokio::pin!(shutdown);
@@ -134,6 +135,16 @@ where
         tokio::spawn(async move {
             let result = match tls {
                 None => {
+                    // hyper's header timer starts only once bytes arrive; a client that
+                    // connects and sends nothing is cut here instead.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => {
+                            drop(permit);
+                            return;
+                        }
+                    }
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
                     watcher.watch(conn.into_owned()).await
                 }

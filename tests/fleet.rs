@@ -20,7 +20,7 @@ fn fleet_config(
     config(
         up,
         &format!(
-            "[shared]\nurls = [\"{}\"]\ntimeout = \"200ms\"\nwait_timeout = \"3s\"\n{extra}",
+            "[shared]\nurls = [\"{}\"]\ntimeout = \"500ms\"\nwait_timeout = \"3s\"\n{extra}",
             redis.url()
         ),
     )

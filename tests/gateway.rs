@@ -278,7 +278,12 @@ async fn upstream_404_is_kept_briefly() {
 #[tokio::test]
 async fn errors_and_bad_json_are_never_kept() {
     let up = spawn_upstream().await;
-    let gw = spawn_gateway(config(&up, "")).await;
+    // Caching policy only: retries and the breaker have their own tests (tests/faults.rs).
+    let gw = spawn_gateway(config(
+        &up,
+        "[upstream]\nretry_attempts = 1\ncircuit_failure_threshold = 0\n",
+    ))
+    .await;
     let c = client();
     let cases = [
         (Reply::json(StatusCode::INTERNAL_SERVER_ERROR, "{\"message\": \"Internal Server Error\", \"code\": \"unknown\", \"status\": 500}\n"), StatusCode::INTERNAL_SERVER_ERROR),
@@ -386,7 +391,7 @@ async fn upstream_timeout_size_cap_and_reset_give_json_errors_and_cache_nothing(
     let up = spawn_upstream().await;
     let gw = spawn_gateway(config(
         &up,
-        "[upstream]\ntotal_timeout = \"300ms\"\nmax_body_bytes = 100000\n",
+        "[upstream]\ntotal_timeout = \"300ms\"\nmax_body_bytes = 100000\nretry_attempts = 1\ncircuit_failure_threshold = 0\n",
     ))
     .await;
     let c = client();

@@ -143,7 +143,7 @@ pub fn unix_ms_now() -> u64 {
 /// Whole milliseconds, rounded up so a sub-millisecond TTL is not zero.
 pub(crate) fn ceil_ms(d: Duration) -> u64 {
     let ms = d.as_millis();
-    let ms = if d.subsec_nanos() % 1_000_000 != 0 {
+    let ms = if !d.subsec_nanos().is_multiple_of(1_000_000) {
         ms + 1
     } else {
         ms

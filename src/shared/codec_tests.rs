@@ -218,7 +218,7 @@ proptest! {
         let n = cut.index(v.len());
         prop_assert!(decode_at(Bytes::copy_from_slice(&v[..n]), TAG, run(7), 42, Instant::now()).is_err());
         let mut longer = v.clone();
-        longer.extend(std::iter::repeat(0u8).take(extra));
+        longer.extend(std::iter::repeat_n(0u8, extra));
         prop_assert!(decode_at(Bytes::from(longer), TAG, run(7), 42, Instant::now()).is_err());
     }
 }
