@@ -17,7 +17,10 @@ use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::config::ClientConfig;
+use crate::metrics::Metrics;
 
 /// One configured client.
 pub struct Client {
@@ -29,6 +32,8 @@ pub struct Client {
     digest: [u8; 32],
     /// Its token bucket, when it has a rate limit.
     limiter: Option<DefaultDirectRateLimiter>,
+    /// Its hit counter, resolved once (see [`Metrics::client_hit_counter`]).
+    pub hit_requests: Counter,
 }
 
 impl std::fmt::Debug for Client {
@@ -68,15 +73,17 @@ pub struct ClientTable {
 }
 
 impl ClientTable {
-    pub fn new(clients: &[ClientConfig]) -> ClientTable {
+    pub fn new(clients: &[ClientConfig], metrics: &Metrics) -> ClientTable {
         let by_digest = clients
             .iter()
             .map(|c| {
                 let limiter = c.rate.map(|r| {
                     RateLimiter::direct(Quota::per_second(r.per_second).allow_burst(r.burst))
                 });
+                let name: Cow<'static, str> = Cow::Owned(c.name.clone());
                 let client = Client {
-                    name: Cow::Owned(c.name.clone()),
+                    hit_requests: metrics.client_hit_counter(name.clone()),
+                    name,
                     app: c.app,
                     digest: c.token_sha256,
                     limiter,
@@ -147,12 +154,15 @@ mod tests {
         let token = generate_token().unwrap();
         let mut digest = [0u8; 32];
         digest.copy_from_slice(&Sha256::digest(token.as_bytes()));
-        let t = ClientTable::new(&[ClientConfig {
-            name: "team-a".into(),
-            token_sha256: digest,
-            app: 0,
-            rate,
-        }]);
+        let t = ClientTable::new(
+            &[ClientConfig {
+                name: "team-a".into(),
+                token_sha256: digest,
+                app: 0,
+                rate,
+            }],
+            &Metrics::new(),
+        );
         (t, token)
     }
 

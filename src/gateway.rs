@@ -142,7 +142,7 @@ impl Gateway {
             shared,
             shared_seen: Mutex::new(SharedStats::default()),
             apps,
-            clients: ArcSwap::from_pointee(ClientTable::new(&config.clients)),
+            clients: ArcSwap::from_pointee(ClientTable::new(&config.clients, &metrics)),
             policy: Policy::new(&config.cache),
             cache: Cache::new(
                 config.cache.max_bytes,
@@ -174,7 +174,7 @@ impl Gateway {
         if !same_apps {
             return Err("the [[apps]] list changed; app changes need a restart".into());
         }
-        let table = ClientTable::new(&config.clients);
+        let table = ClientTable::new(&config.clients, &self.metrics);
         let n = table.len();
         self.clients.store(Arc::new(table));
         Ok(n)
@@ -237,7 +237,7 @@ impl Gateway {
             info.route,
             resp.status().as_u16(),
             info.cache,
-            client.as_ref().map(|c| &c.name),
+            client.as_deref(),
             elapsed,
         );
         if let Some(r) = info.rejected {
@@ -349,7 +349,7 @@ impl Gateway {
         let mut n = 0;
         for a in targets {
             let key = CacheKey { app: a.id, run };
-            if self.cache.get(&key).is_some() {
+            if self.cache.lookup(&key).is_some() {
                 n += 1;
             }
             self.cache.remove(&key);

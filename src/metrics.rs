@@ -14,6 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::clients::Client;
 use crate::outcome::{CacheOutcome, Route};
 
 /// Labels of `dify_gateway_requests_total`.
@@ -161,7 +162,7 @@ impl Metrics {
         let upstream_saved = Counter::default();
         registry.register(
             "upstream_requests_saved",
-            "Run-detail requests answered without an upstream request of their own (hits, coalesced, stale)",
+            "Run-detail requests answered without an upstream request of their own (hits and coalesced waiters)",
             upstream_saved.clone(),
         );
         let coalesced_waiters = Counter::default();
@@ -260,16 +261,15 @@ impl Metrics {
         route: Route,
         status: u16,
         cache: Option<CacheOutcome>,
-        client: Option<&Cow<'static, str>>,
+        client: Option<&Client>,
         elapsed: Duration,
     ) {
         let class = status_class(status);
-        if route == Route::RunDetail
-            && class == "2xx"
-            && cache == Some(CacheOutcome::Hit)
-            && client.is_none()
-        {
-            self.hot_hit.inc();
+        if route == Route::RunDetail && class == "2xx" && cache == Some(CacheOutcome::Hit) {
+            match client {
+                None => self.hot_hit.inc(),
+                Some(c) => c.hit_requests.inc(),
+            };
             self.hot_hit_latency.observe(elapsed.as_secs_f64());
             self.upstream_saved.inc();
             return;
@@ -279,20 +279,33 @@ impl Metrics {
                 route: route.as_str(),
                 status_class: class,
                 cache: cache.map_or("none", CacheOutcome::as_str),
-                client: client.cloned().unwrap_or(Cow::Borrowed("none")),
+                client: client.map_or(Cow::Borrowed("none"), |c| c.name.clone()),
             })
             .inc();
         if let Some(c) = cache {
             self.request_duration
                 .get_or_create(&LatencyLabels { cache: c.as_str() })
                 .observe(elapsed.as_secs_f64());
-            if c != CacheOutcome::Miss {
+            if matches!(c, CacheOutcome::Hit | CacheOutcome::Coalesced) {
                 self.upstream_saved.inc();
             }
             if c == CacheOutcome::Coalesced {
                 self.coalesced_waiters.inc();
             }
         }
+    }
+
+    /// The pre-resolved counter of a client's cache hits (run detail, 2xx, hit), so a hit
+    /// neither hashes a label set nor copies the client's name.
+    pub fn client_hit_counter(&self, client: Cow<'static, str>) -> Counter {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: Route::RunDetail.as_str(),
+                status_class: "2xx",
+                cache: CacheOutcome::Hit.as_str(),
+                client,
+            })
+            .clone()
     }
 
     /// Counts one refused request.
