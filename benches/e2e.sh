@@ -14,11 +14,12 @@
 # Scenarios (wrk ones alternate the servers, RUNS times, and report medians):
 #   1 one hot terminal run, all hits          wrk -t1 -c50        gateway, gateway-nolog, nginx, bare,
 #                                                                 bare-gateway-like
-#   2 10,000 terminal runs at random          wrk -t1 -c50 + Lua  gateway, nginx, bare
+#   2 10,000 terminal runs at random          wrk -t1 -c50 + Lua  gateway, nginx, bare,
+#                                                                 bare-distinct-bodies (10,000 copies)
 #   3 cold stampede: 1,000 clients, one fresh run, upstream 200 ms slow   loadgen stampede
 #   4 1,000 pollers over 100 running runs                                 loadgen poll
 #   5 miss path: one connection, one running run, running_ttl = "0s"      wrk -t1 -c1
-#     gateway vs nginx (cache bypassed) vs the mock directly
+#     gateway vs nginx (cache bypassed) vs the mock directly, and the gateway on CPU 1 too
 #   memory: 100,000 terminal runs of ~2 KB cached, RSS before and after
 #
 # Writes bench-results/e2e-<date>.md (and the raw .tsv beside it) and prints the report.
@@ -277,8 +278,9 @@ record meta clk_tck "$CLK_TCK"
 hit_scenario() {
     local scenario=$1 servers=$2
     shift 2
-    local gw_port nolog_port ng_port ng_miss_port bare_port like_port
-    read -r gw_port nolog_port ng_port ng_miss_port bare_port like_port < <(free_ports 6)
+    local gw_port nolog_port ng_port ng_miss_port bare_port like_port distinct_port
+    read -r gw_port nolog_port ng_port ng_miss_port bare_port like_port distinct_port \
+        < <(free_ports 7)
     start_mock 0 --output-bytes "$OUTPUT_BYTES"
     start_gateway gateway "$gw_port"
     [[ $servers == *gateway-nolog* ]] && start_gateway gateway-nolog "$nolog_port" "$NOLOG_CFG"
@@ -290,8 +292,13 @@ hit_scenario() {
             gateway-like
         wait_http "http://127.0.0.1:$like_port/"
     fi
+    if [[ $servers == *bare-distinct-bodies* ]]; then
+        start bare-distinct-bodies "$SERVER_CPU" "$BARE" "127.0.0.1:$distinct_port" \
+            "$OUTPUT_BYTES" plain "$RANDOM_RUNS"
+        wait_http "http://127.0.0.1:$distinct_port/"
+    fi
     declare -A port=([gateway]=$gw_port [gateway-nolog]=$nolog_port [nginx]=$ng_port
-        [bare]=$bare_port [bare-gateway-like]=$like_port)
+        [bare]=$bare_port [bare-gateway-like]=$like_port [bare-distinct-bodies]=$distinct_port)
     "$@" # warm-up hook, sees ${port[...]}
     local run s
     for run in $(seq "$RUNS"); do
@@ -333,7 +340,7 @@ scenario_1() {
 scenario_2() {
     log "scenario 2: $RANDOM_RUNS terminal runs at random"
     URL_PATH=$(run_path 2 0) WRK_ENV="WRK_RUNS=$RANDOM_RUNS WRK_PREFIX=2" \
-        hit_scenario "2-random-$RANDOM_RUNS-runs" "gateway nginx bare" warm_random
+        hit_scenario "2-random-$RANDOM_RUNS-runs" "gateway nginx bare bare-distinct-bodies" warm_random
 }
 
 # --- scenario 3: cold stampede ---------------------------------------------------------------
@@ -414,20 +421,24 @@ scenario_4() {
 
 scenario_5() {
     log "scenario 5: miss path, one connection, one running run"
-    local gw_port ng_port ng_miss_port miss_path run s
-    read -r gw_port ng_port ng_miss_port < <(free_ports 3)
+    local gw_port ng_port ng_miss_port same_port miss_path run s
+    read -r gw_port ng_port ng_miss_port same_port < <(free_ports 4)
     start_mock 1000000 --output-bytes "$OUTPUT_BYTES"
     PIDS[mock-direct]=${PIDS[mock]}
     start_gateway gateway "$gw_port" "$MISS_CFG"
+    # The same gateway on the load generator's CPU: every hop is then a switch on one CPU
+    # instead of a wake-up of the other (idle) one, which shows what the placement costs.
+    SERVER_CPU=$LOAD_CPU start_gateway gateway-on-load-cpu "$same_port" "$MISS_CFG"
     start_nginx "$ng_port" "$ng_miss_port"
     miss_path=$(run_path 5 1)
-    declare -A miss_port=([gateway]=$gw_port [nginx]=$ng_miss_port [mock-direct]=$MOCK_PORT)
-    for s in gateway nginx mock-direct; do
+    declare -A miss_port=([gateway]=$gw_port [nginx]=$ng_miss_port [mock-direct]=$MOCK_PORT
+        [gateway-on-load-cpu]=$same_port)
+    for s in gateway nginx mock-direct gateway-on-load-cpu; do
         curl -s -o /dev/null -H "Authorization: Bearer $KEY" \
             "http://127.0.0.1:${miss_port[$s]}$miss_path"
     done
     for run in $(seq "$RUNS"); do
-        for s in gateway nginx mock-direct; do
+        for s in gateway nginx mock-direct gateway-on-load-cpu; do
             # Every request carries the key, which only the mock needs: the proxies replace it.
             run_wrk "5-miss-path" "$s" "$run" 1 "http://127.0.0.1:${miss_port[$s]}$miss_path" \
                 "WRK_AUTH=Bearer $KEY"
@@ -437,6 +448,7 @@ scenario_5() {
     record hwm "5-miss-path" nginx "$(status_kb nginx VmHWM)"
     unset "PIDS[mock-direct]"
     stop gateway
+    stop gateway-on-load-cpu
     stop nginx
     stop mock
 }

@@ -8,8 +8,12 @@
 //! same output size, so the bytes on the wire match a gateway hit.
 //!
 //! ```text
-//! cargo run --release --example bare-hyper -- 127.0.0.1:8090 [OUTPUT_BYTES] [gateway-like]
+//! cargo run --release --example bare-hyper -- 127.0.0.1:8090 [OUTPUT_BYTES] [plain|gateway-like] [BODIES]
 //! ```
+//!
+//! With `BODIES` > 1 it keeps that many separate copies of the body and picks one by a hash of
+//! the request path, so that, like a cache serving many runs, each request may touch memory the
+//! previous one did not (the ceiling for the many-runs scenario).
 //!
 //! With `gateway-like` it also takes the gateway's per-connection settings (hyper timer,
 //! header-read timeout, header-size cap, HTTP/2 limits) and sends the headers of a gateway hit
@@ -17,6 +21,7 @@
 //! the gateway's own request handling.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,12 +52,14 @@ fn main() -> std::io::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_OUTPUT_BYTES);
     let gateway_like = args.next().as_deref() == Some("gateway-like");
+    let copies: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     let body = dify_gateway::mock::run_body(RUN, "\"succeeded\"", output_bytes);
+    let bodies: Arc<[Bytes]> = (0..copies).map(|_| Bytes::copy_from_slice(&body)).collect();
     // Same runtime construction as the gateway's binary.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(addr, body, gateway_like))
+    runtime.block_on(serve(addr, bodies, gateway_like))
 }
 
 /// The gateway's protocol settings (`server.rs`, with its default config).
@@ -68,12 +75,20 @@ fn gateway_protocol(b: &mut auto::Builder<TokioExecutor>) {
         .max_concurrent_streams(256);
 }
 
-async fn serve(addr: String, body: Bytes, gateway_like: bool) -> std::io::Result<()> {
+/// FNV-1a of the path: a cheap, stable pick among the copies.
+fn pick(path: &str, n: usize) -> usize {
+    let h = path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % n as u64) as usize
+}
+
+async fn serve(addr: String, bodies: Arc<[Bytes]>, gateway_like: bool) -> std::io::Result<()> {
     let listener = TcpListener::bind(&addr).await?;
     println!(
         "bare hyper on {} ({} body bytes)",
         listener.local_addr()?,
-        body.len()
+        bodies[0].len()
     );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     if gateway_like {
@@ -90,9 +105,13 @@ async fn serve(addr: String, body: Bytes, gateway_like: bool) -> std::io::Result
             },
         };
         let _ = stream.set_nodelay(true);
-        let body = body.clone();
-        let svc = service_fn(move |_req| {
-            let mut resp = Response::new(Full::new(body.clone()));
+        let bodies = Arc::clone(&bodies);
+        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let body = match bodies.len() {
+                1 => bodies[0].clone(),
+                n => bodies[pick(req.uri().path(), n)].clone(),
+            };
+            let mut resp = Response::new(Full::new(body));
             let h = resp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             if gateway_like {

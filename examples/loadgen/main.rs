@@ -256,22 +256,28 @@ async fn stampede(o: &Opts) -> Result<(), String> {
             let _ = go.wait_for(Option::is_some).await;
             let sent = Instant::now();
             let r = c.get(&path).await;
-            (sent, Instant::now(), r)
+            // The connection goes back with the result: closing it now would make the server
+            // handle this close while it is still answering the other waiters.
+            (sent, Instant::now(), r, c)
         }));
     }
     let t0 = Instant::now();
     let _ = go_tx.send(Some(t0));
+    let mut results = Vec::with_capacity(clients);
+    for t in tasks {
+        results.push(t.await.map_err(|e| e.to_string())?);
+    }
     let mut sends = Vec::new();
     let mut done = Vec::new();
     let mut tally = Tally::default();
-    for t in tasks {
-        let (sent, recv, r) = t.await.map_err(|e| e.to_string())?;
+    for (sent, recv, r, _conn) in &results {
+        let (sent, recv) = (*sent, *recv);
         sends.push(sent.duration_since(t0).as_secs_f64() * 1e3);
         done.push(recv.duration_since(t0).as_secs_f64() * 1e3);
         match r {
             Ok(a) if a.status == StatusCode::OK => {
                 tally.ok += 1;
-                *tally.by_x_cache.entry(a.x_cache).or_default() += 1;
+                *tally.by_x_cache.entry(a.x_cache.clone()).or_default() += 1;
             }
             Ok(_) => tally.other_status += 1,
             Err(_) => tally.errors += 1,
