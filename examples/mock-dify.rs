@@ -7,29 +7,120 @@
 //! ```text
 //! DIFY_API_KEY=app-demo cargo run --example mock-dify -- 127.0.0.1:5001 5
 //! ```
+//!
+//! Options after the two positional arguments, for the benchmarks (`benches/e2e.sh`):
+//!
+//! - `--output-bytes N`: about N bytes of output text per run body (default 1024);
+//! - `--delay-ms N`: every answer waits N ms first, like a slow Dify (default 0);
+//! - `--stats ADDR`: a second listener that answers any connection with the number of requests
+//!   served so far, so a script can count upstream requests without stopping the mock.
 
 use std::time::Duration;
 
 use dify_gateway::mock::{AutoRuns, MockDify};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+/// Output text per run body when `--output-bytes` is not given.
+const DEFAULT_OUTPUT_BYTES: usize = 1024;
+
+/// Command line: `ADDR SECS [--output-bytes N] [--delay-ms N] [--stats ADDR]`.
+struct Args {
+    /// Where the mock listens.
+    addr: String,
+    /// How long a run stays `running` after its first request.
+    running_secs: u64,
+    /// About how many bytes of output text each run body carries.
+    output_bytes: usize,
+    /// Delay before every answer.
+    delay: Duration,
+    /// Where the request counter is served, if anywhere.
+    stats: Option<String>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mut positional = Vec::new();
+    let mut args = Args {
+        addr: "127.0.0.1:5001".into(),
+        running_secs: 5,
+        output_bytes: DEFAULT_OUTPUT_BYTES,
+        delay: Duration::ZERO,
+        stats: None,
+    };
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--output-bytes" => {
+                args.output_bytes = value(&a)?.parse().map_err(|e| format!("{a}: {e}"))?;
+            }
+            "--delay-ms" => {
+                let ms: u64 = value(&a)?.parse().map_err(|e| format!("{a}: {e}"))?;
+                args.delay = Duration::from_millis(ms);
+            }
+            "--stats" => args.stats = Some(value(&a)?),
+            _ if a.starts_with("--") => return Err(format!("unknown option {a}")),
+            _ => positional.push(a),
+        }
+    }
+    let mut positional = positional.into_iter();
+    if let Some(addr) = positional.next() {
+        args.addr = addr;
+    }
+    if let Some(secs) = positional.next() {
+        args.running_secs = secs.parse().map_err(|e| format!("SECS: {e}"))?;
+    }
+    Ok(args)
+}
+
+/// Answers every connection on `listener` with the mock's request count, then closes it.
+async fn serve_stats(listener: TcpListener, mock: MockDify) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let body = format!("{}\n", mock.total());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
+}
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let addr = args.next().unwrap_or_else(|| "127.0.0.1:5001".into());
-    let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mock-dify: {e}");
+            eprintln!(
+                "usage: mock-dify ADDR SECS [--output-bytes N] [--delay-ms N] [--stats ADDR]"
+            );
+            std::process::exit(2);
+        }
+    };
     let key = std::env::var("DIFY_API_KEY").unwrap_or_else(|_| "app-demo".into());
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    let listener = TcpListener::bind(&args.addr).await?;
     let mock = MockDify::serve(
         listener,
         &key,
         Some(AutoRuns {
-            running_for: Duration::from_secs(secs),
-            output_bytes: 1024,
+            running_for: Duration::from_secs(args.running_secs),
+            output_bytes: args.output_bytes,
         }),
     );
+    mock.set_delay(args.delay);
+    if let Some(stats) = &args.stats {
+        let l = TcpListener::bind(stats).await?;
+        tokio::spawn(serve_stats(l, mock.clone()));
+    }
     println!(
-        "mock Dify on {} (runs finish {secs}s after their first request)",
-        mock.base_url()
+        "mock Dify on {} (runs finish {}s after their first request)",
+        mock.base_url(),
+        args.running_secs
     );
     tokio::signal::ctrl_c().await?;
     println!("served {} requests", mock.total());
