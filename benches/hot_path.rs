@@ -22,6 +22,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dify_gateway::cache::{AppId, Cache, CacheKey, KeptHeaders, Stored};
 use dify_gateway::config::Config;
+use dify_gateway::metrics::CacheMetrics;
 use dify_gateway::mock::{run_body, MockDify, Reply};
 use dify_gateway::policy::{EntryClass, Policy};
 use dify_gateway::run_id::RunId;
@@ -116,12 +117,12 @@ fn policy(c: &mut Criterion) {
 fn stored(body: Bytes) -> Arc<Stored> {
     Arc::new(Stored {
         status: StatusCode::OK,
-        headers: KeptHeaders {
+        headers: Arc::new(KeptHeaders {
             content_type: Some(HeaderValue::from_static("application/json")),
             x_version: Some(HeaderValue::from_static("1.9.2")),
             x_env: Some(HeaderValue::from_static("PRODUCTION")),
             retry_after: None,
-        },
+        }),
         body,
         class: Some(EntryClass::Terminal),
         ttl: None,
@@ -130,7 +131,7 @@ fn stored(body: Bytes) -> Arc<Stored> {
 }
 
 fn cache(c: &mut Criterion) {
-    let cache = Cache::new(256 << 20);
+    let cache = Cache::new(256 << 20, Duration::ZERO, CacheMetrics::default());
     let key = |n: u128| CacheKey {
         app: AppId(0),
         run: RunId::from(uuid::Uuid::from_u128(n)),

@@ -24,6 +24,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use dify_gateway::cache::{AppId, Cache, CacheKey, KeptHeaders, Stored};
 use dify_gateway::config::Config;
+use dify_gateway::metrics::CacheMetrics;
 use dify_gateway::mock::{run_body, AutoRuns, MockDify};
 use dify_gateway::policy::EntryClass;
 use dify_gateway::run_id::RunId;
@@ -73,7 +74,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }),
     );
     let cfg = Config::for_upstream(&mock.base_url(), KEY)?;
-    let upstream = Upstream::new(&cfg.upstream)?;
+    let upstream = Upstream::new(&cfg.upstream, &cfg.apps[0])?;
     let id = |i: u64| {
         RunId::from(uuid::Uuid::from_u128(
             0x7000_0000_0000_4000_8000_0000_0000_0000 | i as u128,
@@ -121,18 +122,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Inserts `count` terminal entries with exact-size bodies into the gateway's cache (default
 /// 256 MiB cap) and prints the RSS each costs beyond its body.
 fn cache_only(count: u64, output_bytes: usize) {
-    let cache = Cache::new(256 << 20);
+    let cache = Cache::new(256 << 20, Duration::ZERO, CacheMetrics::default());
     let template = run_body(
         "0b7c5c3e-8f5e-4b7a-9d59-1d7b1c9e2f10",
         "\"succeeded\"",
         output_bytes,
     );
-    let headers = KeptHeaders {
+    let headers = Arc::new(KeptHeaders {
         content_type: Some(http::HeaderValue::from_static("application/json")),
         x_version: Some(http::HeaderValue::from_static("1.9.2")),
         x_env: Some(http::HeaderValue::from_static("PRODUCTION")),
         retry_after: None,
-    };
+    });
     let before = rss_kb();
     for i in 0..count {
         let key = CacheKey {

@@ -90,6 +90,8 @@ pub struct Gateway {
     shared: Option<SharedTier>,
     /// Shared-tier error counts already exported as metrics.
     shared_seen: Mutex<SharedStats>,
+    /// The kept headers of the last upstream answer, shared by entries whose headers match.
+    last_headers: Mutex<Option<Arc<KeptHeaders>>>,
     /// How long a fetch waits for an upstream slot.
     queue_timeout: Duration,
     /// Retries of transient upstream failures.
@@ -141,6 +143,7 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             shared,
             shared_seen: Mutex::new(SharedStats::default()),
+            last_headers: Mutex::new(None),
             apps,
             clients: ArcSwap::from_pointee(ClientTable::new(&config.clients, &metrics)),
             policy: Policy::new(&config.cache),
@@ -530,10 +533,17 @@ impl Gateway {
                     Decision::Keep { class, ttl } => (Some(class), ttl, None),
                     Decision::Pass(reason) => (None, None, Some(reason)),
                 };
+                // A kept body is copied out of the connection's read buffer: as received it
+                // is a slice that would keep the whole (much larger) buffer alive in the cache.
+                let body = if class.is_some() {
+                    Bytes::copy_from_slice(&a.body)
+                } else {
+                    a.body
+                };
                 let stored = Arc::new(Stored {
                     status: a.status,
-                    headers: a.headers,
-                    body: a.body,
+                    headers: self.intern_headers(a.headers),
+                    body,
                     class,
                     ttl,
                     fetched_at: Instant::now(),
@@ -558,6 +568,22 @@ impl Gateway {
             _ => None,
         };
         (FlightValue::Fetched(Arc::new(fetched)), kept)
+    }
+
+    /// The shared instance of `h` when it equals the last headers seen.
+    fn intern_headers(&self, h: KeptHeaders) -> Arc<KeptHeaders> {
+        let mut last = self
+            .last_headers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &*last {
+            Some(l) if **l == h => Arc::clone(l),
+            _ => {
+                let a = Arc::new(h);
+                *last = Some(Arc::clone(&a));
+                a
+            }
+        }
     }
 
     /// The upstream exchange behind a fetch: the app's circuit breaker, a slot under the
@@ -657,7 +683,7 @@ fn answer(s: &Stored, outcome: CacheOutcome) -> Response<Full<Bytes>> {
         x_version,
         x_env,
         retry_after,
-    } = &s.headers;
+    } = &*s.headers;
     if let Some(v) = content_type {
         h.insert(CONTENT_TYPE, v.clone());
     }
@@ -672,9 +698,24 @@ fn answer(s: &Stored, outcome: CacheOutcome) -> Response<Full<Bytes>> {
     }
     h.insert(X_CACHE.clone(), outcome.header());
     if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Stale) {
-        h.insert(AGE, HeaderValue::from(s.fetched_at.elapsed().as_secs()));
+        h.insert(AGE, age_header(s.fetched_at.elapsed().as_secs()));
     }
     resp
+}
+
+/// `Age` values for the first minute, so most hits build the header without allocating.
+static SMALL_AGES: [&str; 60] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31", "32",
+    "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45", "46", "47", "48",
+    "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59",
+];
+
+fn age_header(secs: u64) -> HeaderValue {
+    match SMALL_AGES.get(secs as usize) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(secs),
+    }
 }
 
 fn with_x_cache(mut resp: Response<Full<Bytes>>, outcome: CacheOutcome) -> Response<Full<Bytes>> {
@@ -696,7 +737,7 @@ fn log_access<B>(
         client = client.map_or("-", |c| &*c.name),
         app = info.app.map(|a| a.0),
         method = %req.method(),
-        path = req.uri().path(),
+        path = %req.uri().path(),
         status = resp.status().as_u16(),
         route = info.route.as_str(),
         cache = info.cache.map_or("none", CacheOutcome::as_str),

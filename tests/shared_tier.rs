@@ -44,12 +44,12 @@ fn tier(server: &RedisServer, extra: &str) -> SharedTier {
 fn entry(body: Vec<u8>, class: EntryClass, ttl: Option<Duration>) -> Stored {
     Stored {
         status: StatusCode::OK,
-        headers: KeptHeaders {
+        headers: Arc::new(KeptHeaders {
             content_type: Some(HeaderValue::from_static("application/json")),
             x_version: Some(HeaderValue::from_static("1.4.0")),
             x_env: Some(HeaderValue::from_static("PRODUCTION")),
             retry_after: None,
-        },
+        }),
         body: Bytes::from(body),
         class: Some(class),
         ttl,

@@ -383,7 +383,7 @@ async fn poll(o: &Opts) -> Result<(), String> {
                         r.running_fetches.push(recv);
                     }
                 }
-                if terminal && r.first_terminal.map_or(true, |f| recv < f) {
+                if terminal && r.first_terminal.is_none_or(|f| recv < f) {
                     r.first_terminal = Some(recv);
                 }
             }

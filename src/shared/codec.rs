@@ -29,6 +29,7 @@
 //!        4  CRC-32 (IEEE) of every byte before it
 //! ```
 
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -320,12 +321,12 @@ pub fn decode_at(
     let age = Duration::from_millis(now_unix_ms.saturating_sub(stored_unix_ms));
     Ok(Stored {
         status,
-        headers: KeptHeaders {
+        headers: Arc::new(KeptHeaders {
             content_type,
             x_version,
             x_env,
             retry_after: None,
-        },
+        }),
         body,
         class: Some(class),
         ttl: (flags & HAS_TTL != 0).then(|| Duration::from_millis(ttl_ms)),

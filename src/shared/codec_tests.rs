@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use std::sync::Arc;
 use uuid::Uuid;
 
 const TAG: &str = "0123456789abcdef0123456789abcdef";
@@ -15,12 +16,12 @@ fn entry(body: Vec<u8>, class: EntryClass, ttl: Option<Duration>) -> Stored {
         } else {
             StatusCode::OK
         },
-        headers: KeptHeaders {
+        headers: Arc::new(KeptHeaders {
             content_type: Some(HeaderValue::from_static("application/json")),
             x_version: Some(HeaderValue::from_static("1.9.2")),
             x_env: None,
             retry_after: None,
-        },
+        }),
         body: Bytes::from(body),
         class: Some(class),
         ttl,
@@ -166,7 +167,7 @@ prop_compose! {
     ) -> Stored {
         Stored {
             status: StatusCode::from_u16(status).unwrap(),
-            headers: KeptHeaders { content_type, x_version, x_env, retry_after: None },
+            headers: Arc::new(KeptHeaders { content_type, x_version, x_env, retry_after: None }),
             body: Bytes::from(body),
             class: Some(class),
             ttl: ttl_ms.map(Duration::from_millis),
