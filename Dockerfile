@@ -5,20 +5,23 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
-# Dependencies first, so source edits do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches examples && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo fetch --locked
 COPY src ./src
 COPY benches ./benches
 COPY examples ./examples
 COPY config ./config
-RUN cargo build --release --locked --bin dify-gateway \
-    && strip target/release/dify-gateway
+# Cache mounts keep the registry and build artefacts between image builds.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin dify-gateway \
+    && strip target/release/dify-gateway \
+    && cp target/release/dify-gateway /dify-gateway
 
 # distroless/cc: glibc and CA certificates, no shell, runs as uid 65532.
+# The health check asks the admin listener (plain HTTP on loopback, default 127.0.0.1:9090), so
+# it keeps working when the public listener serves TLS.
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/dify-gateway /usr/local/bin/dify-gateway
+COPY --from=build /dify-gateway /usr/local/bin/dify-gateway
 COPY --from=build /src/config/dify-gateway.toml /etc/dify-gateway/dify-gateway.toml
 USER nonroot:nonroot
 ENV DIFY_GATEWAY_CONFIG=/etc/dify-gateway/dify-gateway.toml \
@@ -26,5 +29,5 @@ ENV DIFY_GATEWAY_CONFIG=/etc/dify-gateway/dify-gateway.toml \
     DIFY_GATEWAY_LOG_FORMAT=json
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["/usr/local/bin/dify-gateway", "--health-probe", "127.0.0.1:8080"]
+    CMD ["/usr/local/bin/dify-gateway", "--health-probe", "127.0.0.1:9090"]
 ENTRYPOINT ["/usr/local/bin/dify-gateway"]

@@ -197,7 +197,7 @@ start_mock() {
 # file.
 start_gateway() {
     local name=$1 port=$2 cfg=${3:-}
-    local args=(--listen "127.0.0.1:$port" --upstream "http://127.0.0.1:$MOCK_PORT/v1")
+    local args=(--listen "127.0.0.1:$port" --admin-listen 127.0.0.1:0 --upstream "http://127.0.0.1:$MOCK_PORT/v1")
     [ -n "$cfg" ] && args+=(--config "$cfg")
     start "$name" "$SERVER_CPU" "$GATEWAY" "${args[@]}"
     wait_http "http://127.0.0.1:$port/healthz"

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
@@ -42,6 +42,17 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>>
     json(status, dify_error_body(code, message, status))
 }
 
+fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed",
+    );
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
 fn to_json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(v) {
         Ok(b) => json(status, b),
@@ -73,7 +84,10 @@ impl Admin {
         let presented = req
             .headers()
             .get(AUTHORIZATION)
-            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .and_then(|v| {
+                let b = v.as_bytes();
+                (b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &b[7..])
+            })
             .unwrap_or(b"");
         // Hashing first makes the comparison independent of the presented length.
         bool::from(digest(presented).ct_eq(want))
@@ -146,11 +160,9 @@ impl Admin {
                     None => error(StatusCode::NOT_FOUND, "not_found", "no such app"),
                 }
             }
-            (_, "/metrics" | "/admin/cache/stats" | "/admin/cache") => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "method not allowed",
-            ),
+            (_, "/metrics" | "/admin/cache/stats") => not_allowed("GET"),
+            (_, "/admin/cache") => not_allowed("DELETE"),
+            (_, p) if p.starts_with("/admin/cache/runs/") => not_allowed("DELETE"),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin route"),
         }
     }

@@ -40,7 +40,8 @@ pub struct KeptHeaders {
     pub content_type: Option<HeaderValue>,
     pub x_version: Option<HeaderValue>,
     pub x_env: Option<HeaderValue>,
-    /// Only on answers that are never kept (429/503); forwarded so clients back off.
+    /// Forwarded so clients back off (it matters on 429/503, which are never kept); the
+    /// shared tier does not store it.
     pub retry_after: Option<HeaderValue>,
 }
 

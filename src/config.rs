@@ -730,7 +730,11 @@ impl RawConfig {
         };
         if token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid(
-                "admin.token_file",
+                if self.admin.token_file.is_some() {
+                    "admin.token_file"
+                } else {
+                    "admin.token (DIFY_GATEWAY_ADMIN_TOKEN)"
+                },
                 "the admin token must be at least 16 characters".into(),
             ));
         }
@@ -819,7 +823,7 @@ fn check_name(name: &str) -> Result<(), String> {
 
 fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim();
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];

@@ -19,13 +19,13 @@ use serde::Serialize;
 use std::sync::{Mutex, PoisonError};
 use tokio::sync::Semaphore;
 
-use crate::apps::App;
+use crate::apps::{fingerprint, App};
 use crate::cache::{AppId, Cache, CacheKey, KeptHeaders, Stored};
 use crate::clients::{Client, ClientTable};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::flight::{Role, SingleFlight};
-use crate::metrics::{ClassLabel, Metrics, ReasonLabel, RejectReason};
+use crate::metrics::{ClassLabel, Metrics, OutcomeLabel, ReasonLabel, RejectReason};
 use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
 use crate::policy::{Decision, EntryClass, NoCacheReason, Policy};
 use crate::readiness::Readiness;
@@ -169,13 +169,18 @@ impl Gateway {
     /// new config's apps must have the same names, in the same order, as the running ones.
     pub fn reload_clients(&self, config: &Config) -> Result<usize, String> {
         let same_apps = config.apps.len() == self.apps.len()
-            && config
-                .apps
-                .iter()
-                .zip(&self.apps)
-                .all(|(c, a)| c.name == a.name);
+            && config.apps.iter().zip(&self.apps).all(|(c, a)| {
+                c.name == a.name && *fingerprint(&c.base_url.to_string(), &c.api_key) == *a.tag
+            });
         if !same_apps {
-            return Err("the [[apps]] list changed; app changes need a restart".into());
+            return Err(
+                "the apps (names, base URLs or keys) changed; app changes need a restart".into(),
+            );
+        }
+        if config.clients.is_empty() && !self.clients.load().is_open() {
+            return Err(
+                "the new configuration has no clients, which would open the gateway to anyone; restart to run open".into(),
+            );
         }
         let table = ClientTable::new(&config.clients, &self.metrics);
         let n = table.len();
@@ -247,7 +252,8 @@ impl Gateway {
             self.metrics.reject(r);
         }
         if self.access_log {
-            log_access(&req, &resp, &info, &rid, client.as_deref(), elapsed);
+            let app = info.app.map(|a| &*self.apps[a.0 as usize].name);
+            log_access(&req, &resp, &info, &rid, client.as_deref(), app, elapsed);
         }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
         resp
@@ -473,8 +479,11 @@ impl Gateway {
         let Some(shared) = self.shared.clone() else {
             return self.fetch_upstream(&app, key, &rid).await.0;
         };
-        if let Lookup::Hit(stored) = shared.get(&app.tag, key.run).await {
-            return self.warm_from_shared(key, stored);
+        match shared.get(&app.tag, key.run).await {
+            Lookup::Hit(stored) => return self.warm_from_shared(key, stored),
+            // Redis is not answering: do not spend more timeouts on the lock.
+            Lookup::Unavailable => return self.fetch_upstream(&app, key, &rid).await.0,
+            Lookup::Miss => {}
         }
         match shared.try_lock(&app.tag, key.run).await {
             LockResult::Acquired(token) => {
@@ -599,7 +608,11 @@ impl Gateway {
         loop {
             if let Err(Refused(wait)) = app.breaker.admit() {
                 self.metrics
-                    .upstream(UpstreamOutcome::CircuitOpen.as_str(), Duration::ZERO);
+                    .upstream_requests
+                    .get_or_create(&OutcomeLabel {
+                        outcome: UpstreamOutcome::CircuitOpen.as_str(),
+                    })
+                    .inc();
                 return Err(GatewayError::CircuitOpen {
                     retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
                 });
@@ -729,13 +742,14 @@ fn log_access<B>(
     info: &RequestInfo,
     rid: &HeaderValue,
     client: Option<&Client>,
+    app: Option<&str>,
     elapsed: Duration,
 ) {
     tracing::info!(
         target: "access",
         request_id = rid.to_str().unwrap_or("-"),
         client = client.map_or("-", |c| &*c.name),
-        app = info.app.map(|a| a.0),
+        app = app.unwrap_or("-"),
         method = %req.method(),
         path = %req.uri().path(),
         status = resp.status().as_u16(),

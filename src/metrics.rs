@@ -184,7 +184,7 @@ impl Metrics {
         let circuit_open = Gauge::default();
         registry.register(
             "upstream_circuit_open",
-            "1 while the upstream circuit breaker is open",
+            "Apps whose upstream circuit breaker is open or half-open (refusing requests)",
             circuit_open.clone(),
         );
         let shared_tier_errors = Family::<ReasonLabel, Counter>::default();

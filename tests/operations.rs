@@ -203,6 +203,11 @@ async fn purge_makes_the_next_request_a_miss_and_stats_report_the_cache() {
     assert_eq!(all.json()["purged"], 2);
     assert_eq!(get(&c, &gw.run_url(&b)).await.x_cache(), "MISS");
     assert_eq!(up.hits(&b), 2);
+    let wrong = request(&c, Method::POST, &gw.admin_url("/admin/cache"), &[]).await;
+    assert_eq!(
+        (wrong.status, wrong.header("allow")),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("DELETE"))
+    );
     // Admin routes are not on the public listener.
     assert_eq!(
         get(&c, &gw.url("/metrics")).await.status,
