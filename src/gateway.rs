@@ -533,8 +533,16 @@ impl Gateway {
         let t = Instant::now();
         let r = self.call_upstream(app, key.run, rid).await;
         let upstream_elapsed = t.elapsed();
-        if let Err(e) = &r {
-            tracing::warn!(request_id = ?rid, app = %app.name, run = %key.run, error = e.as_str(), "upstream fetch failed");
+        match &r {
+            // Refusals of the gateway's own making are counted in metrics; logging each one
+            // would flood the log exactly when the upstream is down.
+            Err(e @ (GatewayError::CircuitOpen { .. } | GatewayError::Overloaded)) => {
+                tracing::debug!(request_id = ?rid, app = %app.name, run = %key.run, error = e.as_str(), "upstream fetch refused");
+            }
+            Err(e) => {
+                tracing::warn!(request_id = ?rid, app = %app.name, run = %key.run, error = e.as_str(), "upstream fetch failed");
+            }
+            Ok(_) => {}
         }
         let fetched = match r {
             Ok(a) => {

@@ -86,12 +86,17 @@ pub fn jitter() -> f64 {
     f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
 }
 
-/// Is this outcome a failure for the circuit breaker? Upstream 5xx and transport errors are;
-/// answers the upstream chose to give (2xx, 4xx incl. 429) are not.
+/// Is this outcome a failure for the circuit breaker? Signs of an unhealthy upstream are:
+/// 5xx, connection failures and timeouts. Answers the upstream chose to give (2xx, 4xx incl.
+/// 429) are not, nor are faults of one run's answer (a body over the cap, a broken body),
+/// which must not stop the app's other runs.
 pub fn is_failure(r: &Result<UpstreamAnswer, GatewayError>) -> bool {
     match r {
         Ok(a) => a.status.is_server_error(),
-        Err(_) => true,
+        Err(e) => matches!(
+            e,
+            GatewayError::UpstreamConnect | GatewayError::UpstreamTimeout
+        ),
     }
 }
 
@@ -264,6 +269,17 @@ mod tests {
         assert!(b.admit().is_ok());
         b.record(true);
         assert!(b.admit().is_err());
+    }
+
+    #[test]
+    fn only_upstream_health_failures_count_for_the_breaker() {
+        assert!(is_failure(&answer(503)));
+        assert!(is_failure(&Err(GatewayError::UpstreamConnect)));
+        assert!(is_failure(&Err(GatewayError::UpstreamTimeout)));
+        assert!(!is_failure(&Err(GatewayError::UpstreamBodyTooLarge)));
+        assert!(!is_failure(&Err(GatewayError::UpstreamProtocol)));
+        assert!(!is_failure(&answer(429)));
+        assert!(!is_failure(&answer(404)));
     }
 
     #[test]
