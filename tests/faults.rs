@@ -312,3 +312,37 @@ async fn a_flood_of_unique_ids_leaves_hot_runs_served_from_the_cache() {
     let stats = gw.gateway.cache().stats();
     assert!(stats.weighted_bytes <= 2_097_152, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_holds_and_waiting_connections_are_served_later() {
+    let up = spawn_upstream().await;
+    up.set_delay(Duration::from_millis(400));
+    let gw = spawn_gateway(config(&up, "[server]\nmax_connections = 2\n")).await;
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let id = new_run();
+        up.set(&id, Reply::run(&id, "\"succeeded\""));
+        // One client each: three separate connections.
+        let url = gw.run_url(&id);
+        tasks.push(tokio::spawn(async move { get(&client(), &url).await }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.total() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the first two never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The third connection waits for a slot: its request has not reached the upstream.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        up.total(),
+        2,
+        "a third connection was served beyond max_connections"
+    );
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(up.total(), 3);
+}
