@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
@@ -15,6 +15,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::clients::bearer_token;
 use crate::error::dify_error_body;
 use crate::gateway::Gateway;
 use crate::run_id::RunId;
@@ -81,14 +82,7 @@ impl Admin {
         let Some(want) = &self.token_digest else {
             return true;
         };
-        let presented = req
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|v| {
-                let b = v.as_bytes();
-                (b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &b[7..])
-            })
-            .unwrap_or(b"");
+        let presented = bearer_token(req.headers()).unwrap_or(b"");
         // Hashing first makes the comparison independent of the presented length.
         bool::from(digest(presented).ct_eq(want))
     }

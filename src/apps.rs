@@ -56,7 +56,7 @@ pub fn fingerprint(base_url: &str, key: &SecretString) -> String {
     h.update(b"\0");
     h.update(key.expose_secret().as_bytes());
     let d = h.finalize();
-    d[..12].iter().map(|b| format!("{b:02x}")).collect()
+    crate::clients::hex(&d[..12])
 }
 
 #[cfg(test)]

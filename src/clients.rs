@@ -111,19 +111,19 @@ impl ClientTable {
 
     /// The client whose token the request carries as `Authorization: Bearer <token>`.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Client>, AuthFailure> {
-        let token = headers
-            .get(AUTHORIZATION)
-            .and_then(|v| {
-                let b = v.as_bytes();
-                (b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &b[7..])
-            })
-            .ok_or(AuthFailure::Missing)?;
+        let token = bearer_token(headers).ok_or(AuthFailure::Missing)?;
         let digest: [u8; 32] = Sha256::digest(token).into();
         match self.by_digest.get(&digest) {
             Some(c) if bool::from(c.digest.ct_eq(&digest)) => Ok(Arc::clone(c)),
             _ => Err(AuthFailure::Unknown),
         }
     }
+}
+
+/// The credential of `Authorization: Bearer <credential>` (scheme in any letter case).
+pub fn bearer_token(headers: &HeaderMap) -> Option<&[u8]> {
+    let b = headers.get(AUTHORIZATION)?.as_bytes();
+    (b.len() > 7 && b[..7].eq_ignore_ascii_case(b"bearer ")).then(|| &b[7..])
 }
 
 /// Lower-case hex of bytes.
