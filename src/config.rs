@@ -312,7 +312,7 @@ pub struct UpstreamConfig {
     pub queue_timeout: Duration,
     /// Retries of the idempotent GET after transient failures.
     pub retry: crate::resilience::RetryPolicy,
-    /// Consecutive upstream failures (transport errors, 5xx) that open an app's circuit;
+    /// Consecutive upstream failures (connect errors, timeouts, 5xx) that open an app's circuit;
     /// 0 disables the breaker.
     pub circuit_failure_threshold: u32,
     /// How long an open circuit fails fast before one probe request is let through.
