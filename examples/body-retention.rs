@@ -83,7 +83,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Warm the connection pool and the allocator before the baseline.
     for i in 0..CONCURRENCY {
-        upstream.fetch_run(id(1 << 40 | i), None).await?;
+        upstream
+            .fetch_run(id(1 << 40 | i), None, upstream.deadline())
+            .await?;
     }
     let before = rss_kb();
     let mut kept: Vec<Bytes> = Vec::with_capacity(count as usize);
@@ -93,7 +95,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let batch: Vec<_> = (next..(next + CONCURRENCY).min(count))
             .map(|i| {
                 let up = upstream.clone();
-                tokio::spawn(async move { up.fetch_run(id(i), None).await })
+                tokio::spawn(async move { up.fetch_run(id(i), None, up.deadline()).await })
             })
             .collect();
         for t in batch {

@@ -25,9 +25,9 @@ use crate::clients::{Client, ClientTable};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::flight::{Role, SingleFlight};
-use crate::metrics::{ClassLabel, Metrics, OutcomeLabel, ReasonLabel, RejectReason};
+use crate::metrics::{ClassLabel, Metrics, ReasonLabel, RejectReason};
 use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
-use crate::policy::{Decision, EntryClass, NoCacheReason, Policy};
+use crate::policy::{Decision, EntryClass, Policy};
 use crate::readiness::Readiness;
 use crate::request_id;
 use crate::resilience::{is_failure, jitter, retry_after, Refused, RetryPolicy};
@@ -49,8 +49,6 @@ pub static X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
 pub struct Fetched {
     /// The answer (kept or not), or the gateway's error.
     pub result: Result<Arc<Stored>, GatewayError>,
-    /// Why the answer was not cached, when it was not.
-    pub not_cached: Option<NoCacheReason>,
     /// Upstream status, when an answer came back.
     pub upstream_status: Option<StatusCode>,
     /// Time the upstream exchange took.
@@ -546,9 +544,9 @@ impl Gateway {
         }
         let fetched = match r {
             Ok(a) => {
-                let (class, ttl, not_cached) = match self.policy.decide(a.status, &a.body) {
-                    Decision::Keep { class, ttl } => (Some(class), ttl, None),
-                    Decision::Pass(reason) => (None, None, Some(reason)),
+                let (class, ttl) = match self.policy.decide(a.status, &a.body) {
+                    Decision::Keep { class, ttl } => (Some(class), ttl),
+                    Decision::Pass(_) => (None, None),
                 };
                 // A kept body is copied out of the connection's read buffer: as received it
                 // is a slice that would keep the whole (much larger) buffer alive in the cache.
@@ -568,14 +566,12 @@ impl Gateway {
                 self.cache.insert(key, Arc::clone(&stored));
                 Fetched {
                     result: Ok(stored),
-                    not_cached,
                     upstream_status: Some(a.status),
                     upstream_elapsed,
                 }
             }
             Err(e) => Fetched {
                 result: Err(e),
-                not_cached: None,
                 upstream_status: None,
                 upstream_elapsed,
             },
@@ -615,12 +611,8 @@ impl Gateway {
         let mut attempt = 1;
         loop {
             if let Err(Refused(wait)) = app.breaker.admit() {
-                self.metrics
-                    .upstream_requests
-                    .get_or_create(&OutcomeLabel {
-                        outcome: UpstreamOutcome::CircuitOpen.as_str(),
-                    })
-                    .inc();
+                // Refused before any exchange: counted, but no latency to observe.
+                self.metrics.upstream(UpstreamOutcome::CircuitOpen, None);
                 return Err(GatewayError::CircuitOpen {
                     retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
                 });
@@ -635,21 +627,13 @@ impl Gateway {
                 return Err(GatewayError::Overloaded);
             };
             let t = Instant::now();
-            let r = match tokio::time::timeout_at(
-                deadline.into(),
-                app.upstream.fetch_run(run, Some(rid)),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(GatewayError::UpstreamTimeout),
-            };
+            let r = app.upstream.fetch_run(run, Some(rid), deadline).await;
             drop(permit);
             let outcome = match &r {
                 Ok(a) => UpstreamOutcome::from_status(a.status),
                 Err(e) => UpstreamOutcome::from_error(e),
             };
-            self.metrics.upstream(outcome.as_str(), t.elapsed());
+            self.metrics.upstream(outcome, Some(t.elapsed()));
             if app.breaker.record(is_failure(&r)) {
                 tracing::warn!(app = %app.name, "upstream circuit opened after repeated failures");
             }

@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::clients::Client;
-use crate::outcome::{CacheOutcome, Route};
+use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
 
 /// Labels of `dify_gateway_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -317,12 +317,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts one upstream exchange.
-    pub fn upstream(&self, outcome: &'static str, elapsed: Duration) {
+    /// Counts one upstream attempt; `elapsed` is `None` when it was refused before any exchange.
+    pub fn upstream(&self, outcome: UpstreamOutcome, elapsed: Option<Duration>) {
         self.upstream_requests
-            .get_or_create(&OutcomeLabel { outcome })
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
             .inc();
-        self.upstream_duration.observe(elapsed.as_secs_f64());
+        if let Some(d) = elapsed {
+            self.upstream_duration.observe(d.as_secs_f64());
+        }
     }
 
     /// The exposition text.
@@ -360,7 +364,7 @@ mod tests {
             Duration::from_micros(30),
         );
         m.reject(RejectReason::BadId);
-        m.upstream("ok", Duration::from_millis(3));
+        m.upstream(UpstreamOutcome::Ok, Some(Duration::from_millis(3)));
         let text = m.encode();
         assert!(text.contains("dify_gateway_requests_total{route=\"run_detail\",status_class=\"2xx\",cache=\"hit\",client=\"none\"} 1"), "{text}");
         assert!(text.contains("dify_gateway_rejected_total{reason=\"bad_id\"} 1"));

@@ -155,23 +155,38 @@ impl Upstream {
             .map_err(|_| GatewayError::Internal)
     }
 
-    /// Fetches one run's detail: head and whole body within `total_timeout`, body capped.
+    /// Fetches one run's detail: head and whole body before `deadline`, body capped.
     pub async fn fetch_run(
         &self,
         run: RunId,
         request_id: Option<&HeaderValue>,
+        deadline: Instant,
     ) -> Result<UpstreamAnswer, GatewayError> {
         let uri = self.run_url(run)?;
-        self.get(uri, request_id).await
+        self.get_until(uri, request_id, deadline).await
     }
 
-    /// One GET with the app key, within the total deadline.
+    /// The deadline of an exchange starting now: `upstream.total_timeout` away.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.total_timeout
+    }
+
+    /// One GET with the app key, within the total timeout from now.
     pub async fn get(
         &self,
         uri: Uri,
         request_id: Option<&HeaderValue>,
     ) -> Result<UpstreamAnswer, GatewayError> {
-        let deadline = Instant::now() + self.total_timeout;
+        self.get_until(uri, request_id, self.deadline()).await
+    }
+
+    /// One GET with the app key, abandoned at `deadline` (a fetch's retries share one).
+    pub async fn get_until(
+        &self,
+        uri: Uri,
+        request_id: Option<&HeaderValue>,
+        deadline: Instant,
+    ) -> Result<UpstreamAnswer, GatewayError> {
         match tokio::time::timeout_at(deadline.into(), self.exchange(uri, request_id)).await {
             Ok(r) => r,
             Err(_) => Err(GatewayError::UpstreamTimeout),
