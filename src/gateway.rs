@@ -19,6 +19,7 @@ use serde::Serialize;
 use std::sync::{Mutex, PoisonError};
 use tokio::sync::Semaphore;
 
+use crate::access_log::{AccessLine, AccessLog};
 use crate::apps::{fingerprint, App};
 use crate::cache::{AppId, Cache, CacheKey, KeptHeaders, Stored};
 use crate::clients::{Client, ClientTable};
@@ -103,8 +104,8 @@ pub struct Gateway {
     flights: Arc<SingleFlight<CacheKey, FlightValue>>,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-    /// Write one log line per request.
-    access_log: bool,
+    /// Where the one line per request goes; `None` when the access log is off.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 /// `/admin/cache/stats` body.
@@ -127,8 +128,17 @@ pub struct ClassReport {
 }
 
 impl Gateway {
-    /// Builds the gateway from validated config.
+    /// Builds the gateway from validated config, without an access log.
     pub fn new(config: &Config) -> Result<Arc<Gateway>, SetupError> {
+        Gateway::with_access_log(config, None)
+    }
+
+    /// Builds the gateway from validated config; with `log.access_log` on, each public request
+    /// makes one line in `access_log`.
+    pub fn with_access_log(
+        config: &Config,
+        access_log: Option<Arc<AccessLog>>,
+    ) -> Result<Arc<Gateway>, SetupError> {
         let metrics = Arc::new(Metrics::new());
         let apps = config
             .apps
@@ -158,7 +168,7 @@ impl Gateway {
             queue_timeout: config.upstream.queue_timeout,
             metrics,
             readiness,
-            access_log: config.log.access_log,
+            access_log: access_log.filter(|_| config.log.access_log),
         }))
     }
 
@@ -249,9 +259,20 @@ impl Gateway {
         if let Some(r) = info.rejected {
             self.metrics.reject(r);
         }
-        if self.access_log {
-            let app = info.app.map(|a| &*self.apps[a.0 as usize].name);
-            log_access(&req, &resp, &info, &rid, client.as_deref(), app, elapsed);
+        if let Some(log) = &self.access_log {
+            log.record(&AccessLine {
+                request_id: rid.to_str().unwrap_or("-"),
+                client: client.as_deref().map_or("-", |c| &*c.name),
+                app: info.app.map_or("-", |a| &*self.apps[a.0 as usize].name),
+                method: req.method().as_str(),
+                path: req.uri().path(),
+                status: resp.status().as_u16(),
+                route: info.route.as_str(),
+                cache: info.cache.map_or("none", CacheOutcome::as_str),
+                upstream_status: info.upstream_status.map(|s| s.as_u16()),
+                upstream_ms: info.upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
+                latency_us: elapsed.as_micros() as u64,
+            });
         }
         resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
         resp
@@ -726,29 +747,4 @@ fn age_header(secs: u64) -> HeaderValue {
 fn with_x_cache(mut resp: Response<Full<Bytes>>, outcome: CacheOutcome) -> Response<Full<Bytes>> {
     resp.headers_mut().insert(X_CACHE.clone(), outcome.header());
     resp
-}
-
-fn log_access<B>(
-    req: &Request<B>,
-    resp: &Response<Full<Bytes>>,
-    info: &RequestInfo,
-    rid: &HeaderValue,
-    client: Option<&Client>,
-    app: Option<&str>,
-    elapsed: Duration,
-) {
-    tracing::info!(
-        target: "access",
-        request_id = rid.to_str().unwrap_or("-"),
-        client = client.map_or("-", |c| &*c.name),
-        app = app.unwrap_or("-"),
-        method = %req.method(),
-        path = %req.uri().path(),
-        status = resp.status().as_u16(),
-        route = info.route.as_str(),
-        cache = info.cache.map_or("none", CacheOutcome::as_str),
-        upstream_status = info.upstream_status.map(|s| s.as_u16()),
-        upstream_ms = info.upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
-        latency_us = elapsed.as_micros() as u64,
-    );
 }

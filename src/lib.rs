@@ -3,6 +3,7 @@
 //! The binary is a thin shell over this library: [`cli`] parses arguments, [`config`] validates
 //! them, [`gateway::Gateway`] answers requests and [`server::run`] serves it on a listener.
 
+pub mod access_log;
 pub mod admin;
 pub mod apps;
 pub mod cache;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
+use dify_gateway::access_log::AccessLog;
 use dify_gateway::admin::Admin;
 use dify_gateway::cli::{Cli, Command};
 use dify_gateway::server::{self, Drain};
@@ -58,12 +59,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let _log_guard = telemetry::init(config.log.format);
-    runtime.block_on(serve(cli, config))
+    let telemetry = telemetry::init(config.log.format);
+    runtime.block_on(serve(cli, config, telemetry.access.clone()))
 }
 
-async fn serve(cli: Cli, config: Config) -> ExitCode {
-    let gateway = match Gateway::new(&config) {
+async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> ExitCode {
+    let gateway = match Gateway::with_access_log(&config, access_log) {
         Ok(g) => g,
         Err(e) => {
             tracing::error!(error = %e, "cannot set up the gateway");

@@ -148,6 +148,10 @@ fn serves_and_exits_zero_on_sigterm() {
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let all = rest.join("\n");
     assert!(!all.contains("clitest-secret") && !first.contains("clitest-secret"));
+    assert!(
+        all.contains("INFO access: request_id=") && all.contains("path=/healthz status=200"),
+        "the access line reaches stdout by exit: {all}"
+    );
     let probe = gateway()
         .args(["--health-probe", &format!("127.0.0.1:{port}")])
         .status()

@@ -5,8 +5,11 @@ mod common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::*;
+use dify_gateway::access_log::AccessLog;
+use dify_gateway::config::LogFormat;
 use dify_gateway::mock::Reply;
 use http::{Method, StatusCode};
 
@@ -48,7 +51,8 @@ async fn key_never_appears_in_responses_logs_or_debug_output() {
     );
     let cfg = config(&up, "[upstream]\ntotal_timeout = \"2s\"\n");
     let debug_cfg = format!("{cfg:?}");
-    let gw = spawn_gateway(cfg).await;
+    let access = Arc::new(AccessLog::new(LogFormat::Text));
+    let gw = spawn_gateway_logged(cfg, Some(Arc::clone(&access))).await;
     let c = client();
 
     let mut bodies = Vec::new();
@@ -99,7 +103,12 @@ async fn key_never_appears_in_responses_logs_or_debug_output() {
         "key in Debug of the upstream client"
     );
 
-    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert!(text.contains("access"), "access lines were logged: {text}");
+    let mut lines = logs.0.lock().unwrap().clone();
+    access.take(&mut lines, Duration::ZERO);
+    let text = String::from_utf8(lines).unwrap();
+    assert!(
+        text.contains("INFO access: request_id="),
+        "access lines were logged: {text}"
+    );
     assert!(!text.contains(secret_part), "key in the logs");
 }

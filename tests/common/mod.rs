@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dify_gateway::access_log::AccessLog;
 use dify_gateway::admin::Admin;
 use dify_gateway::config::{Config, Overrides, RawConfig, API_KEY_ENV};
 use dify_gateway::mock::MockDify;
@@ -88,9 +89,17 @@ pub fn config(upstream: &MockDify, toml: &str) -> Config {
 }
 
 pub async fn spawn_gateway(config: Config) -> TestGateway {
+    spawn_gateway_logged(config, None).await
+}
+
+/// [`spawn_gateway`], writing access lines (when `log.access_log` is on) to `access_log`.
+pub async fn spawn_gateway_logged(
+    config: Config,
+    access_log: Option<Arc<AccessLog>>,
+) -> TestGateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let gateway = Gateway::new(&config).expect("gateway builds");
+    let gateway = Gateway::with_access_log(&config, access_log).expect("gateway builds");
     let (tx, rx) = oneshot::channel();
     let gw = Arc::clone(&gateway);
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
