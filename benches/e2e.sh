@@ -360,20 +360,29 @@ access_log_spread() {
 
 scenario_3() {
     log "scenario 3: stampede of $STAMPEDE_CLIENTS clients, upstream ${STAMPEDE_DELAY_MS} ms"
-    local gw_port ng_port ng_miss_port rep s p id section up0 t0
-    read -r gw_port ng_port ng_miss_port < <(free_ports 3)
+    local gw_port ng_port ng_miss_port held_port rep s p id section up0 t0
+    read -r gw_port ng_port ng_miss_port held_port < <(free_ports 4)
     start_mock 0 --output-bytes "$OUTPUT_BYTES" --delay-ms "$STAMPEDE_DELAY_MS"
     start_gateway gateway "$gw_port"
     start_nginx "$ng_port" "$ng_miss_port"
+    # The ceiling: bare hyper holding every request for a path until one timer, started by the
+    # first, releases them all at once — the waiters' wake-up and writes, and nothing else.
+    start bare-held "$SERVER_CPU" "$BARE" "127.0.0.1:$held_port" "$OUTPUT_BYTES" gateway-like 1 \
+        "$STAMPEDE_DELAY_MS"
+    wait_http "http://127.0.0.1:$held_port/"
     for rep in $(seq "$STAMPEDE_REPEATS"); do
-        for s in gateway nginx; do
+        for s in gateway nginx bare-held; do
             # A fresh run for every stampede.
-            if [ "$s" = gateway ]; then
-                p=$gw_port id=$(run_path 3 $((rep * 2))) section="3-stampede: gateway, run $rep"
-            else
-                p=$ng_port id=$(run_path 3 $((rep * 2 + 1)))
-                section="3-stampede: nginx (proxy_cache_lock), run $rep"
-            fi
+            case $s in
+            gateway)
+                p=$gw_port id=$(run_path 3 $((rep * 3))) section="3-stampede: gateway, run $rep" ;;
+            nginx)
+                p=$ng_port id=$(run_path 3 $((rep * 3 + 1)))
+                section="3-stampede: nginx (proxy_cache_lock), run $rep" ;;
+            *)
+                p=$held_port id=$(run_path 3 $((rep * 3 + 2)))
+                section="3-stampede: bare hyper, all released at once (ceiling), run $rep" ;;
+            esac
             id=${id##*/}
             wait_quiet
             up0=$(upstream_count)
@@ -392,6 +401,7 @@ scenario_3() {
     kv "3-stampede: peak RSS" nginx_kb "$(status_kb nginx VmHWM)"
     stop gateway
     stop nginx
+    stop bare-held
     stop mock
 }
 

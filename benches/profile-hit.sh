@@ -48,12 +48,12 @@ read -r MOCK_PORT GW_PORT NOLOG_PORT BARE_PORT < <("$TARGET/examples/loadgen" po
 printf '[log]\naccess_log = false\n' >"$OUT/nolog.toml"
 taskset -c 1 "$TARGET/examples/mock-dify" "127.0.0.1:$MOCK_PORT" 0 >"$OUT/mock.log" 2>&1 &
 PIDS+=($!)
-taskset -c 0 "$TARGET/dify-gateway" --listen "127.0.0.1:$GW_PORT" \
+taskset -c 0 "$TARGET/dify-gateway" --listen "127.0.0.1:$GW_PORT" --admin-listen 127.0.0.1:0 \
     --upstream "http://127.0.0.1:$MOCK_PORT/v1" >"$LOGDIR/gateway-access.log" 2>&1 &
 PIDS+=($!)
 GW_PID=$!
 taskset -c 0 "$TARGET/dify-gateway" --config "$OUT/nolog.toml" --listen "127.0.0.1:$NOLOG_PORT" \
-    --upstream "http://127.0.0.1:$MOCK_PORT/v1" >/dev/null 2>&1 &
+    --admin-listen 127.0.0.1:0 --upstream "http://127.0.0.1:$MOCK_PORT/v1" >/dev/null 2>&1 &
 PIDS+=($!)
 NOLOG_PID=$!
 taskset -c 0 "$TARGET/examples/bare-hyper" "127.0.0.1:$BARE_PORT" >/dev/null 2>&1 &

@@ -8,7 +8,7 @@
 //! same output size, so the bytes on the wire match a gateway hit.
 //!
 //! ```text
-//! cargo run --release --example bare-hyper -- 127.0.0.1:8090 [OUTPUT_BYTES] [plain|gateway-like] [BODIES]
+//! cargo run --release --example bare-hyper -- 127.0.0.1:8090 [OUTPUT_BYTES] [plain|gateway-like] [BODIES] [HOLD_MS]
 //! ```
 //!
 //! With `BODIES` > 1 it keeps that many separate copies of the body and picks one by a hash of
@@ -19,9 +19,15 @@
 //! header-read timeout, header-size cap, HTTP/2 limits) and sends the headers of a gateway hit
 //! (`x-version`, `x-env`, `x-cache`, `age`), so that what remains between it and the gateway is
 //! the gateway's own request handling.
+//!
+//! With `HOLD_MS` > 0 the first request for a path starts a `HOLD_MS` timer, and every request
+//! for that path arriving before it fires waits for it; all are released by one wake-up, as a
+//! single flight releases its waiters; later requests are answered at once. It is the ceiling for
+//! the stampede: how soon a thousand held connections can all be answered on this machine.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +38,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 /// Output text per body when no size is given: the mock Dify's default.
 const DEFAULT_OUTPUT_BYTES: usize = 1024;
@@ -53,13 +60,14 @@ fn main() -> std::io::Result<()> {
         .unwrap_or(DEFAULT_OUTPUT_BYTES);
     let gateway_like = args.next().as_deref() == Some("gateway-like");
     let copies: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+    let hold = Duration::from_millis(args.next().and_then(|s| s.parse().ok()).unwrap_or(0));
     let body = dify_gateway::mock::run_body(RUN, "\"succeeded\"", output_bytes);
     let bodies: Arc<[Bytes]> = (0..copies).map(|_| Bytes::copy_from_slice(&body)).collect();
     // Same runtime construction as the gateway's binary.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(addr, bodies, gateway_like))
+    runtime.block_on(serve(addr, bodies, gateway_like, hold))
 }
 
 /// The gateway's protocol settings (`server.rs`, with its default config).
@@ -83,7 +91,38 @@ fn pick(path: &str, n: usize) -> usize {
     (h % n as u64) as usize
 }
 
-async fn serve(addr: String, bodies: Arc<[Bytes]>, gateway_like: bool) -> std::io::Result<()> {
+/// Per path, the release of the requests held for it (`HOLD_MS`).
+type Holds = Arc<Mutex<HashMap<String, watch::Receiver<bool>>>>;
+
+/// Waits until the hold for `path` is released, starting it if this is the path's first request.
+async fn held(holds: &Holds, path: &str, hold: Duration) {
+    let mut rx = {
+        let mut map = holds.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(path) {
+            Some(rx) => rx.clone(),
+            None => {
+                let (tx, rx) = watch::channel(false);
+                map.insert(path.to_owned(), rx.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(hold).await;
+                    let _ = tx.send(true);
+                    // Keep the sender: a closed channel would make later waits fail.
+                    std::future::pending::<()>().await;
+                });
+                rx
+            }
+        }
+    };
+    let _ = rx.wait_for(|released| *released).await;
+}
+
+async fn serve(
+    addr: String,
+    bodies: Arc<[Bytes]>,
+    gateway_like: bool,
+    hold: Duration,
+) -> std::io::Result<()> {
+    let holds: Holds = Arc::default();
     let listener = TcpListener::bind(&addr).await?;
     println!(
         "bare hyper on {} ({} body bytes)",
@@ -106,7 +145,12 @@ async fn serve(addr: String, bodies: Arc<[Bytes]>, gateway_like: bool) -> std::i
         };
         let _ = stream.set_nodelay(true);
         let bodies = Arc::clone(&bodies);
+        let holds = Arc::clone(&holds);
         let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+            let wait = (!hold.is_zero()).then(|| {
+                let (holds, path) = (Arc::clone(&holds), req.uri().path().to_owned());
+                async move { held(&holds, &path, hold).await }
+            });
             let body = match bodies.len() {
                 1 => bodies[0].clone(),
                 n => bodies[pick(req.uri().path(), n)].clone(),
@@ -120,7 +164,12 @@ async fn serve(addr: String, bodies: Arc<[Bytes]>, gateway_like: bool) -> std::i
                 h.insert(X_CACHE.clone(), HeaderValue::from_static("HIT"));
                 h.insert(AGE, HeaderValue::from_static("0"));
             }
-            async move { Ok::<_, Infallible>(resp) }
+            async move {
+                if let Some(w) = wait {
+                    w.await;
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), svc)
