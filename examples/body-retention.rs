@@ -8,7 +8,8 @@
 //!
 //! A third mode, `cache`, skips the network: it inserts exact-size bodies of the same length
 //! into the gateway's [`Cache`] as terminal entries and reports RSS per entry beyond the body —
-//! the cache's own per-entry cost (moka, key, `Arc<Stored>`, kept headers, allocator).
+//! the cache's own per-entry cost (the terminal store's slots, key, `Arc<Stored>`, kept headers,
+//! allocator).
 //!
 //! ```text
 //! cargo run --release --example body-retention -- as-received 20000 1600

@@ -1,21 +1,33 @@
-//! The in-process cache of upstream answers.
+//! The in-process cache of upstream answers, in two stores.
 //!
-//! Invariant: the cache's weight — body bytes, kept header bytes and a fixed per-entry overhead —
-//! never exceeds `cache.max_bytes` after moka's pending maintenance runs, and each entry expires
-//! after exactly the TTL the policy gave it (none for terminal runs unless `terminal_max_age`).
+//! Terminal runs — immutable and by far the most numerous — live in a compact store
+//! ([`quick_cache`]) with no per-entry timers; `terminal_max_age`, when set, is checked when an
+//! entry is read. Running and not-found answers — few, each kept about a second — live in moka
+//! with per-entry expiry. Up to an eighth of `cache.max_bytes` is set aside for running and
+//! not-found answers; the terminal store gets the rest.
+//!
+//! Invariant: the two stores' weight — body bytes, kept header bytes and a fixed per-entry
+//! overhead for each store — never exceeds `cache.max_bytes` (after moka's pending maintenance runs), each entry
+//! is fresh until exactly `ttl` after its `fetched_at` (forever for terminal runs unless
+//! `terminal_max_age`), and the `cache_entries`/`cache_bytes` gauges equal what the stores hold.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use moka::notification::RemovalCause;
-use moka::sync::Cache as Moka;
-use moka::Expiry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{CacheMetrics, CauseLabel, ClassLabel};
 use crate::policy::EntryClass;
 use crate::run_id::RunId;
+
+mod terminal;
+mod transient;
+
+use terminal::TerminalStore;
+use transient::TransientStore;
 
 /// Which configured app an entry belongs to. Dify scopes runs to the key's app, so the app is
 /// part of every cache key.
@@ -29,10 +41,20 @@ pub struct CacheKey {
     pub run: RunId,
 }
 
-/// Weight charged per entry beyond its bytes: the key, the `Arc<Stored>`, moka's own
-/// bookkeeping and allocator slack (~440 bytes measured by `examples/body-retention.rs cache`),
-/// rounded up, so the byte cap bounds real memory rather than only body bytes.
-pub const ENTRY_OVERHEAD: u32 = 512;
+/// Weight charged per terminal entry beyond its bytes: the key, the `Arc<Stored>`, the terminal
+/// store's slab and map slots, its ghost keys and allocator slack — ~178 bytes measured by
+/// `cargo run --release --example body-retention -- cache 100000 1600`, ~204 once the store is
+/// full and remembers evicted keys (`... cache 200000 1600`) — rounded up, so the byte cap bounds
+/// real memory rather than only body bytes.
+pub const ENTRY_OVERHEAD: u32 = 208;
+
+/// Weight charged per running or not-found entry beyond its bytes: moka's own per-entry records
+/// (deque nodes, entry info, timer wheel node) make such an entry cost ~470 bytes (what the same
+/// example measured when every entry lived in moka), rounded up. These entries are few.
+const TRANSIENT_ENTRY_OVERHEAD: u32 = 512;
+
+/// Share of `max_bytes` set aside for running and not-found answers (one part in this many).
+const TRANSIENT_SHARE: u64 = 8;
 
 /// The upstream response headers the gateway keeps and forwards. Entries share one instance
 /// when their headers are identical (they nearly always are), saving ~150 bytes per entry.
@@ -69,9 +91,9 @@ pub struct Stored {
     pub body: Bytes,
     /// What the policy made of it; `None` when it is not kept.
     pub class: Option<EntryClass>,
-    /// How long it may be reused; `None` with a class means no expiry.
+    /// How long after `fetched_at` it may be reused; `None` with a class means no expiry.
     pub ttl: Option<Duration>,
-    /// When the upstream answered (for `Age`).
+    /// When the upstream answered (for `Age`, and the start of `ttl`).
     pub fetched_at: Instant,
 }
 
@@ -79,18 +101,19 @@ impl Stored {
     /// The entry's weight for the byte cap, saturating at `u32::MAX`.
     pub fn weight(&self) -> u32 {
         let bytes = self.body.len() + self.headers.len();
+        let overhead = match self.class {
+            Some(EntryClass::Running | EntryClass::NotFound) => TRANSIENT_ENTRY_OVERHEAD,
+            Some(EntryClass::Terminal) | None => ENTRY_OVERHEAD,
+        };
         u32::try_from(bytes)
             .unwrap_or(u32::MAX)
-            .saturating_add(ENTRY_OVERHEAD)
+            .saturating_add(overhead)
     }
-}
 
-/// What moka holds: the answer and until when it is fresh.
-#[derive(Clone)]
-struct Slot {
-    stored: Arc<Stored>,
-    /// `None`: fresh until evicted (terminal runs without `terminal_max_age`).
-    fresh_until: Option<Instant>,
+    /// Whether its `ttl` has not yet run out.
+    fn is_fresh(&self) -> bool {
+        self.ttl.is_none_or(|ttl| self.fetched_at.elapsed() < ttl)
+    }
 }
 
 /// A cache entry as a lookup finds it.
@@ -101,43 +124,6 @@ pub struct Found {
     pub fresh: bool,
 }
 
-/// Gives each entry the TTL the policy decided, plus, for running entries, the stale-if-error
-/// grace during which it is kept (not fresh) for outages.
-struct PerEntryTtl {
-    grace: Duration,
-}
-
-impl PerEntryTtl {
-    fn lifetime(&self, s: &Stored) -> Option<Duration> {
-        let ttl = s.ttl?;
-        Some(match s.class {
-            Some(EntryClass::Running) => ttl.saturating_add(self.grace),
-            _ => ttl,
-        })
-    }
-}
-
-impl Expiry<CacheKey, Slot> for PerEntryTtl {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Slot,
-        _now: Instant,
-    ) -> Option<Duration> {
-        self.lifetime(&value.stored)
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        value: &Slot,
-        _now: Instant,
-        _current: Option<Duration>,
-    ) -> Option<Duration> {
-        self.lifetime(&value.stored)
-    }
-}
-
 /// Counts of what the cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheStats {
@@ -145,202 +131,187 @@ pub struct CacheStats {
     pub weighted_bytes: u64,
 }
 
-/// Why an entry left the cache (a metric label).
-fn cause_str(c: RemovalCause) -> &'static str {
-    match c {
-        RemovalCause::Expired => "expired",
-        RemovalCause::Explicit => "purged",
-        RemovalCause::Replaced => "replaced",
-        RemovalCause::Size => "size",
+/// Why an entry left the cache; the `cause` label of `cache_evictions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// Pushed out to stay under the byte cap, or too heavy to keep at all.
+    Size,
+    /// Its time ran out.
+    Expired,
+    /// Dropped on request (`remove`, `clear`).
+    Purged,
+    /// A newer answer for the same key took its place.
+    Replaced,
+}
+
+impl Removal {
+    /// Every cause, in declaration order (so `cause as usize` indexes it).
+    const ALL: [Removal; 4] = [
+        Removal::Size,
+        Removal::Expired,
+        Removal::Purged,
+        Removal::Replaced,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Removal::Size => "size",
+            Removal::Expired => "expired",
+            Removal::Purged => "purged",
+            Removal::Replaced => "replaced",
+        }
     }
 }
 
-fn class_label(v: &Stored) -> ClassLabel {
-    ClassLabel {
-        class: v.class.map_or("none", |c| c.as_str()),
+/// One class's gauges, resolved once.
+#[derive(Clone)]
+struct ClassGauges {
+    entries: Gauge,
+    bytes: Gauge,
+}
+
+/// The cache's metric handles, resolved once so that neither store hashes a label set per
+/// entry: every entry is added here when kept and removed here exactly once when it leaves.
+#[derive(Clone)]
+struct Tally {
+    terminal: ClassGauges,
+    running: ClassGauges,
+    not_found: ClassGauges,
+    /// By [`Removal`], indexed as [`Removal::ALL`].
+    evictions: [Counter; 4],
+}
+
+impl Tally {
+    fn new(m: &CacheMetrics) -> Tally {
+        let class = |c: EntryClass| {
+            let l = ClassLabel { class: c.as_str() };
+            ClassGauges {
+                entries: m.entries.get_or_create(&l).clone(),
+                bytes: m.bytes.get_or_create(&l).clone(),
+            }
+        };
+        let cause = |r: Removal| {
+            m.evictions
+                .get_or_create(&CauseLabel { cause: r.as_str() })
+                .clone()
+        };
+        Tally {
+            terminal: class(EntryClass::Terminal),
+            running: class(EntryClass::Running),
+            not_found: class(EntryClass::NotFound),
+            evictions: Removal::ALL.map(cause),
+        }
+    }
+
+    /// The gauges of `s`'s class; `None` for answers the cache never keeps.
+    fn gauges(&self, s: &Stored) -> Option<&ClassGauges> {
+        Some(match s.class? {
+            EntryClass::Terminal => &self.terminal,
+            EntryClass::Running => &self.running,
+            EntryClass::NotFound => &self.not_found,
+        })
+    }
+
+    fn added(&self, s: &Stored) {
+        if let Some(g) = self.gauges(s) {
+            g.entries.inc();
+            g.bytes.inc_by(i64::from(s.weight()));
+        }
+    }
+
+    fn removed(&self, s: &Stored, cause: Removal) {
+        if let Some(g) = self.gauges(s) {
+            g.entries.dec();
+            g.bytes.dec_by(i64::from(s.weight()));
+        }
+        self.evictions[cause as usize].inc();
     }
 }
 
-/// The cache: moka, weighed by bytes, with per-entry expiry.
+/// The cache: terminal entries in a compact store, running and not-found entries in moka, both
+/// weighed by bytes.
 #[derive(Clone)]
 pub struct Cache {
-    inner: Moka<CacheKey, Slot>,
-    metrics: CacheMetrics,
+    terminal: Arc<TerminalStore>,
+    transient: Arc<TransientStore>,
 }
 
 impl Cache {
-    /// A cache holding at most `max_bytes` of weight, keeping running entries `stale_grace`
-    /// past their TTL for stale-if-error, reporting into `metrics`.
+    /// A cache holding at most `max_bytes` of weight (an eighth of it for running and not-found
+    /// answers), keeping running entries `stale_grace` past their TTL for stale-if-error,
+    /// reporting into `metrics`.
     pub fn new(max_bytes: u64, stale_grace: Duration, metrics: CacheMetrics) -> Cache {
-        let m = metrics.clone();
-        let inner = Moka::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Slot| v.stored.weight())
-            .expire_after(PerEntryTtl { grace: stale_grace })
-            .eviction_listener(move |_k, slot: Slot, cause| {
-                let v = slot.stored;
-                let class = class_label(&v);
-                m.entries.get_or_create(&class).dec();
-                m.bytes.get_or_create(&class).dec_by(i64::from(v.weight()));
-                m.evictions
-                    .get_or_create(&CauseLabel {
-                        cause: cause_str(cause),
-                    })
-                    .inc();
-            })
-            .build();
-        Cache { inner, metrics }
+        let tally = Tally::new(&metrics);
+        let transient_bytes = max_bytes / TRANSIENT_SHARE;
+        Cache {
+            terminal: Arc::new(TerminalStore::new(
+                max_bytes - transient_bytes,
+                tally.clone(),
+            )),
+            transient: Arc::new(TransientStore::new(transient_bytes, stale_grace, tally)),
+        }
     }
 
     /// A fresh entry, if any (the hit path).
     #[inline]
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Stored>> {
-        let slot = self.inner.get(key)?;
-        match slot.fresh_until {
-            Some(t) if Instant::now() >= t => None,
-            _ => Some(slot.stored),
+        if let Some(s) = self.terminal.get(key) {
+            return Some(s);
         }
+        self.transient.get(key).filter(|s| s.is_fresh())
     }
 
     /// An entry, fresh or kept past its TTL for stale-if-error.
     pub fn lookup(&self, key: &CacheKey) -> Option<Found> {
-        let slot = self.inner.get(key)?;
-        let fresh = slot.fresh_until.is_none_or(|t| Instant::now() < t);
+        if let Some(stored) = self.terminal.get(key) {
+            return Some(Found {
+                stored,
+                fresh: true,
+            });
+        }
+        let stored = self.transient.get(key)?;
         Some(Found {
-            stored: slot.stored,
-            fresh,
+            fresh: stored.is_fresh(),
+            stored,
         })
     }
 
     /// Keeps an answer the policy classified. Answers without a class are ignored, so a caller
     /// cannot cache an error by mistake.
     pub fn insert(&self, key: CacheKey, value: Arc<Stored>) {
-        if value.class.is_some() {
-            let class = class_label(&value);
-            self.metrics.entries.get_or_create(&class).inc();
-            self.metrics
-                .bytes
-                .get_or_create(&class)
-                .inc_by(i64::from(value.weight()));
-            let fresh_until = value.ttl.map(|t| Instant::now() + t);
-            self.inner.insert(
-                key,
-                Slot {
-                    stored: value,
-                    fresh_until,
-                },
-            );
+        match value.class {
+            Some(EntryClass::Terminal) => {
+                self.terminal.insert(key, value);
+                // The run finished: its running entry is superseded.
+                self.transient.remove(&key, Removal::Replaced);
+            }
+            Some(EntryClass::Running | EntryClass::NotFound) => self.transient.insert(key, value),
+            None => {}
         }
     }
 
     /// Drops one entry.
     pub fn remove(&self, key: &CacheKey) {
-        self.inner.invalidate(key);
+        self.terminal.remove(key);
+        self.transient.remove(key, Removal::Purged);
     }
 
     /// Drops everything.
     pub fn clear(&self) {
-        self.inner.invalidate_all();
+        self.terminal.clear();
+        self.transient.clear();
     }
 
-    /// Entries and weight, after running moka's pending maintenance so the figures are current.
+    /// Entries and weight of both stores, after running moka's pending maintenance so the
+    /// figures are current.
     pub fn stats(&self) -> CacheStats {
-        self.inner.run_pending_tasks();
+        let (entries, weighted_bytes) = self.transient.stats();
         CacheStats {
-            entries: self.inner.entry_count(),
-            weighted_bytes: self.inner.weighted_size(),
+            entries: entries + self.terminal.len(),
+            weighted_bytes: weighted_bytes + self.terminal.weight(),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use uuid::Uuid;
-
-    fn stored(body: usize, class: Option<EntryClass>, ttl: Option<Duration>) -> Arc<Stored> {
-        Arc::new(Stored {
-            status: StatusCode::OK,
-            headers: Arc::default(),
-            body: Bytes::from(vec![b'x'; body]),
-            class,
-            ttl,
-            fetched_at: Instant::now(),
-        })
-    }
-
-    fn key(n: u128) -> CacheKey {
-        CacheKey {
-            app: AppId(0),
-            run: RunId::from(Uuid::from_u128(n)),
-        }
-    }
-
-    #[test]
-    fn unclassified_answers_are_not_kept() {
-        let c = Cache::new(1 << 20, Duration::ZERO, CacheMetrics::default());
-        c.insert(key(1), stored(10, None, None));
-        assert!(c.get(&key(1)).is_none());
-        c.insert(key(1), stored(10, Some(EntryClass::Terminal), None));
-        assert!(c.get(&key(1)).is_some());
-    }
-
-    #[test]
-    fn weight_is_bounded_by_max_bytes() {
-        let cap = 1 << 20;
-        let c = Cache::new(cap, Duration::ZERO, CacheMetrics::default());
-        for n in 0..10_000 {
-            c.insert(key(n), stored(1000, Some(EntryClass::Terminal), None));
-        }
-        let s = c.stats();
-        assert!(s.weighted_bytes <= cap, "{s:?}");
-        assert!(s.entries > 100 && s.entries < 1100, "{s:?}");
-    }
-
-    #[test]
-    fn entries_expire_after_their_ttl() {
-        let c = Cache::new(1 << 20, Duration::ZERO, CacheMetrics::default());
-        c.insert(
-            key(1),
-            stored(
-                10,
-                Some(EntryClass::Running),
-                Some(Duration::from_millis(50)),
-            ),
-        );
-        c.insert(key(2), stored(10, Some(EntryClass::Terminal), None));
-        assert!(c.get(&key(1)).is_some());
-        std::thread::sleep(Duration::from_millis(120));
-        assert!(c.get(&key(1)).is_none());
-        assert!(c.get(&key(2)).is_some());
-    }
-
-    #[test]
-    fn running_entries_outlive_their_ttl_as_stale_for_the_grace() {
-        let c = Cache::new(1 << 20, Duration::from_millis(300), CacheMetrics::default());
-        c.insert(
-            key(1),
-            stored(
-                10,
-                Some(EntryClass::Running),
-                Some(Duration::from_millis(50)),
-            ),
-        );
-        c.insert(
-            key(2),
-            stored(
-                10,
-                Some(EntryClass::NotFound),
-                Some(Duration::from_millis(50)),
-            ),
-        );
-        assert!(c.lookup(&key(1)).unwrap().fresh);
-        std::thread::sleep(Duration::from_millis(100));
-        assert!(c.get(&key(1)).is_none(), "not fresh");
-        let stale = c.lookup(&key(1)).expect("kept for the grace");
-        assert!(!stale.fresh);
-        assert!(c.lookup(&key(2)).is_none(), "404s get no grace");
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(c.lookup(&key(1)).is_none());
-    }
-}
+mod tests;

@@ -323,6 +323,8 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     /// Upper bound of the cache's weight: the bytes of bodies and headers plus per-entry overhead.
+    /// Up to an eighth of max_bytes is set aside for running and not-found answers; terminal
+    /// runs get the rest.
     pub max_bytes: u64,
     /// Run statuses kept without expiry.
     pub terminal_statuses: Vec<String>,

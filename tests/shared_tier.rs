@@ -145,6 +145,30 @@ async fn age_survives_the_trip_through_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_read_back_counts_from_when_the_upstream_answered() {
+    let server = RedisServer::start();
+    let t = tier(&server, "");
+    let run = new_run();
+    // A terminal run under `terminal_max_age`, written 4 s after the upstream answered.
+    let mut s = entry(
+        br#"{"status":"succeeded"}"#.to_vec(),
+        EntryClass::Terminal,
+        Some(Duration::from_secs(10)),
+    );
+    s.fetched_at = Instant::now() - Duration::from_secs(4);
+    assert_eq!(t.put(TAG, run, &s).await, PutOutcome::Written);
+    let got = hit(t.get(TAG, run).await);
+    // Fresh until ~6 s from now, as in Redis: `fetched_at + ttl`, not `now + ttl`.
+    let ttl = got.ttl.expect("a ttl");
+    let left = ttl.saturating_sub(got.fetched_at.elapsed());
+    assert!(ttl > Duration::from_secs(9), "{ttl:?}");
+    assert!(
+        left > Duration::from_secs(5) && left <= Duration::from_secs(6),
+        "{left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_entry_expires_with_its_ttl() {
     let server = RedisServer::start();
     let t = tier(&server, "");
@@ -162,7 +186,7 @@ async fn a_running_entry_expires_with_its_ttl() {
     assert!((1..=200).contains(&pttl), "PTTL {pttl}");
     let got = hit(t.get(TAG, run).await);
     assert_eq!(got.class, Some(EntryClass::Running));
-    // The TTL handed back is what Redis has left, so a local copy expires no later.
+    // The TTL handed back ends no later than Redis's copy, so a local copy expires no later.
     assert!(got.ttl.is_some_and(|d| d <= Duration::from_millis(200)));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(t.get(TAG, run).await.as_str(), "miss");

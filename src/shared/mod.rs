@@ -164,8 +164,9 @@ impl SharedTier {
     }
 
     /// The value of (`app_tag`, `run`), if there is one that passes the codec's checks. Its
-    /// `ttl` is what Redis has left of it (so a local copy expires no later than the shared one)
-    /// and its `fetched_at` lies as far back as the upstream answer (so `Age` is right).
+    /// `fetched_at` lies as far back as the upstream answer (so `Age` is right) and its `ttl`,
+    /// counted from there like every entry's, ends no later than what Redis has left of it (so a
+    /// local copy expires no later than the shared one).
     pub async fn get(&self, app_tag: &str, run: RunId) -> Lookup {
         let Ok(keys) = self.keys("get", app_tag, run) else {
             return Lookup::Unavailable;
@@ -198,7 +199,13 @@ impl SharedTier {
             // Redis's clock decides expiry; gateways' clocks may disagree.
             match u64::try_from(pttl) {
                 Ok(0) => return Lookup::Miss,
-                Ok(left) => stored.ttl = Some(ttl.min(Duration::from_millis(left))),
+                Ok(left) => {
+                    let until = stored
+                        .fetched_at
+                        .elapsed()
+                        .saturating_add(Duration::from_millis(left));
+                    stored.ttl = Some(ttl.min(until));
+                }
                 // -1: no expiry in Redis (kept as written); -2: gone since the GET.
                 Err(_) if pttl == -2 => return Lookup::Miss,
                 Err(_) => {}
