@@ -151,70 +151,147 @@ impl AccessLog {
 
     /// Appends the line for `l`, stamped `now`, to `buf`, newline included.
     pub fn format_into(&self, l: &AccessLine<'_>, now: SystemTime, buf: &mut Vec<u8>) {
-        let ts = humantime::format_rfc3339_micros(now);
+        match self.format {
+            LogFormat::Text => text_line(l, now, buf),
+            LogFormat::Json => json_line(l, now, buf),
+        }
+    }
+}
+
+thread_local! {
+    /// The RFC 3339 text of the current second, up to and including the `.`, and that second:
+    /// lines within one second only append their microseconds.
+    static SECOND: RefCell<(u64, [u8; 20])> = const { RefCell::new((u64::MAX, [0; 20])) };
+}
+
+/// Appends `now` as tracing writes it: `2026-11-28T20:17:26.715016Z`.
+fn timestamp(now: SystemTime, buf: &mut Vec<u8>) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with_borrow_mut(|(cached, prefix)| {
+        if *cached != secs {
+            let text = humantime::format_rfc3339_seconds(now).to_string();
+            // `YYYY-MM-DDTHH:MM:SSZ`: keep the first 19 bytes, then the decimal point.
+            if let Some(head) = text.as_bytes().get(..19) {
+                prefix[..19].copy_from_slice(head);
+                prefix[19] = b'.';
+                *cached = secs;
+            }
+        }
+        buf.extend_from_slice(&prefix[..]);
+    });
+    let micros = since.subsec_micros();
+    let mut digits = [b'0'; 6];
+    let mut n = micros;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    buf.extend_from_slice(&digits);
+    buf.push(b'Z');
+}
+
+fn number(n: impl itoa::Integer, buf: &mut Vec<u8>) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// Whether `s` reads the same quoted as `Debug` and JSON quote it: printable ASCII without `"`
+/// or `\` (ids, names and paths nearly always are).
+fn plain(s: &str) -> bool {
+    s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+}
+
+/// Appends `s` quoted and escaped as `Debug` does (tracing's text shape).
+fn debug_quoted(s: &str, buf: &mut Vec<u8>) {
+    if plain(s) {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
         // Writes to a Vec cannot fail.
-        let _ = match self.format {
-            LogFormat::Text => text_line(l, ts, buf),
-            LogFormat::Json => json_line(l, ts, buf),
-        };
+        let _ = write!(buf, "{s:?}");
+    }
+}
+
+/// Appends `s` as a JSON string.
+fn json_quoted(s: &str, buf: &mut Vec<u8>) {
+    if plain(s) {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *buf, s);
     }
 }
 
 /// tracing's text shape: `TS  INFO access: key=value ...`, strings quoted and escaped as `Debug`
 /// does, method and path unquoted (hyper admits no space or control byte in them).
-fn text_line(
-    l: &AccessLine<'_>,
-    ts: humantime::Rfc3339Timestamp,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    write!(
-        buf,
-        "{ts}  INFO access: request_id={:?} client={:?} app={:?} method={} path={} status={} \
-         route={:?} cache={:?}",
-        l.request_id, l.client, l.app, l.method, l.path, l.status, l.route, l.cache
-    )?;
+fn text_line(l: &AccessLine<'_>, now: SystemTime, buf: &mut Vec<u8>) {
+    timestamp(now, buf);
+    buf.extend_from_slice(b"  INFO access: request_id=");
+    debug_quoted(l.request_id, buf);
+    buf.extend_from_slice(b" client=");
+    debug_quoted(l.client, buf);
+    buf.extend_from_slice(b" app=");
+    debug_quoted(l.app, buf);
+    buf.extend_from_slice(b" method=");
+    buf.extend_from_slice(l.method.as_bytes());
+    buf.extend_from_slice(b" path=");
+    buf.extend_from_slice(l.path.as_bytes());
+    buf.extend_from_slice(b" status=");
+    number(l.status, buf);
+    buf.extend_from_slice(b" route=\"");
+    buf.extend_from_slice(l.route.as_bytes());
+    buf.extend_from_slice(b"\" cache=\"");
+    buf.extend_from_slice(l.cache.as_bytes());
+    buf.push(b'"');
     if let Some(s) = l.upstream_status {
-        write!(buf, " upstream_status={s}")?;
+        buf.extend_from_slice(b" upstream_status=");
+        number(s, buf);
     }
     if let Some(ms) = l.upstream_ms {
-        write!(buf, " upstream_ms={ms:.3}")?;
+        let _ = write!(buf, " upstream_ms={ms:.3}");
     }
-    writeln!(buf, " latency_us={}", l.latency_us)
+    buf.extend_from_slice(b" latency_us=");
+    number(l.latency_us, buf);
+    buf.push(b'\n');
 }
 
-/// tracing's flattened JSON shape, strings escaped by serde_json.
-fn json_line(
-    l: &AccessLine<'_>,
-    ts: humantime::Rfc3339Timestamp,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    write!(buf, "{{\"timestamp\":\"{ts}\",\"level\":\"INFO\"")?;
+/// tracing's flattened JSON shape.
+fn json_line(l: &AccessLine<'_>, now: SystemTime, buf: &mut Vec<u8>) {
+    buf.extend_from_slice(b"{\"timestamp\":\"");
+    timestamp(now, buf);
+    buf.extend_from_slice(b"\",\"level\":\"INFO\"");
     for (key, value) in [
-        ("request_id", l.request_id),
-        ("client", l.client),
-        ("app", l.app),
-        ("method", l.method),
-        ("path", l.path),
+        (&b",\"request_id\":"[..], l.request_id),
+        (b",\"client\":", l.client),
+        (b",\"app\":", l.app),
+        (b",\"method\":", l.method),
+        (b",\"path\":", l.path),
     ] {
-        write!(buf, ",\"{key}\":")?;
-        serde_json::to_writer(&mut *buf, value)?;
+        buf.extend_from_slice(key);
+        json_quoted(value, buf);
     }
-    write!(
-        buf,
-        ",\"status\":{},\"route\":\"{}\",\"cache\":\"{}\"",
-        l.status, l.route, l.cache
-    )?;
+    buf.extend_from_slice(b",\"status\":");
+    number(l.status, buf);
+    buf.extend_from_slice(b",\"route\":\"");
+    buf.extend_from_slice(l.route.as_bytes());
+    buf.extend_from_slice(b"\",\"cache\":\"");
+    buf.extend_from_slice(l.cache.as_bytes());
+    buf.push(b'"');
     if let Some(s) = l.upstream_status {
-        write!(buf, ",\"upstream_status\":{s}")?;
+        buf.extend_from_slice(b",\"upstream_status\":");
+        number(s, buf);
     }
     if let Some(ms) = l.upstream_ms.filter(|ms| ms.is_finite()) {
-        write!(buf, ",\"upstream_ms\":{ms:.3}")?;
+        let _ = write!(buf, ",\"upstream_ms\":{ms:.3}");
     }
-    writeln!(
-        buf,
-        ",\"latency_us\":{},\"target\":\"access\"}}",
-        l.latency_us
-    )
+    buf.extend_from_slice(b",\"latency_us\":");
+    number(l.latency_us, buf);
+    buf.extend_from_slice(b",\"target\":\"access\"}\n");
 }
 
 #[cfg(test)]
@@ -264,6 +341,30 @@ mod tests {
         };
         let text = formatted(LogFormat::Text, &hit);
         assert!(text.ends_with("cache=\"hit\" latency_us=12500\n"), "{text}");
+    }
+
+    #[test]
+    fn timestamps_follow_the_clock_across_seconds() {
+        let stamp = |t: SystemTime| {
+            let mut buf = Vec::new();
+            timestamp(t, &mut buf);
+            String::from_utf8(buf).expect("utf-8")
+        };
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        assert_eq!(stamp(t), "2026-11-18T11:06:40.000000Z");
+        assert_eq!(
+            stamp(t + Duration::from_micros(42)),
+            "2026-11-18T11:06:40.000042Z"
+        );
+        assert_eq!(
+            stamp(t + Duration::from_micros(1_999_999)),
+            "2026-11-18T11:06:41.999999Z"
+        );
+        assert_eq!(
+            stamp(t + Duration::from_secs(86_400)),
+            "2026-11-19T11:06:40.000000Z"
+        );
+        assert_eq!(stamp(t), "2026-11-18T11:06:40.000000Z");
     }
 
     #[test]
