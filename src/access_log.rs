@@ -204,27 +204,26 @@ fn plain(s: &str) -> bool {
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
 }
 
-/// Appends `s` quoted and escaped as `Debug` does (tracing's text shape).
-fn debug_quoted(s: &str, buf: &mut Vec<u8>) {
+/// Appends `s` quoted: as is when [`plain`], else through `escaped` (which adds the quotes).
+fn quoted(s: &str, buf: &mut Vec<u8>, escaped: fn(&str, &mut Vec<u8>)) {
     if plain(s) {
         buf.push(b'"');
         buf.extend_from_slice(s.as_bytes());
         buf.push(b'"');
     } else {
-        // Writes to a Vec cannot fail.
-        let _ = write!(buf, "{s:?}");
+        escaped(s, buf);
     }
+}
+
+/// Appends `s` quoted and escaped as `Debug` does (tracing's text shape).
+fn debug_quoted(s: &str, buf: &mut Vec<u8>) {
+    // Writes to a Vec cannot fail.
+    quoted(s, buf, |s, buf| drop(write!(buf, "{s:?}")));
 }
 
 /// Appends `s` as a JSON string.
 fn json_quoted(s: &str, buf: &mut Vec<u8>) {
-    if plain(s) {
-        buf.push(b'"');
-        buf.extend_from_slice(s.as_bytes());
-        buf.push(b'"');
-    } else {
-        let _ = serde_json::to_writer(&mut *buf, s);
-    }
+    quoted(s, buf, |s, buf| drop(serde_json::to_writer(&mut *buf, s)));
 }
 
 /// tracing's text shape: `TS  INFO access: key=value ...`, strings quoted and escaped as `Debug`
