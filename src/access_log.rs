@@ -33,31 +33,41 @@ thread_local! {
 /// What one access line says about a request.
 #[derive(Debug, Clone, Copy)]
 pub struct AccessLine<'a> {
+    /// The request id (validated or generated, see [`crate::request_id`]).
     pub request_id: &'a str,
     /// The client's name, `-` without one.
     pub client: &'a str,
     /// The app's name, `-` when refused before an app was chosen.
     pub app: &'a str,
+    /// The method as received.
     pub method: &'a str,
     /// The path as received (no query string).
     pub path: &'a str,
+    /// The answer's status.
     pub status: u16,
+    /// [`crate::outcome::Route::as_str`].
     pub route: &'static str,
+    /// [`crate::outcome::CacheOutcome::as_str`], `none` outside the cache.
     pub cache: &'static str,
+    /// The upstream's status, when the answer came from a fetch.
     pub upstream_status: Option<u16>,
     /// On the request that started a fetch: the whole fetch, in milliseconds.
     pub upstream_ms: Option<f64>,
+    /// Time to answer.
     pub latency_us: u64,
 }
 
 /// The access log's pending batch, shared by request threads and the log thread.
 pub struct AccessLog {
+    /// Text or JSON, as the other log lines.
     format: LogFormat,
+    /// Whole lines not yet taken by the log thread, at most [`MAX_PENDING`] bytes.
     pending: Mutex<Vec<u8>>,
     /// Wakes the log thread when the batch passes [`WAKE_AT`] or the log is closing.
     ready: Condvar,
     /// Lines dropped because the batch was full, not yet reported.
     dropped: AtomicU64,
+    /// Set once at exit: the log thread takes its last batch without waiting.
     closing: AtomicBool,
 }
 
@@ -172,7 +182,9 @@ fn timestamp(now: SystemTime, buf: &mut Vec<u8>) {
     let secs = since.as_secs();
     SECOND.with_borrow_mut(|(cached, prefix)| {
         if *cached != secs {
-            let text = humantime::format_rfc3339_seconds(now).to_string();
+            // From `secs`, not `now`: a clock before 1970 reads as 1970 instead of panicking.
+            let second = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            let text = humantime::format_rfc3339_seconds(second).to_string();
             // `YYYY-MM-DDTHH:MM:SSZ`: keep the first 19 bytes, then the decimal point.
             if let Some(head) = text.as_bytes().get(..19) {
                 prefix[..19].copy_from_slice(head);
@@ -251,7 +263,7 @@ fn text_line(l: &AccessLine<'_>, now: SystemTime, buf: &mut Vec<u8>) {
         buf.extend_from_slice(b" upstream_status=");
         number(s, buf);
     }
-    if let Some(ms) = l.upstream_ms {
+    if let Some(ms) = l.upstream_ms.filter(|ms| ms.is_finite()) {
         let _ = write!(buf, " upstream_ms={ms:.3}");
     }
     buf.extend_from_slice(b" latency_us=");
@@ -444,13 +456,20 @@ mod tests {
         }
         assert!(taker.join().expect("taker") >= WAKE_AT);
 
+        // An almost empty batch: only close wakes the taker before its 30 s.
+        let mut rest = Vec::new();
+        log.take(&mut rest, Duration::ZERO);
+        log.record(&line());
         let l2 = std::sync::Arc::clone(&log);
         let taker = std::thread::spawn(move || {
             let mut out = Vec::new();
             l2.take(&mut out, Duration::from_secs(30));
+            out.len()
         });
+        let started = std::time::Instant::now();
         log.close();
-        taker.join().expect("woken by close");
+        assert!(taker.join().expect("woken by close") > 0);
+        assert!(started.elapsed() < Duration::from_secs(10));
         assert!(log.is_closing());
     }
 }

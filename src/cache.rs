@@ -4,11 +4,13 @@
 //! ([`quick_cache`]) with no per-entry timers; `terminal_max_age`, when set, is checked when an
 //! entry is read. Running and not-found answers — few, each kept about a second — live in moka
 //! with per-entry expiry. Up to an eighth of `cache.max_bytes` is set aside for running and
-//! not-found answers; the terminal store gets the rest.
+//! not-found answers (an answer heavier than that eighth is not kept while running); the
+//! terminal store gets the rest and is sharded so that it keeps an answer of
+//! `upstream.max_body_bytes`.
 //!
 //! Invariant: the two stores' weight — body bytes, kept header bytes and a fixed per-entry
-//! overhead for each store — never exceeds `cache.max_bytes` (after moka's pending maintenance runs), each entry
-//! is fresh until exactly `ttl` after its `fetched_at` (forever for terminal runs unless
+//! overhead for each store — never exceeds `cache.max_bytes` (after moka's pending maintenance
+//! runs), each entry is fresh until exactly `ttl` after its `fetched_at` (forever for terminal runs unless
 //! `terminal_max_age`), and the `cache_entries`/`cache_bytes` gauges equal what the stores hold.
 
 use std::sync::Arc;
@@ -52,6 +54,9 @@ pub const ENTRY_OVERHEAD: u32 = 208;
 /// (deque nodes, entry info, timer wheel node) make such an entry cost ~470 bytes (what the same
 /// example measured when every entry lived in moka), rounded up. These entries are few.
 const TRANSIENT_ENTRY_OVERHEAD: u32 = 512;
+
+/// The largest body [`Cache::new`] is sized for: `upstream.max_body_bytes`' default.
+pub const DEFAULT_LARGEST_BODY: u64 = 16 << 20;
 
 /// Share of `max_bytes` set aside for running and not-found answers (one part in this many).
 const TRANSIENT_SHARE: u64 = 8;
@@ -239,13 +244,25 @@ pub struct Cache {
 impl Cache {
     /// A cache holding at most `max_bytes` of weight (an eighth of it for running and not-found
     /// answers), keeping running entries `stale_grace` past their TTL for stale-if-error,
-    /// reporting into `metrics`.
+    /// reporting into `metrics`, sized for bodies up to [`DEFAULT_LARGEST_BODY`].
     pub fn new(max_bytes: u64, stale_grace: Duration, metrics: CacheMetrics) -> Cache {
+        Cache::with_largest_body(max_bytes, DEFAULT_LARGEST_BODY, stale_grace, metrics)
+    }
+
+    /// [`Cache::new`], able to keep a terminal answer of `largest_body` bytes (the upstream
+    /// client's `max_body_bytes`) whenever the terminal part of `max_bytes` can hold it.
+    pub fn with_largest_body(
+        max_bytes: u64,
+        largest_body: u64,
+        stale_grace: Duration,
+        metrics: CacheMetrics,
+    ) -> Cache {
         let tally = Tally::new(&metrics);
         let transient_bytes = max_bytes / TRANSIENT_SHARE;
         Cache {
             terminal: Arc::new(TerminalStore::new(
                 max_bytes - transient_bytes,
+                largest_body,
                 tally.clone(),
             )),
             transient: Arc::new(TransientStore::new(transient_bytes, stale_grace, tally)),

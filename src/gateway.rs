@@ -155,8 +155,9 @@ impl Gateway {
             apps,
             clients: ArcSwap::from_pointee(ClientTable::new(&config.clients, &metrics)),
             policy: Policy::new(&config.cache),
-            cache: Cache::new(
+            cache: Cache::with_largest_body(
                 config.cache.max_bytes,
+                config.upstream.max_body_bytes as u64,
                 config.cache.stale_if_error,
                 metrics.cache.clone(),
             ),

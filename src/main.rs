@@ -60,8 +60,15 @@ fn main() -> ExitCode {
         }
     };
     let telemetry = telemetry::init(config.log.format);
-    runtime.block_on(serve(cli, config, telemetry.access.clone()))
+    let code = runtime.block_on(serve(cli, config, telemetry.access.clone()));
+    // Requests still running after the drain timeout end here, before the log's last batch.
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    drop(telemetry);
+    code
 }
+
+/// How long tasks still running at exit get to finish before the last log lines are written.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> ExitCode {
     let gateway = match Gateway::with_access_log(&config, access_log) {

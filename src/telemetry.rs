@@ -52,9 +52,12 @@ impl Drop for BatchedStdout {
 
 /// What [`init`] set up. Keep it alive until exit: dropping it writes what is still buffered.
 pub struct Telemetry {
-    /// The access log, when `RUST_LOG` lets target `access` log at INFO.
+    /// The access log, when `RUST_LOG` lets target `access` log at INFO (and the log thread
+    /// started).
     pub access: Option<Arc<AccessLog>>,
+    /// Flushes tracing's queued lines into the shared buffer when dropped.
     appender: Option<WorkerGuard>,
+    /// The log thread, joined on drop after its last batch.
     writer: Option<std::thread::JoinHandle<()>>,
     /// The access log the writer thread drains (also when `access` is filtered out).
     drained: Arc<AccessLog>,
@@ -62,12 +65,14 @@ pub struct Telemetry {
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        // The appender's worker writes its last lines into the shared buffer first.
-        drop(self.appender.take());
+        // The log thread writes the last access batch (and may log a warning about dropped
+        // lines); then the appender's worker writes its queued lines, the warning among them,
+        // and its writer flushes them to stdout as it is dropped.
         self.drained.close();
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+        drop(self.appender.take());
     }
 }
 
@@ -98,7 +103,8 @@ pub fn init(format: LogFormat) -> Telemetry {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
-    let enabled = tracing::enabled!(target: "access", tracing::Level::INFO);
+    // Without the log thread nothing would drain the access log: leave it off.
+    let enabled = writer.is_some() && tracing::enabled!(target: "access", tracing::Level::INFO);
     Telemetry {
         access: enabled.then(|| Arc::clone(&access)),
         appender: Some(guard),

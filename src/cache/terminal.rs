@@ -18,10 +18,12 @@ use super::{CacheKey, Removal, Stored, Tally};
 /// entry once the store is full, against ~180 without them.
 const TYPICAL_ENTRY_WEIGHT: u64 = 4096;
 
-/// The least byte capacity of one shard: an entry heavier than about a shard's capacity is not
-/// kept, so shards are never made smaller than the largest answer the upstream client accepts by
-/// default (`upstream.max_body_bytes`, 16 MiB).
-const MIN_SHARD_BYTES: u64 = 16 << 20;
+/// The share of a shard's capacity one entry may weigh at most (quick_cache's default hot
+/// allocation): a heavier entry is not kept, so shards are sized from the largest answer.
+const ENTRY_SHARE_OF_SHARD: f64 = 0.97;
+
+/// Room for an entry's kept headers beyond its body when sizing shards for the largest answer.
+const HEADER_ROOM: u64 = 64 << 10;
 
 /// Weighs an entry for the byte cap.
 #[derive(Clone)]
@@ -34,10 +36,11 @@ impl Weighter<CacheKey, Arc<Stored>> for ByWeight {
     }
 }
 
-/// The key whose old value an insert replaces, if it is there: the store reports that value
-/// through the same hook as a size eviction, and this tells the two apart.
+/// The key and value an insert brings: the store reports a value it drops — the old one it
+/// replaces, the new one when too heavy, any other it evicts to make room — through one hook,
+/// and this tells a replacement from a size eviction.
 #[derive(Default)]
-struct Inserting(Option<CacheKey>);
+struct Inserting(Option<(CacheKey, Arc<Stored>)>);
 
 /// Keeps the gauges right for entries the store drops on its own (size evictions, rejections,
 /// replacements).
@@ -48,9 +51,14 @@ impl Lifecycle<CacheKey, Arc<Stored>> for Accounting {
     type RequestState = Inserting;
 
     fn on_evict(&self, state: &mut Inserting, key: CacheKey, value: Arc<Stored>) {
-        let cause = match state.0.take_if(|k| *k == key) {
-            Some(_) => Removal::Replaced,
-            None => Removal::Size,
+        let replaced = state
+            .0
+            .as_ref()
+            .is_some_and(|(k, new)| *k == key && !Arc::ptr_eq(new, &value));
+        let cause = if replaced {
+            Removal::Replaced
+        } else {
+            Removal::Size
         };
         self.0.removed(&value, cause);
     }
@@ -58,15 +66,20 @@ impl Lifecycle<CacheKey, Arc<Stored>> for Accounting {
 
 /// Terminal entries, weighed by bytes, with no per-entry timers.
 pub(super) struct TerminalStore {
+    /// quick_cache, weighed by bytes; its hook counts what it drops on its own.
     inner: QuickCache<CacheKey, Arc<Stored>, ByWeight, DefaultHashBuilder, Accounting>,
+    /// The gauges and eviction counters shared with the transient store.
     tally: Tally,
 }
 
 impl TerminalStore {
-    /// A store holding at most `max_bytes` of weight.
-    pub(super) fn new(max_bytes: u64, tally: Tally) -> TerminalStore {
+    /// A store holding at most `max_bytes` of weight, able to keep an answer of
+    /// `largest_body` bytes (when the whole store can).
+    pub(super) fn new(max_bytes: u64, largest_body: u64, tally: Tally) -> TerminalStore {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let by_size = usize::try_from(max_bytes / MIN_SHARD_BYTES).unwrap_or(usize::MAX);
+        let largest = largest_body + HEADER_ROOM + u64::from(super::ENTRY_OVERHEAD);
+        let min_shard_bytes = (largest as f64 / ENTRY_SHARE_OF_SHARD).ceil() as u64;
+        let by_size = usize::try_from(max_bytes / min_shard_bytes.max(1)).unwrap_or(usize::MAX);
         let shards = (cores * 4).min(by_size).max(1);
         // A power of two no larger than asked for (quick_cache rounds up).
         let shards = 1 << shards.ilog2();
@@ -111,8 +124,8 @@ impl TerminalStore {
     /// Keeps `value`, replacing any entry for `key`.
     pub(super) fn insert(&self, key: CacheKey, value: Arc<Stored>) {
         self.tally.added(&value);
-        self.inner
-            .insert_with_lifecycle(key, value, &mut Inserting(Some(key)));
+        let mut inserting = Inserting(Some((key, Arc::clone(&value))));
+        self.inner.insert_with_lifecycle(key, value, &mut inserting);
     }
 
     /// Drops the entry for `key`, if any.

@@ -185,9 +185,12 @@ fn size_evictions_keep_the_gauges_exact() {
             c.insert(key(n / 2), stored(500, TERMINAL, None));
         }
     }
-    // Heavier than the whole cap: never kept, counted as a size eviction.
+    // Heavier than the whole cap: never kept, counted as a size eviction (not a replacement).
+    let (size, replaced) = (evictions(&m, "size"), evictions(&m, "replaced"));
     c.insert(key(1 << 40), stored(cap as usize, TERMINAL, None));
     assert!(c.get(&key(1 << 40)).is_none());
+    assert_eq!(evictions(&m, "size"), size + 1);
+    assert_eq!(evictions(&m, "replaced"), replaced);
     let s = c.stats();
     assert!(s.weighted_bytes <= cap, "{s:?}");
     assert!(evictions(&m, "size") > 1000);
@@ -223,4 +226,18 @@ fn remove_clear_and_replace_are_counted() {
     assert_eq!(evictions(&m, "purged"), 12);
     assert_eq!(evictions(&m, "size") + evictions(&m, "expired"), 0);
     assert_eq!(gauges(&m), c.stats());
+}
+
+#[test]
+fn the_largest_answer_the_upstream_client_accepts_is_kept() {
+    for (max_bytes, largest) in [(256u64 << 20, 16u64 << 20), (1 << 30, 64 << 20)] {
+        let m = CacheMetrics::default();
+        let c = Cache::with_largest_body(max_bytes, largest, Duration::ZERO, m.clone());
+        c.insert(key(1), stored(largest as usize, TERMINAL, None));
+        assert!(
+            c.get(&key(1)).is_some(),
+            "a {largest}-byte body in a {max_bytes}-byte cache"
+        );
+        assert_eq!(gauges(&m), c.stats());
+    }
 }

@@ -17,6 +17,7 @@ use crate::policy::EntryClass;
 /// Gives each entry what is left of the TTL the policy decided, plus, for running entries, the
 /// stale-if-error grace during which it is kept (not fresh) for outages.
 struct PerEntryTtl {
+    /// How long a running entry is kept past its TTL, for stale-if-error.
     grace: Duration,
 }
 
@@ -54,7 +55,9 @@ impl Expiry<CacheKey, Arc<Stored>> for PerEntryTtl {
 
 /// Running and not-found entries in moka, weighed by bytes, with per-entry expiry.
 pub(super) struct TransientStore {
+    /// moka, weighed by bytes, each entry expiring at its own time.
     inner: Moka<CacheKey, Arc<Stored>>,
+    /// The gauges and eviction counters shared with the terminal store.
     tally: Tally,
 }
 
