@@ -58,7 +58,7 @@ done
 
 echo "building release binaries..." >&2
 cargo build --release --locked --quiet --bin dify-gateway \
-    --example mock-dify --example bare-hyper --example loadgen
+    --example mock-dify --example bare-hyper --example loadgen --example body-retention
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
 GATEWAY=$TARGET/dify-gateway
 MOCK=$TARGET/examples/mock-dify
@@ -501,8 +501,14 @@ memory() {
 
 scenario_memory() {
     log "memory: $MEMORY_RUNS cached runs"
-    memory "access log on" ""
-    memory "access log off" "$NOLOG_CFG"
+    # Room for every entry (512 MiB), so nothing is evicted while the memory is measured.
+    local room=$'[cache]\nmax_bytes = 536870912'
+    memory "access log on" "$(write_config memory "$room")"
+    memory "access log off" "$(write_config memory-nolog "$room"$'\n[log]\naccess_log = false')"
+    # The cache's own records alone: exact-size bodies inserted in-process, no fetch path.
+    wait_quiet
+    taskset -c "$SERVER_CPU" "$TARGET/examples/body-retention" cache "$MEMORY_RUNS" \
+        "$MEMORY_OUTPUT_BYTES" | kv_from "memory: the cache's own records (in-process, no fetch path)"
 }
 
 for s in $ONLY; do

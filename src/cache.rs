@@ -43,16 +43,17 @@ pub struct CacheKey {
     pub run: RunId,
 }
 
-/// Weight charged per terminal entry beyond its bytes: the key, the `Arc<Stored>`, the terminal
-/// store's slab and map slots, its ghost keys and allocator slack — ~178 bytes measured by
-/// `cargo run --release --example body-retention -- cache 100000 1600`, ~204 once the store is
-/// full and remembers evicted keys (`... cache 200000 1600`) — rounded up, so the byte cap bounds
-/// real memory rather than only body bytes.
-pub const ENTRY_OVERHEAD: u32 = 208;
+/// Weight charged per terminal entry beyond its bytes, so the byte cap bounds the process's
+/// real memory rather than only body bytes. The store's own records — the key, the
+/// `Arc<Stored>`, the slab and map slots, ghost keys — cost ~178 bytes (~204 once the store is
+/// full), measured by `cargo run --release --example body-retention -- cache 100000 1600`; a
+/// gateway that filled its cache from the upstream holds ~500 bytes per entry beyond the body
+/// (`benches/e2e.sh`, memory scenario: the rest is allocator fragmentation, kept bodies sitting
+/// between the fetch path's freed buffers), rounded up here.
+pub const ENTRY_OVERHEAD: u32 = 512;
 
 /// Weight charged per running or not-found entry beyond its bytes: moka's own per-entry records
-/// (deque nodes, entry info, timer wheel node) make such an entry cost ~470 bytes (what the same
-/// example measured when every entry lived in moka), rounded up. These entries are few.
+/// (deque nodes, entry info, timer wheel node) cost ~470 bytes, rounded up. These are few.
 const TRANSIENT_ENTRY_OVERHEAD: u32 = 512;
 
 /// The largest body [`Cache::new`] is sized for: `upstream.max_body_bytes`' default.

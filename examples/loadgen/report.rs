@@ -194,6 +194,36 @@ fn wrk_checks(out: &mut String, scenario: &str, s: &HashMap<String, Summary>) {
             g.rps / b.rps
         );
     }
+    // What the ceilings themselves reach, so a ratio target can be read against them.
+    for (name, what) in [
+        ("bare", "bare hyper"),
+        (
+            "bare-gateway-like",
+            "bare hyper with a gateway hit's headers and settings",
+        ),
+        (
+            "bare-distinct-bodies",
+            "bare hyper over 10,000 distinct bodies",
+        ),
+    ] {
+        let Some(c) = s.get(name) else { continue };
+        if let (Some(n), true) = (nginx, hit_path) {
+            let _ = writeln!(
+                out,
+                "| {scenario}: req/s {name} / nginx | {:.2}× | (ceiling: {what}) | |",
+                c.rps / n.rps
+            );
+        }
+        if let (Some(g), true) = (gw, name != "bare") {
+            let _ = writeln!(
+                out,
+                "| {scenario}: CPU/req gateway / {name} | {:.2}× ({:.1} vs {:.1} µs) | (ceiling: {what}) | |",
+                g.cpu_us / c.cpu_us,
+                g.cpu_us,
+                c.cpu_us
+            );
+        }
+    }
     if let (Some(g), Some(b)) = (s.get("gateway-nolog"), bare) {
         let _ = writeln!(
             out,
@@ -244,6 +274,14 @@ fn kv_checks(out: &mut String, section: &str, kv: &Ordered<String>) {
             );
         }
     }
+    if section.starts_with('3') && section.contains("ceiling") {
+        if let Some(spread) = kv_num(kv, "answer_spread_ms") {
+            let _ = writeln!(
+                out,
+                "| {section}: last answer after the first | {spread:.2} ms | (ceiling for the 5 ms target) | |"
+            );
+        }
+    }
     if section.starts_with('4') {
         if let Some(a) = kv_num(kv, "upstream_per_run_per_ttl_while_running") {
             check(
@@ -254,6 +292,15 @@ fn kv_checks(out: &mut String, section: &str, kv: &Ordered<String>) {
                 a <= 1.0,
             );
         }
+    }
+    if let Some(per) = kv_num(kv, "rss_per_entry_beyond_body_bytes") {
+        check(
+            out,
+            &format!("{section}: per entry beyond the body"),
+            format!("{per:.0} B"),
+            "≤ 200 B",
+            per <= 200.0,
+        );
     }
     if section.starts_with("memory") {
         if let (Some(per), Some(rss), Some(body)) = (
