@@ -11,8 +11,8 @@ use dify_gateway::cache::{KeptHeaders, Stored};
 use dify_gateway::policy::EntryClass;
 use dify_gateway::run_id::RunId;
 use dify_gateway::shared::{
-    self, LockResult, Lookup, NotifyOutcome, PutOutcome, RawShared, ReleaseOutcome, SharedConfig,
-    SharedError, SharedTier, WaitOutcome,
+    self, LockResult, LockToken, Lookup, NotifyOutcome, PutOutcome, RawShared, ReleaseOutcome,
+    SharedConfig, SharedError, SharedTier, WaitOutcome,
 };
 use http::{HeaderValue, StatusCode};
 use redis::Commands;
@@ -81,6 +81,14 @@ where
         }
         assert!(start.elapsed() < within, "{what}: not within {within:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes the lock on `run`, which the test expects to be free.
+async fn locked(t: &SharedTier, run: RunId, what: &str) -> LockToken {
+    match t.try_lock(TAG, run).await {
+        LockResult::Acquired(token) => token,
+        other => panic!("{what}: {other:?}"),
     }
 }
 
@@ -293,9 +301,7 @@ async fn of_two_contenders_one_gets_the_lock() {
     ));
     assert!(matches!(b.try_lock(TAG, run).await, LockResult::Held));
     assert_eq!(holder.release(token).await, ReleaseOutcome::Released);
-    let LockResult::Acquired(again) = b.try_lock(TAG, run).await else {
-        panic!("the released lock can be taken");
-    };
+    let again = locked(&b, run, "the released lock can be taken").await;
     assert_eq!(b.release(again).await, ReleaseOutcome::Released);
 }
 
@@ -304,13 +310,9 @@ async fn a_released_lock_that_expired_does_not_free_the_next_holder() {
     let server = RedisServer::start();
     let t = tier(&server, "lock_ttl = \"150ms\"\nwait_timeout = \"100ms\"");
     let run = new_run();
-    let LockResult::Acquired(old) = t.try_lock(TAG, run).await else {
-        panic!("first lock");
-    };
+    let old = locked(&t, run, "first lock").await;
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let LockResult::Acquired(new) = t.try_lock(TAG, run).await else {
-        panic!("the expired lock can be taken");
-    };
+    let new = locked(&t, run, "the expired lock can be taken").await;
     assert_eq!(t.release(old).await, ReleaseOutcome::Expired);
     assert!(matches!(t.try_lock(TAG, run).await, LockResult::Held));
     assert_eq!(t.release(new).await, ReleaseOutcome::Released);
@@ -322,9 +324,7 @@ async fn a_waiter_is_woken_by_notify_done_long_before_its_timeout() {
     let (holder, waiter) = (tier(&server, ""), tier(&server, ""));
     subscribed(&waiter).await;
     let run = new_run();
-    let LockResult::Acquired(token) = holder.try_lock(TAG, run).await else {
-        panic!("holder locks");
-    };
+    let token = locked(&holder, run, "holder locks").await;
     assert!(matches!(waiter.try_lock(TAG, run).await, LockResult::Held));
 
     let fetcher = {
@@ -359,9 +359,7 @@ async fn a_waiter_is_woken_by_notify_done_long_before_its_timeout() {
 
     // Many local waiters on one run are all woken by one notification, with stored = false.
     let run = new_run();
-    let LockResult::Acquired(token) = holder.try_lock(TAG, run).await else {
-        panic!("holder locks");
-    };
+    let token = locked(&holder, run, "holder locks").await;
     let waits: Vec<_> = (0..20)
         .map(|_| {
             let w = waiter.clone();
@@ -391,9 +389,7 @@ async fn a_completion_before_the_wait_is_not_missed() {
     // The holder finishes between the waiter's try_lock (Held) and its wait: the re-check
     // after registering sees it at once.
     let run = new_run();
-    let LockResult::Acquired(token) = holder.try_lock(TAG, run).await else {
-        panic!("holder locks");
-    };
+    let token = locked(&holder, run, "holder locks").await;
     assert!(matches!(waiter.try_lock(TAG, run).await, LockResult::Held));
     assert_eq!(
         holder.put(TAG, run, &terminal(b"{}")).await,
@@ -413,9 +409,7 @@ async fn a_completion_before_the_wait_is_not_missed() {
 
     // Finished without a value (an upstream error): the lock is gone, so no wait either.
     let run = new_run();
-    let LockResult::Acquired(token) = holder.try_lock(TAG, run).await else {
-        panic!("holder locks");
-    };
+    let token = locked(&holder, run, "holder locks").await;
     assert_eq!(holder.release(token).await, ReleaseOutcome::Released);
     let start = Instant::now();
     assert_eq!(
@@ -433,9 +427,7 @@ async fn a_holder_that_never_releases_blocks_nobody_beyond_the_lock_ttl() {
     subscribed(&waiter).await;
     let run = new_run();
     let locked_at = Instant::now();
-    let LockResult::Acquired(token) = holder.try_lock(TAG, run).await else {
-        panic!("holder locks");
-    };
+    let token = locked(&holder, run, "holder locks").await;
     // The holder "crashes": the token is forgotten, nothing is released or published.
     drop(token);
     drop(holder);
@@ -544,9 +536,7 @@ async fn redis_killed_is_not_an_outage_and_coming_back_is_noticed() {
     // Notifications flow again.
     let other = tier(&server, "");
     let run2 = new_run();
-    let LockResult::Acquired(token) = other.try_lock(TAG, run2).await else {
-        panic!("lock after restart");
-    };
+    let token = locked(&other, run2, "lock after restart").await;
     let wait = tokio::spawn({
         let t = t.clone();
         async move { t.wait(TAG, run2, Duration::from_secs(5)).await }
@@ -601,9 +591,7 @@ async fn purge_removes_one_value_and_purge_all_every_value_of_the_prefix() {
         neighbour.put(TAG, runs[0], &terminal(b"{}")).await,
         PutOutcome::Written
     );
-    let LockResult::Acquired(token) = t.try_lock(TAG, runs[1]).await else {
-        panic!("lock");
-    };
+    let token = locked(&t, runs[1], "lock").await;
 
     assert_eq!(t.purge(TAG, runs[0]).await, Ok(true));
     assert_eq!(t.purge(TAG, runs[0]).await, Ok(false));
@@ -660,9 +648,7 @@ async fn a_cluster_keeps_values_locks_and_notifications_working() {
     assert!(per_node.iter().all(|n| *n > 0), "{per_node:?}");
 
     let run = new_run();
-    let LockResult::Acquired(token) = a.try_lock(TAG, run).await else {
-        panic!("lock");
-    };
+    let token = locked(&a, run, "lock").await;
     assert!(matches!(b.try_lock(TAG, run).await, LockResult::Held));
     let wait = tokio::spawn({
         let b = b.clone();
