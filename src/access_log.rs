@@ -161,10 +161,28 @@ impl AccessLog {
 
     /// Appends the line for `l`, stamped `now`, to `buf`, newline included.
     pub fn format_into(&self, l: &AccessLine<'_>, now: SystemTime, buf: &mut Vec<u8>) {
-        match self.format {
-            LogFormat::Text => text_line(l, now, buf),
-            LogFormat::Json => json_line(l, now, buf),
+        let mut line = Line {
+            json: self.format == LogFormat::Json,
+            buf,
+        };
+        line.start(now);
+        line.quoted("request_id", l.request_id);
+        line.quoted("client", l.client);
+        line.quoted("app", l.app);
+        line.token("method", l.method);
+        line.token("path", l.path);
+        line.number("status", l.status);
+        line.quoted("route", l.route);
+        line.quoted("cache", l.cache);
+        if let Some(s) = l.upstream_status {
+            line.number("upstream_status", s);
         }
+        if let Some(ms) = l.upstream_ms.filter(|ms| ms.is_finite()) {
+            line.key("upstream_ms");
+            let _ = write!(line.buf, "{ms:.3}");
+        }
+        line.number("latency_us", l.latency_us);
+        line.end();
     }
 }
 
@@ -238,71 +256,69 @@ fn json_quoted(s: &str, buf: &mut Vec<u8>) {
     quoted(s, buf, |s, buf| drop(serde_json::to_writer(&mut *buf, s)));
 }
 
-/// tracing's text shape: `TS  INFO access: key=value ...`, strings quoted and escaped as `Debug`
-/// does, method and path unquoted (hyper admits no space or control byte in them).
-fn text_line(l: &AccessLine<'_>, now: SystemTime, buf: &mut Vec<u8>) {
-    timestamp(now, buf);
-    buf.extend_from_slice(b"  INFO access: request_id=");
-    debug_quoted(l.request_id, buf);
-    buf.extend_from_slice(b" client=");
-    debug_quoted(l.client, buf);
-    buf.extend_from_slice(b" app=");
-    debug_quoted(l.app, buf);
-    buf.extend_from_slice(b" method=");
-    buf.extend_from_slice(l.method.as_bytes());
-    buf.extend_from_slice(b" path=");
-    buf.extend_from_slice(l.path.as_bytes());
-    buf.extend_from_slice(b" status=");
-    number(l.status, buf);
-    buf.extend_from_slice(b" route=\"");
-    buf.extend_from_slice(l.route.as_bytes());
-    buf.extend_from_slice(b"\" cache=\"");
-    buf.extend_from_slice(l.cache.as_bytes());
-    buf.push(b'"');
-    if let Some(s) = l.upstream_status {
-        buf.extend_from_slice(b" upstream_status=");
-        number(s, buf);
-    }
-    if let Some(ms) = l.upstream_ms.filter(|ms| ms.is_finite()) {
-        let _ = write!(buf, " upstream_ms={ms:.3}");
-    }
-    buf.extend_from_slice(b" latency_us=");
-    number(l.latency_us, buf);
-    buf.push(b'\n');
+/// One access line being written, in tracing's text shape (`TS  INFO access: key=value ...`,
+/// strings quoted and escaped as `Debug` does) or its flattened JSON shape.
+struct Line<'b> {
+    json: bool,
+    buf: &'b mut Vec<u8>,
 }
 
-/// tracing's flattened JSON shape.
-fn json_line(l: &AccessLine<'_>, now: SystemTime, buf: &mut Vec<u8>) {
-    buf.extend_from_slice(b"{\"timestamp\":\"");
-    timestamp(now, buf);
-    buf.extend_from_slice(b"\",\"level\":\"INFO\"");
-    for (key, value) in [
-        (&b",\"request_id\":"[..], l.request_id),
-        (b",\"client\":", l.client),
-        (b",\"app\":", l.app),
-        (b",\"method\":", l.method),
-        (b",\"path\":", l.path),
-    ] {
-        buf.extend_from_slice(key);
-        json_quoted(value, buf);
+impl Line<'_> {
+    fn start(&mut self, now: SystemTime) {
+        if self.json {
+            self.buf.extend_from_slice(b"{\"timestamp\":\"");
+            timestamp(now, self.buf);
+            self.buf.extend_from_slice(b"\",\"level\":\"INFO\"");
+        } else {
+            timestamp(now, self.buf);
+            self.buf.extend_from_slice(b"  INFO access:");
+        }
     }
-    buf.extend_from_slice(b",\"status\":");
-    number(l.status, buf);
-    buf.extend_from_slice(b",\"route\":\"");
-    buf.extend_from_slice(l.route.as_bytes());
-    buf.extend_from_slice(b"\",\"cache\":\"");
-    buf.extend_from_slice(l.cache.as_bytes());
-    buf.push(b'"');
-    if let Some(s) = l.upstream_status {
-        buf.extend_from_slice(b",\"upstream_status\":");
-        number(s, buf);
+
+    fn key(&mut self, key: &str) {
+        if self.json {
+            self.buf.extend_from_slice(b",\"");
+            self.buf.extend_from_slice(key.as_bytes());
+            self.buf.extend_from_slice(b"\":");
+        } else {
+            self.buf.push(b' ');
+            self.buf.extend_from_slice(key.as_bytes());
+            self.buf.push(b'=');
+        }
     }
-    if let Some(ms) = l.upstream_ms.filter(|ms| ms.is_finite()) {
-        let _ = write!(buf, ",\"upstream_ms\":{ms:.3}");
+
+    /// A string field, quoted in both shapes.
+    fn quoted(&mut self, key: &str, value: &str) {
+        self.key(key);
+        if self.json {
+            json_quoted(value, self.buf);
+        } else {
+            debug_quoted(value, self.buf);
+        }
     }
-    buf.extend_from_slice(b",\"latency_us\":");
-    number(l.latency_us, buf);
-    buf.extend_from_slice(b",\"target\":\"access\"}\n");
+
+    /// A method or path: bare in the text shape, as tracing shows them (hyper admits no space
+    /// or control byte in them), quoted in JSON.
+    fn token(&mut self, key: &str, value: &str) {
+        if self.json {
+            self.quoted(key, value);
+        } else {
+            self.key(key);
+            self.buf.extend_from_slice(value.as_bytes());
+        }
+    }
+
+    fn number(&mut self, key: &str, n: impl itoa::Integer) {
+        self.key(key);
+        number(n, self.buf);
+    }
+
+    fn end(&mut self) {
+        if self.json {
+            self.buf.extend_from_slice(b",\"target\":\"access\"}");
+        }
+        self.buf.push(b'\n');
+    }
 }
 
 #[cfg(test)]
