@@ -186,6 +186,24 @@ fn request() -> Request<()> {
     .expect("valid request")
 }
 
+/// A request for a malformed run id (answered 400 without a lookup).
+fn bad_id_request() -> Request<()> {
+    Request::get("/v1/workflows/run/not-a-uuid")
+        .body(())
+        .expect("valid request")
+}
+
+/// Time of `iters` calls of `gw.handle` on requests from `make`, request building included.
+fn handle_many(rt: &Runtime, gw: &Arc<Gateway>, make: fn() -> Request<()>, iters: u64) -> Duration {
+    rt.block_on(async {
+        let t = Instant::now();
+        for _ in 0..iters {
+            black_box(gw.handle(make()).await);
+        }
+        t.elapsed()
+    })
+}
+
 /// A text access log drained by a thread that discards the batches, as the binary's log thread
 /// does minus the write to stdout: what formatting and queueing the line costs, without the I/O.
 fn drained_access_log() -> Arc<AccessLog> {
@@ -241,40 +259,13 @@ fn gateway(c: &mut Criterion) {
     let mut g = c.benchmark_group("gateway_hit");
     g.bench_function("build_request_only", |b| b.iter(request));
     g.bench_function("handle_access_log_off", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    black_box(quiet.handle(request()).await);
-                }
-                t.elapsed()
-            })
-        })
+        b.iter_custom(|iters| handle_many(&rt, &quiet, request, iters))
     });
     g.bench_function("handle_access_log_on_text", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    black_box(logged.handle(request()).await);
-                }
-                t.elapsed()
-            })
-        })
+        b.iter_custom(|iters| handle_many(&rt, &logged, request, iters))
     });
     g.bench_function("handle_bad_id_400", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let t = Instant::now();
-                for _ in 0..iters {
-                    let req = Request::get("/v1/workflows/run/not-a-uuid")
-                        .body(())
-                        .expect("valid request");
-                    black_box(quiet.handle(req).await);
-                }
-                t.elapsed()
-            })
-        })
+        b.iter_custom(|iters| handle_many(&rt, &quiet, bad_id_request, iters))
     });
     g.finish();
 }
