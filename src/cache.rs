@@ -273,10 +273,7 @@ impl Cache {
     /// A fresh entry, if any (the hit path).
     #[inline]
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Stored>> {
-        if let Some(s) = self.terminal.get(key) {
-            return Some(s);
-        }
-        self.transient.get(key).filter(|s| s.is_fresh())
+        self.lookup(key).filter(|f| f.fresh).map(|f| f.stored)
     }
 
     /// An entry, fresh or kept past its TTL for stale-if-error.
