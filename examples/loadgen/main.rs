@@ -166,6 +166,22 @@ struct Tally {
     by_x_cache: HashMap<String, u64>,
 }
 
+impl Tally {
+    /// The answer counts as `key=value` lines.
+    fn print(&self) {
+        println!("ok={}", self.ok);
+        println!("other_status={}", self.other_status);
+        println!("errors={}", self.errors);
+        for k in ["HIT", "MISS", "COALESCED"] {
+            println!(
+                "x_cache_{}={}",
+                k.to_lowercase(),
+                self.by_x_cache.get(k).copied().unwrap_or(0)
+            );
+        }
+    }
+}
+
 /// GETs runs `0..count` of `prefix` once each over `conc` connections: fills a cache, or reads
 /// it back to check every run is a hit.
 async fn warm(o: &Opts) -> Result<(), String> {
@@ -219,17 +235,8 @@ async fn warm(o: &Opts) -> Result<(), String> {
     let secs = t0.elapsed().as_secs_f64();
     let t = tally.lock().unwrap_or_else(|e| e.into_inner());
     println!("requests={count}");
-    println!("ok={}", t.ok);
-    println!("other_status={}", t.other_status);
-    println!("errors={}", t.errors);
+    t.print();
     println!("body_bytes={}", t.body_bytes);
-    for k in ["HIT", "MISS", "COALESCED"] {
-        println!(
-            "x_cache_{}={}",
-            k.to_lowercase(),
-            t.by_x_cache.get(k).copied().unwrap_or(0)
-        );
-    }
     println!("secs={secs:.3}");
     println!("rps={:.0}", count as f64 / secs);
     Ok(())
@@ -290,16 +297,7 @@ async fn stampede(o: &Opts) -> Result<(), String> {
     // earliest the first send: lag is measured from that instant, so it is an upper bound.
     let lag: Vec<f64> = done.iter().map(|d| d - first_send - delay_ms).collect();
     println!("clients={clients}");
-    println!("ok={}", tally.ok);
-    println!("other_status={}", tally.other_status);
-    println!("errors={}", tally.errors);
-    for k in ["HIT", "MISS", "COALESCED"] {
-        println!(
-            "x_cache_{}={}",
-            k.to_lowercase(),
-            tally.by_x_cache.get(k).copied().unwrap_or(0)
-        );
-    }
+    tally.print();
     println!("send_spread_ms={:.2}", sends[sends.len() - 1] - first_send);
     println!("first_answer_ms={:.2}", done[0]);
     println!("last_answer_ms={:.2}", done[done.len() - 1]);
