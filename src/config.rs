@@ -127,6 +127,7 @@ pub struct RawTls {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    pub max_connections: Option<usize>,
     pub token_file: Option<PathBuf>,
     pub probe_interval: Option<HumanDuration>,
     pub ready_max_age: Option<HumanDuration>,
@@ -140,6 +141,10 @@ pub struct RawServer {
     pub max_header_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub drain_timeout: Option<HumanDuration>,
+    pub idle_timeout: Option<HumanDuration>,
+    pub keep_alive_interval: Option<HumanDuration>,
+    pub keep_alive_timeout: Option<HumanDuration>,
+    pub tcp_keepalive: Option<HumanDuration>,
     pub tls: Option<RawTls>,
 }
 
@@ -250,6 +255,30 @@ pub struct TlsConfig {
     pub handshake_timeout: Duration,
 }
 
+/// Default [`ServerConfig::header_read_timeout`]: a real client sends its first request within
+/// a round trip or two of connecting (TLS included); ten seconds leaves room for slow mobile
+/// links while a stalled socket gives its slot back quickly.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default [`ServerConfig::idle_timeout`]: above the 60 s idle timeout of common load balancers,
+/// so the gateway is not the side that closes a pooled connection under a request in flight.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
+
+/// Default [`ServerConfig::keep_alive_interval`]: finds a dead HTTP/2 peer within a minute
+/// without noticeable traffic.
+pub const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Default [`ServerConfig::keep_alive_timeout`]: several round trips of even a poor mobile link.
+/// It also bounds how long shutdown waits for an idle HTTP/2 client to acknowledge its GOAWAY.
+pub const DEFAULT_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default [`ServerConfig::tcp_keepalive`]: a peer that vanished without a FIN (a NAT or a
+/// machine gone) is found in minutes, not the two hours of the kernel's default.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Default [`AdminConfig::max_connections`]: scrapers, probes and operators, not clients.
+pub const DEFAULT_ADMIN_MAX_CONNECTIONS: usize = 64;
+
 /// Name of the environment variable that may hold the admin token.
 pub const ADMIN_TOKEN_ENV: &str = "DIFY_GATEWAY_ADMIN_TOKEN";
 
@@ -261,6 +290,9 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub struct AdminConfig {
     /// Where the admin listener binds; keep it off the public network.
     pub listen: SocketAddr,
+    /// Connections the admin listener serves at once; it has the public listener's deadlines, and
+    /// a full admin listener makes room the same way, so `/healthz` keeps answering.
+    pub max_connections: usize,
     /// When set, every admin route but `/healthz` and `/readyz` requires
     /// `Authorization: Bearer <token>`.
     pub token: Option<SecretString>,
@@ -275,15 +307,28 @@ pub struct AdminConfig {
 pub struct ServerConfig {
     /// Where the public side listens.
     pub listen: SocketAddr,
-    /// A client must send its complete request head within this time, or the connection is cut
-    /// (slow-header clients would otherwise hold connections forever).
+    /// From the moment a connection is admitted, its first complete request head must arrive
+    /// within this time — protocol sniff, TLS handshake, HTTP/1 head or HTTP/2 preface, SETTINGS
+    /// and first HEADERS alike — or the connection is cut.
     pub header_read_timeout: Duration,
     /// Largest request head accepted; beyond it the client gets 431.
     pub max_header_bytes: usize,
-    /// Connections served at once; further ones wait in the kernel's accept queue.
+    /// Connections served at once. When all are taken, a newcomer gets the slot of the connection
+    /// that has gone longest without a request in flight; when every one is busy, it waits.
     pub max_connections: usize,
     /// On SIGINT/SIGTERM, in-flight requests get this long to finish.
     pub drain_timeout: Duration,
+    /// A served connection with no request in flight for this long is closed (HTTP/1 keep-alive
+    /// or HTTP/2 with no open stream; a later HTTP/1 head must also be complete by then).
+    pub idle_timeout: Duration,
+    /// HTTP/2 PINGs are sent this often; `None` sends none.
+    pub keep_alive_interval: Option<Duration>,
+    /// A PING — a keep-alive one, or the one that follows a GOAWAY — must be answered within this
+    /// or the connection is closed.
+    pub keep_alive_timeout: Duration,
+    /// TCP keepalive on accepted sockets: idle time before the first probe and between probes;
+    /// `None` leaves it off.
+    pub tcp_keepalive: Option<Duration>,
     /// Serve HTTPS with these files when set.
     pub tls: Option<TlsConfig>,
 }
@@ -419,11 +464,25 @@ impl RawConfig {
                 "must be at least 1".into(),
             ));
         }
-        let header_read_timeout = dur(self.server.header_read_timeout, Duration::from_secs(10));
-        if header_read_timeout.is_zero() {
+        let header_read_timeout = dur(self.server.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        let idle_timeout = dur(self.server.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        let keep_alive_timeout = dur(self.server.keep_alive_timeout, DEFAULT_KEEP_ALIVE_TIMEOUT);
+        for (key, d) in [
+            ("server.header_read_timeout", header_read_timeout),
+            ("server.idle_timeout", idle_timeout),
+            ("server.keep_alive_timeout", keep_alive_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be above zero".into()));
+            }
+        }
+        let keep_alive_interval = dur(self.server.keep_alive_interval, DEFAULT_KEEP_ALIVE_INTERVAL);
+        let tcp_keepalive = dur(self.server.tcp_keepalive, DEFAULT_TCP_KEEPALIVE);
+        // The kernel counts keepalive in whole seconds; a shorter value would be refused.
+        if !tcp_keepalive.is_zero() && tcp_keepalive < Duration::from_secs(1) {
             return Err(invalid(
-                "server.header_read_timeout",
-                "must be above zero".into(),
+                "server.tcp_keepalive",
+                "must be at least 1s, or \"0s\" to turn it off".into(),
             ));
         }
         let server = ServerConfig {
@@ -432,6 +491,10 @@ impl RawConfig {
             max_header_bytes,
             max_connections,
             drain_timeout: dur(self.server.drain_timeout, Duration::from_secs(30)),
+            idle_timeout,
+            keep_alive_interval: (!keep_alive_interval.is_zero()).then_some(keep_alive_interval),
+            keep_alive_timeout,
+            tcp_keepalive: (!tcp_keepalive.is_zero()).then_some(tcp_keepalive),
             tls: match self.server.tls {
                 None => None,
                 Some(t) => {
@@ -754,8 +817,19 @@ impl RawConfig {
                 "must be at least admin.probe_interval".into(),
             ));
         }
+        let admin_max_connections = self
+            .admin
+            .max_connections
+            .unwrap_or(DEFAULT_ADMIN_MAX_CONNECTIONS);
+        if admin_max_connections == 0 {
+            return Err(invalid(
+                "admin.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
         let admin = AdminConfig {
             listen: admin_listen,
+            max_connections: admin_max_connections,
             token: token.map(SecretString::from),
             probe_interval,
             ready_max_age,

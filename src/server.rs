@@ -1,26 +1,33 @@
-//! The public listener: accepts connections and serves HTTP/1.1 and HTTP/2 on them.
+//! The listeners: accept connections and serve HTTP/1.1 and HTTP/2 on them.
 //!
-//! Invariant: at most `server.max_connections` connections are served at once; every connection
-//! has a header-read deadline and a header-size cap; on shutdown the listener stops accepting at
-//! once and open connections get `server.drain_timeout` to finish their in-flight requests.
+//! Invariant: at most `max_connections` connections are served at once, and none keeps its slot
+//! without making requests (deadlines and slot reuse in [`crate::connections`]); heads are capped
+//! at `server.max_header_bytes`; on shutdown the listener stops accepting at once, connections
+//! with nothing in flight are closed (HTTP/2 ones after a GOAWAY), and the others get
+//! `server.drain_timeout` to finish their requests.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::config::ServerConfig;
+use crate::connections::{Admitted, CloseReason, Conn, Deadlines, Step, Table};
 use crate::gateway::Gateway;
 use crate::tls::TlsAcceptor;
 
@@ -36,15 +43,19 @@ pub enum Drain {
 /// Builds the per-connection protocol settings once.
 fn protocol(cfg: &ServerConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // Head deadlines are the connection driver's, for every protocol alike (hyper's own would
+    // start only once the protocol sniff has finished).
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(cfg.max_header_bytes)
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes as u32)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        .keep_alive_interval(cfg.keep_alive_interval)
+        .keep_alive_timeout(cfg.keep_alive_timeout);
     b
 }
 
@@ -63,15 +74,16 @@ pub async fn run(
     serve(listener, cfg, tls, handler, shutdown).await
 }
 
-/// Serves the admin routes on their own listener (few connections, same timeouts).
+/// Serves the admin routes on their own listener: the public listener's deadlines, its own cap.
 pub async fn run_admin(
     listener: TcpListener,
     admin: Arc<Admin>,
     cfg: &ServerConfig,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) -> Drain {
     let cfg = ServerConfig {
-        max_connections: ADMIN_MAX_CONNECTIONS,
+        max_connections,
         ..cfg.clone()
     };
     let handler = move |req: Request<Incoming>| {
@@ -80,9 +92,6 @@ pub async fn run_admin(
     };
     serve(listener, &cfg, None, handler, shutdown).await
 }
-
-/// Connections the admin listener serves at once (scrapers and operators, not clients).
-const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Serves `handler` on `listener` until `shutdown` resolves, then drains.
 pub async fn serve<H, Fut>(
@@ -97,79 +106,210 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let builder = Arc::new(protocol(cfg));
-    let header_timeout = cfg.header_read_timeout;
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(cfg.max_connections));
+    let deadlines = Deadlines::of(cfg);
+    let table = Table::new(cfg.max_connections);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = &mut shutdown => break,
-            p = Arc::clone(&slots).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = &mut shutdown => break,
+            // Reap finished connections so the set stays the size of the open ones.
+            Some(_) = connections.join_next() => continue,
             r = listener.accept() => match r {
                 Ok(v) => v,
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
+        let admitted = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            a = table.admit() => a,
+        };
+        tune(&stream, cfg.tcp_keepalive);
+        let conn = Arc::clone(admitted.conn());
         let h = handler.clone();
         let svc = service_fn(move |req| {
+            let in_flight = conn.request();
             let fut = h(req);
-            async move { Ok::<_, Infallible>(fut.await) }
-        });
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    // hyper's header timer starts only once bytes arrive; a client that
-                    // connects and sends nothing is cut here instead.
-                    let mut first = [0u8; 1];
-                    match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-                        Ok(Ok(n)) if n > 0 => {}
-                        _ => {
-                            drop(permit);
-                            return;
-                        }
-                    }
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-                Some(tls) => {
-                    let Some(stream) = tls.accept(stream).await else {
-                        drop(permit);
-                        return;
-                    };
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            async move {
+                // The request counts as in flight until hyper drops the body it has sent.
+                let resp = fut.await.map(|body| {
+                    body.map_frame(move |frame| {
+                        let _ = &in_flight;
+                        frame
+                    })
+                });
+                Ok::<_, Infallible>(resp)
             }
-            drop(permit);
         });
+        connections.spawn(connection(
+            stream,
+            peer,
+            tls.clone(),
+            Arc::clone(&builder),
+            svc,
+            admitted,
+            deadlines,
+            stop_rx.clone(),
+        ));
     }
     drop(listener);
+    let _ = stop_tx.send(true);
     tracing::info!(
-        connections = graceful.count(),
+        connections = connections.len(),
         "stopped accepting; draining"
     );
-    match tokio::time::timeout(cfg.drain_timeout, graceful.shutdown()).await {
+    let drained = tokio::time::timeout(cfg.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    match drained {
         Ok(()) => Drain::Complete,
+        // Dropping the set drops the connections still open.
         Err(_) => Drain::TimedOut,
     }
 }
+
+/// Socket options of an accepted connection.
+fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
+    let _ = stream.set_nodelay(true);
+    let Some(idle) = keepalive else { return };
+    let ka = socket2::TcpKeepalive::new().with_time(idle);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "windows"
+    ))]
+    let ka = ka.with_interval(idle);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive");
+    }
+}
+
+/// Serves one connection: the TLS handshake if any, then HTTP, under its deadlines.
+#[allow(clippy::too_many_arguments)]
+async fn connection<S, B>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    svc: S,
+    admitted: Admitted,
+    deadlines: Deadlines,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = admitted.conn();
+    let reason = match tls {
+        None => drive(TokioIo::new(stream), &builder, svc, conn, &deadlines, &mut stop).await,
+        Some(tls) => {
+            let handshake = tokio::select! {
+                s = tls.accept(stream) => s,
+                _ = tokio::time::sleep_until(conn.first_request_deadline(&deadlines)) => {
+                    return closed(peer, CloseReason::FirstRequestTimeout);
+                }
+                _ = conn.evicted() => return closed(peer, CloseReason::Evicted),
+                _ = stop.wait_for(|s| *s) => return closed(peer, CloseReason::Shutdown),
+            };
+            match handshake {
+                Some(s) => drive(TokioIo::new(s), &builder, svc, conn, &deadlines, &mut stop).await,
+                None => CloseReason::Handshake,
+            }
+        }
+    };
+    closed(peer, reason);
+    drop(admitted);
+}
+
+fn closed(peer: SocketAddr, reason: CloseReason) {
+    tracing::debug!(%peer, reason = reason.as_str(), "connection closed");
+}
+
+/// Starts a graceful close and polls once, so an HTTP/2 client gets its GOAWAY before the
+/// connection is dropped.
+macro_rules! close_now {
+    ($http:ident) => {{
+        $http.as_mut().graceful_shutdown();
+        let _ = $http.as_mut().now_or_never();
+    }};
+}
+
+/// Runs HTTP on `io` until the client leaves or a deadline, an eviction or shutdown ends it.
+async fn drive<I, S, B>(
+    io: TokioIo<I>,
+    builder: &auto::Builder<TokioExecutor>,
+    svc: S,
+    conn: &Conn,
+    deadlines: &Deadlines,
+    stop: &mut watch::Receiver<bool>,
+) -> CloseReason
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let http = builder.serve_connection(io, svc);
+    tokio::pin!(http);
+    let mut closing: Option<(Instant, CloseReason)> = None;
+    loop {
+        let wake = match conn.next(Instant::now(), deadlines, closing) {
+            Step::Wait(at) => at,
+            Step::GoAway(why) => {
+                http.as_mut().graceful_shutdown();
+                closing = Some((Instant::now(), why));
+                continue;
+            }
+            Step::Close(why) => {
+                close_now!(http);
+                return why;
+            }
+        };
+        tokio::select! {
+            biased;
+            r = http.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return closing.map_or(CloseReason::Ended, |(_, why)| why);
+            }
+            _ = stop.wait_for(|s| *s), if closing.is_none() => {
+                http.as_mut().graceful_shutdown();
+                closing = Some((Instant::now(), CloseReason::Shutdown));
+            }
+            _ = conn.evicted() => {
+                if conn.is_quiet() {
+                    close_now!(http);
+                    return CloseReason::Evicted;
+                }
+                // A request arrived meanwhile: keep the slot.
+                conn.keep();
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+

@@ -106,9 +106,17 @@ pub async fn spawn_gateway_logged(
     let admin_addr = admin_listener.local_addr().unwrap();
     let admin = Admin::new(Arc::clone(&gateway), config.admin.token.as_ref());
     let admin_cfg = config.server.clone();
+    let admin_max = config.admin.max_connections;
     // The admin listener lives until the test's runtime ends.
     tokio::spawn(async move {
-        server::run_admin(admin_listener, admin, &admin_cfg, std::future::pending()).await
+        server::run_admin(
+            admin_listener,
+            admin,
+            &admin_cfg,
+            admin_max,
+            std::future::pending(),
+        )
+        .await
     });
     let tls = config
         .server
