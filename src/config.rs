@@ -1053,6 +1053,52 @@ mod tests {
     }
 
     #[test]
+    fn connection_deadlines_have_defaults_and_are_checked() {
+        let c = RawConfig::default()
+            .validate(&Overrides::default(), None, &key_env)
+            .unwrap();
+        assert_eq!(c.server.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(c.server.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(
+            c.server.keep_alive_interval,
+            Some(DEFAULT_KEEP_ALIVE_INTERVAL)
+        );
+        assert_eq!(c.server.keep_alive_timeout, DEFAULT_KEEP_ALIVE_TIMEOUT);
+        assert_eq!(c.server.tcp_keepalive, Some(DEFAULT_TCP_KEEPALIVE));
+        assert_eq!(c.admin.max_connections, DEFAULT_ADMIN_MAX_CONNECTIONS);
+        let off = RawConfig::from_toml(
+            "[server]\nkeep_alive_interval = \"0s\"\ntcp_keepalive = \"0s\"\n",
+        )
+        .unwrap()
+        .validate(&Overrides::default(), None, &key_env)
+        .unwrap();
+        assert_eq!(off.server.keep_alive_interval, None);
+        assert_eq!(off.server.tcp_keepalive, None);
+        for (toml, key) in [
+            ("[server]\nidle_timeout = \"0s\"\n", "server.idle_timeout"),
+            (
+                "[server]\nkeep_alive_timeout = \"0s\"\n",
+                "server.keep_alive_timeout",
+            ),
+            (
+                "[server]\nheader_read_timeout = \"0s\"\n",
+                "server.header_read_timeout",
+            ),
+            (
+                "[server]\ntcp_keepalive = \"500ms\"\n",
+                "server.tcp_keepalive",
+            ),
+            ("[admin]\nmax_connections = 0\n", "admin.max_connections"),
+        ] {
+            let e = RawConfig::from_toml(toml)
+                .unwrap()
+                .validate(&Overrides::default(), None, &key_env)
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn example_config_is_valid_and_complete() {
         let text = include_str!("../config/dify-gateway.toml");
         let raw = RawConfig::from_toml(text).expect("example parses");

@@ -9,9 +9,13 @@
 //! [`EVICTION_MIN_QUIET`]; a connection with a request in flight is never taken.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use hyper::body::{Body, Frame, SizeHint};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -110,8 +114,46 @@ pub struct InFlight(Arc<Conn>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let c = &self.0;
-        c.quiet_since.store(c.millis(Instant::now()), Ordering::Release);
+        c.quiet_since
+            .store(c.millis(Instant::now()), Ordering::Release);
         c.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request in flight until hyper has sent it and dropped it;
+/// size and end-of-stream pass through, so `Content-Length` is unchanged.
+#[derive(Debug)]
+pub struct Tracked<B> {
+    body: B,
+    _in_flight: InFlight,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(body: B, in_flight: InFlight) -> Tracked<B> {
+        Tracked {
+            body,
+            _in_flight: in_flight,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -158,7 +200,12 @@ impl Conn {
     }
 
     /// What to do at `now`, given when and why a graceful close began (if it did).
-    pub fn next(&self, now: Instant, d: &Deadlines, closing: Option<(Instant, CloseReason)>) -> Step {
+    pub fn next(
+        &self,
+        now: Instant,
+        d: &Deadlines,
+        closing: Option<(Instant, CloseReason)>,
+    ) -> Step {
         if !self.served.load(Ordering::Acquire) {
             // Nothing was asked yet, so nothing is lost by closing at once.
             if let Some((_, why)) = closing {
@@ -283,7 +330,9 @@ impl Table {
             epoch: self.epoch,
             admitted: now,
             in_flight: AtomicU32::new(0),
-            quiet_since: AtomicU64::new(now.saturating_duration_since(self.epoch).as_millis() as u64),
+            quiet_since: AtomicU64::new(
+                now.saturating_duration_since(self.epoch).as_millis() as u64
+            ),
             served: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
@@ -380,7 +429,8 @@ mod tests {
         let a = t.admit().await;
         let now = Instant::now();
         assert_eq!(
-            a.conn().next(now, &deadlines(), Some((now, CloseReason::Shutdown))),
+            a.conn()
+                .next(now, &deadlines(), Some((now, CloseReason::Shutdown))),
             Step::Close(CloseReason::Shutdown)
         );
     }

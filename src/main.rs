@@ -123,9 +123,7 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
     let admin_max = config.admin.max_connections;
     let admin_task = tokio::spawn({
         let rx = stop_rx.clone();
-        async move {
-            server::run_admin(admin_listener, admin, &admin_cfg, admin_max, stopped(rx)).await
-        }
+        async move { server::run_admin(admin_listener, admin, &admin_cfg, admin_max, stopped(rx)).await }
     });
     let reloader = tokio::spawn(reload_on_sighup(cli, gateway.clone(), tls.clone()));
     tracing::info!(

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::config::ServerConfig;
-use crate::connections::{Admitted, CloseReason, Conn, Deadlines, Step, Table};
+use crate::connections::{Admitted, CloseReason, Conn, Deadlines, Step, Table, Tracked};
 use crate::gateway::Gateway;
 use crate::tls::TlsAcceptor;
 
@@ -140,12 +140,7 @@ where
             let fut = h(req);
             async move {
                 // The request counts as in flight until hyper drops the body it has sent.
-                let resp = fut.await.map(|body| {
-                    body.map_frame(move |frame| {
-                        let _ = &in_flight;
-                        frame
-                    })
-                });
+                let resp = fut.await.map(|body| Tracked::new(body, in_flight));
                 Ok::<_, Infallible>(resp)
             }
         });
@@ -219,7 +214,17 @@ async fn connection<S, B>(
 {
     let conn = admitted.conn();
     let reason = match tls {
-        None => drive(TokioIo::new(stream), &builder, svc, conn, &deadlines, &mut stop).await,
+        None => {
+            drive(
+                TokioIo::new(stream),
+                &builder,
+                svc,
+                conn,
+                &deadlines,
+                &mut stop,
+            )
+            .await
+        }
         Some(tls) => {
             let handshake = tokio::select! {
                 s = tls.accept(stream) => s,
@@ -312,4 +317,3 @@ where
         }
     }
 }
-

@@ -26,9 +26,7 @@ const STALLED: usize = 16;
 const LIMIT: Duration = Duration::from_secs(5);
 
 fn short_deadlines(extra: &str) -> String {
-    format!(
-        "[server]\nheader_read_timeout = \"300ms\"\nmax_connections = {STALLED}\n{extra}"
-    )
+    format!("[server]\nheader_read_timeout = \"300ms\"\nmax_connections = {STALLED}\n{extra}")
 }
 
 /// Opens `STALLED` connections of one kind, checks each is closed within `LIMIT` and that a
@@ -50,7 +48,10 @@ async fn stall_and_serve(gw: &TestGateway, stall: Stall) -> (Duration, Duration)
     let mut times = Vec::new();
     for c in cuts {
         let t = c.await.unwrap();
-        assert!(t.is_some(), "{stall:?}: a stalled connection was never closed");
+        assert!(
+            t.is_some(),
+            "{stall:?}: a stalled connection was never closed"
+        );
         times.push(t.unwrap());
     }
     let (min, max) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
@@ -91,9 +92,21 @@ async fn tls_connections_that_handshake_and_stall_are_cut_at_the_same_deadline()
     ))
     .await;
     for (label, alpn, first) in [
-        ("tls, nothing after the handshake", &[b"h2".as_slice(), b"http/1.1"][..], &b""[..]),
-        ("tls h2, one byte after the handshake", &[b"h2".as_slice()][..], &b"P"[..]),
-        ("tls h1, partial head", &[b"http/1.1".as_slice()][..], &Stall::PartialHead.bytes()[..]),
+        (
+            "tls, nothing after the handshake",
+            &[b"h2".as_slice(), b"http/1.1"][..],
+            &b""[..],
+        ),
+        (
+            "tls h2, one byte after the handshake",
+            &[b"h2".as_slice()][..],
+            &b"P"[..],
+        ),
+        (
+            "tls h1, partial head",
+            &[b"http/1.1".as_slice()][..],
+            &Stall::PartialHead.bytes()[..],
+        ),
     ] {
         let start = Instant::now();
         let mut cuts = Vec::new();
@@ -104,11 +117,15 @@ async fn tls_connections_that_handshake_and_stall_are_cut_at_the_same_deadline()
             cuts.push(tokio::spawn(closed_after(s, start, LIMIT)));
         }
         // A fresh TLS client completes a request meanwhile.
-        let mut fresh = tls_connect(gw.addr, &der, &[b"http/1.1"]).await.expect("handshake");
+        let mut fresh = tls_connect(gw.addr, &der, &[b"http/1.1"])
+            .await
+            .expect("handshake");
         fresh
             .write_all(
-                format!("GET /v1/workflows/run/{RUN} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
+                format!(
+                    "GET /v1/workflows/run/{RUN} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )
+                .as_bytes(),
             )
             .await
             .unwrap();
@@ -127,7 +144,10 @@ async fn tls_connections_that_handshake_and_stall_are_cut_at_the_same_deadline()
         let mut times = Vec::new();
         for c in cuts {
             let t = c.await.unwrap();
-            assert!(t.is_some(), "{label}: a stalled connection was never closed");
+            assert!(
+                t.is_some(),
+                "{label}: a stalled connection was never closed"
+            );
             times.push(t.unwrap());
         }
         let slowest = *times.iter().max().unwrap();
@@ -168,7 +188,10 @@ async fn a_full_listener_makes_room_by_closing_the_longest_stalled_connection() 
     assert!(cut.is_some(), "the oldest stalled connection is still open");
     for s in held.iter_mut() {
         let closed = closed_after(s, Instant::now(), Duration::from_millis(100)).await;
-        assert!(closed.is_none(), "a younger stalled connection was closed too");
+        assert!(
+            closed.is_none(),
+            "a younger stalled connection was closed too"
+        );
     }
     println!(
         "8 stalled h2 connections filled the listener; the newcomer was served after {served_after:?}, the oldest closed after {:?}",
@@ -203,14 +226,65 @@ async fn idle_connections_are_closed_after_the_idle_timeout_but_busy_ones_are_no
     let h2_cut = start.elapsed();
     let goaway = frames.iter().any(|f| f.kind == GOAWAY);
     println!("idle h1 closed after {h1_cut:?}, idle h2 after {h2_cut:?} (GOAWAY: {goaway})");
-    assert!(h1_cut.is_some_and(|t| t < Duration::from_secs(3)), "{h1_cut:?}");
+    assert!(
+        h1_cut.is_some_and(|t| t < Duration::from_secs(3)),
+        "{h1_cut:?}"
+    );
     assert!(goaway, "the idle h2 client got no GOAWAY");
     assert!(h2_cut < Duration::from_secs(3), "{h2_cut:?}");
     // A request slower than the idle timeout is not cut.
     up.set_delay(Duration::from_millis(800));
     let id = new_run();
     up.set(&id, Reply::run(&id, "\"succeeded\""));
-    assert_eq!(get(&client(), &gw.run_url(&id)).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&client(), &gw.run_url(&id)).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_response_is_cut() {
+    let up = spawn_upstream().await;
+    let id = new_run();
+    // Far more than the socket buffers of both ends hold.
+    up.set(
+        &id,
+        Reply::run_sized(&id, "\"succeeded\"", 12 * 1024 * 1024),
+    );
+    let gw = spawn_gateway(config(
+        &up,
+        "[server]\nidle_timeout = \"300ms\"\nkeep_alive_timeout = \"300ms\"\n",
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(format!("GET /v1/workflows/run/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Read nothing for a while: the server's writes block. The server's side is not observable
+    // from here, so this waits on the wall clock.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(
+        LIMIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the stalled reader's connection is still open"
+    );
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let body = got.len() - head_end;
+    println!("stalled reader: {body} of {length} body bytes sent before the cut");
+    assert!(body < length, "the whole response was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,5 +409,9 @@ async fn accepted_sockets_have_tcp_keepalive() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(timer.as_deref(), Some("02"), "no keepalive timer on the accepted socket");
+    assert_eq!(
+        timer.as_deref(),
+        Some("02"),
+        "no keepalive timer on the accepted socket"
+    );
 }
