@@ -133,23 +133,12 @@ where
             a = table.admit() => a,
         };
         tune(&stream, cfg.tcp_keepalive);
-        let conn = Arc::clone(admitted.conn());
-        let h = handler.clone();
-        let svc = service_fn(move |req| {
-            let in_flight = conn.request();
-            let fut = h(req);
-            async move {
-                // The request counts as in flight until hyper drops the body it has sent.
-                let resp = fut.await.map(|body| Tracked::new(body, in_flight));
-                Ok::<_, Infallible>(resp)
-            }
-        });
         connections.spawn(connection(
             stream,
             peer,
             tls.clone(),
             Arc::clone(&builder),
-            svc,
+            handler.clone(),
             admitted,
             deadlines,
             stop_rx.clone(),
@@ -193,37 +182,24 @@ fn tune(stream: &TcpStream, keepalive: Option<Duration>) {
 
 /// Serves one connection: the TLS handshake if any, then HTTP, under its deadlines.
 #[allow(clippy::too_many_arguments)]
-async fn connection<S, B>(
+async fn connection<H, Fut>(
     stream: TcpStream,
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    svc: S,
+    handler: H,
     admitted: Admitted,
     deadlines: Deadlines,
     mut stop: watch::Receiver<bool>,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let conn = admitted.conn();
     let reason = match tls {
         None => {
-            drive(
-                TokioIo::new(stream),
-                &builder,
-                svc,
-                conn,
-                &deadlines,
-                &mut stop,
-            )
-            .await
+            let io = TokioIo::new(stream);
+            drive(io, &builder, handler, conn, &deadlines, &mut stop).await
         }
         Some(tls) => {
             let handshake = tokio::select! {
@@ -235,7 +211,10 @@ async fn connection<S, B>(
                 _ = stop.wait_for(|s| *s) => return closed(peer, CloseReason::Shutdown),
             };
             match handshake {
-                Some(s) => drive(TokioIo::new(s), &builder, svc, conn, &deadlines, &mut stop).await,
+                Some(s) => {
+                    let io = TokioIo::new(s);
+                    drive(io, &builder, handler, conn, &deadlines, &mut stop).await
+                }
                 None => CloseReason::Handshake,
             }
         }
@@ -258,25 +237,29 @@ macro_rules! close_now {
 }
 
 /// Runs HTTP on `io` until the client leaves or a deadline, an eviction or shutdown ends it.
-async fn drive<I, S, B>(
+async fn drive<I, H, Fut>(
     io: TokioIo<I>,
     builder: &auto::Builder<TokioExecutor>,
-    svc: S,
-    conn: &Conn,
+    handler: H,
+    conn: &Arc<Conn>,
     deadlines: &Deadlines,
     stop: &mut watch::Receiver<bool>,
 ) -> CloseReason
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
+    let tracker = Arc::clone(conn);
+    let svc = service_fn(move |req| {
+        let in_flight = tracker.request();
+        let fut = handler(req);
+        async move {
+            // The request counts as in flight until hyper drops the body it has sent.
+            let resp = fut.await.map(|body| Tracked::new(body, in_flight));
+            Ok::<_, Infallible>(resp)
+        }
+    });
     let http = builder.serve_connection(io, svc);
     tokio::pin!(http);
     let mut closing: Option<(Instant, CloseReason)> = None;

@@ -29,6 +29,41 @@ fn short_deadlines(extra: &str) -> String {
     format!("[server]\nheader_read_timeout = \"300ms\"\nmax_connections = {STALLED}\n{extra}")
 }
 
+/// A mock Dify that answers `RUN`, and a gateway in front of it with `toml` applied.
+async fn gateway_for_run(toml: &str) -> (dify_gateway::mock::MockDify, TestGateway) {
+    let up = spawn_upstream().await;
+    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
+    let gw = spawn_gateway(config(&up, toml)).await;
+    (up, gw)
+}
+
+/// An HTTP/2 connection that has asked for `RUN` and read the answer.
+async fn h2_served(gw: &TestGateway) -> tokio::net::TcpStream {
+    let mut h2 = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    h2.write_all(&h2_get(&format!("/v1/workflows/run/{RUN}")))
+        .await
+        .unwrap();
+    read_h2_response(&mut h2).await;
+    h2
+}
+
+/// Waits for every watched connection to be closed; the fastest and slowest cut.
+async fn all_closed(
+    label: &str,
+    cuts: Vec<tokio::task::JoinHandle<Option<Duration>>>,
+) -> (Duration, Duration) {
+    let mut times = Vec::new();
+    for c in cuts {
+        let t = c.await.unwrap();
+        assert!(
+            t.is_some(),
+            "{label}: a stalled connection was never closed"
+        );
+        times.extend(t);
+    }
+    (*times.iter().min().unwrap(), *times.iter().max().unwrap())
+}
+
 /// Opens `STALLED` connections of one kind, checks each is closed within `LIMIT` and that a
 /// fresh client is served meanwhile; returns the slowest and fastest cut.
 async fn stall_and_serve(gw: &TestGateway, stall: Stall) -> (Duration, Duration) {
@@ -45,16 +80,7 @@ async fn stall_and_serve(gw: &TestGateway, stall: Stall) -> (Duration, Duration)
     let got = get(&client(), &gw.run_url(RUN)).await;
     assert_eq!(got.status, StatusCode::OK, "{stall:?}: fresh client");
     let served_after = start.elapsed();
-    let mut times = Vec::new();
-    for c in cuts {
-        let t = c.await.unwrap();
-        assert!(
-            t.is_some(),
-            "{stall:?}: a stalled connection was never closed"
-        );
-        times.push(t.unwrap());
-    }
-    let (min, max) = (*times.iter().min().unwrap(), *times.iter().max().unwrap());
+    let (min, max) = all_closed(&format!("{stall:?}"), cuts).await;
     println!(
         "{stall:?}: {STALLED} held, cut after {min:?}..{max:?}; fresh client served after {served_after:?}"
     );
@@ -63,9 +89,7 @@ async fn stall_and_serve(gw: &TestGateway, stall: Stall) -> (Duration, Duration)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_connections_of_every_kind_are_cut_at_the_first_request_deadline() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(&up, &short_deadlines(""))).await;
+    let (_up, gw) = gateway_for_run(&short_deadlines("")).await;
     for stall in Stall::ALL {
         let (_, slowest) = stall_and_serve(&gw, stall).await;
         assert!(slowest < Duration::from_secs(3), "{stall:?}: {slowest:?}");
@@ -74,22 +98,17 @@ async fn stalled_connections_of_every_kind_are_cut_at_the_first_request_deadline
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_connections_that_handshake_and_stall_are_cut_at_the_same_deadline() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, der) = self_signed();
     let (cp, kp) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cp, cert).unwrap();
     std::fs::write(&kp, key).unwrap();
     // The handshake timeout is long: the first-request deadline is what cuts them.
-    let gw = spawn_gateway(config(
-        &up,
-        &short_deadlines(&format!(
-            "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nhandshake_timeout = \"10s\"\n",
-            cp.display(),
-            kp.display()
-        )),
-    ))
+    let (_up, gw) = gateway_for_run(&short_deadlines(&format!(
+        "[server.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nhandshake_timeout = \"10s\"\n",
+        cp.display(),
+        kp.display()
+    )))
     .await;
     for (label, alpn, first) in [
         (
@@ -141,19 +160,9 @@ async fn tls_connections_that_handshake_and_stall_are_cut_at_the_same_deadline()
             "{label}: {}",
             String::from_utf8_lossy(&answer[..answer.len().min(80)])
         );
-        let mut times = Vec::new();
-        for c in cuts {
-            let t = c.await.unwrap();
-            assert!(
-                t.is_some(),
-                "{label}: a stalled connection was never closed"
-            );
-            times.push(t.unwrap());
-        }
-        let slowest = *times.iter().max().unwrap();
+        let (fastest, slowest) = all_closed(label, cuts).await;
         println!(
-            "{label}: {STALLED} held, cut after {:?}..{slowest:?}; fresh client served after {served_after:?}",
-            times.iter().min().unwrap()
+            "{label}: {STALLED} held, cut after {fastest:?}..{slowest:?}; fresh client served after {served_after:?}"
         );
         assert!(slowest < Duration::from_secs(3), "{label}: {slowest:?}");
     }
@@ -161,14 +170,9 @@ async fn tls_connections_that_handshake_and_stall_are_cut_at_the_same_deadline()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_listener_makes_room_by_closing_the_longest_stalled_connection() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
     // The deadline is far away: only making room can let the newcomer in.
-    let gw = spawn_gateway(config(
-        &up,
-        "[server]\nheader_read_timeout = \"60s\"\nmax_connections = 8\n",
-    ))
-    .await;
+    let (_up, gw) =
+        gateway_for_run("[server]\nheader_read_timeout = \"60s\"\nmax_connections = 8\n").await;
     let start = Instant::now();
     let mut held = Vec::new();
     for _ in 0..8 {
@@ -201,13 +205,8 @@ async fn a_full_listener_makes_room_by_closing_the_longest_stalled_connection() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_the_idle_timeout_but_busy_ones_are_not() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(
-        &up,
-        "[server]\nidle_timeout = \"300ms\"\nkeep_alive_timeout = \"5s\"\n",
-    ))
-    .await;
+    let (up, gw) =
+        gateway_for_run("[server]\nidle_timeout = \"300ms\"\nkeep_alive_timeout = \"5s\"\n").await;
     // HTTP/1.1 keep-alive: one request, then silence.
     let mut h1 = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     h1.write_all(format!("GET /v1/workflows/run/{RUN} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
@@ -216,11 +215,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout_but_busy_ones_are_no
     let start = Instant::now();
     let h1_cut = closed_after(h1, start, LIMIT).await;
     // HTTP/2: one request, then silence; the close comes with a GOAWAY.
-    let mut h2 = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    h2.write_all(&h2_get(&format!("/v1/workflows/run/{RUN}")))
-        .await
-        .unwrap();
-    read_h2_response(&mut h2).await;
+    let mut h2 = h2_served(&gw).await;
     let start = Instant::now();
     let frames = frames_until_closed(&mut h2, true, LIMIT).await;
     let h2_cut = start.elapsed();
@@ -289,18 +284,8 @@ async fn a_client_that_stops_reading_its_response_is_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_client_that_does_not_answer_pings_is_cut() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(
-        &up,
-        "[server]\nidle_timeout = \"60s\"\nkeep_alive_interval = \"200ms\"\nkeep_alive_timeout = \"200ms\"\n",
-    ))
-    .await;
-    let mut h2 = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    h2.write_all(&h2_get(&format!("/v1/workflows/run/{RUN}")))
-        .await
-        .unwrap();
-    read_h2_response(&mut h2).await;
+    let (_up, gw) = gateway_for_run("[server]\nidle_timeout = \"60s\"\nkeep_alive_interval = \"200ms\"\nkeep_alive_timeout = \"200ms\"\n").await;
+    let mut h2 = h2_served(&gw).await;
     let start = Instant::now();
     let frames = frames_until_closed(&mut h2, false, LIMIT).await;
     let cut = start.elapsed();
@@ -312,19 +297,11 @@ async fn an_h2_client_that_does_not_answer_pings_is_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_sends_goaway_to_idle_clients_and_does_not_wait_for_them() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let mut gw = spawn_gateway(config(
-        &up,
-        "[server]\ndrain_timeout = \"30s\"\nkeep_alive_timeout = \"300ms\"\n",
-    ))
-    .await;
+    let (_up, mut gw) =
+        gateway_for_run("[server]\ndrain_timeout = \"30s\"\nkeep_alive_timeout = \"300ms\"\n")
+            .await;
     // An idle HTTP/2 client.
-    let mut h2 = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    h2.write_all(&h2_get(&format!("/v1/workflows/run/{RUN}")))
-        .await
-        .unwrap();
-    read_h2_response(&mut h2).await;
+    let mut h2 = h2_served(&gw).await;
     // An idle HTTP/1.1 keep-alive client, and one stalled in the protocol sniff.
     let c = client();
     assert_eq!(get(&c, &gw.run_url(RUN)).await.status, StatusCode::OK);
@@ -348,12 +325,10 @@ async fn shutdown_sends_goaway_to_idle_clients_and_does_not_wait_for_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_answers_while_every_admin_slot_is_held() {
-    let up = spawn_upstream().await;
     // Deadlines far away: the slots are held for the whole test unless room is made.
-    let gw = spawn_gateway(config(
-        &up,
+    let (_up, gw) = gateway_for_run(
         "[server]\nheader_read_timeout = \"60s\"\nidle_timeout = \"60s\"\n[admin]\nmax_connections = 64\n",
-    ))
+    )
     .await;
     let start = Instant::now();
     // Half the slots stall in the sniff, half made one request and now idle.
