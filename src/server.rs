@@ -1,7 +1,7 @@
 //! The listeners: accept connections and serve HTTP/1.1 and HTTP/2 on them.
 //!
 //! Invariant: at most `max_connections` connections are served at once, and none keeps its slot
-//! without making requests (deadlines and slot reuse in [`crate::connections`]); heads are capped
+//! without making requests (deadlines and slot reuse in `connections.rs`); heads are capped
 //! at `server.max_header_bytes`; on shutdown the listener stops accepting at once, connections
 //! with nothing in flight are closed (HTTP/2 ones after a GOAWAY), and the others get
 //! `server.drain_timeout` to finish their requests.
