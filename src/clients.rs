@@ -21,6 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::ClientConfig;
 use crate::metrics::Metrics;
+use crate::slots::Share;
 
 /// One configured client.
 pub struct Client {
@@ -34,6 +35,8 @@ pub struct Client {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Its hit counter, resolved once (see [`Metrics::client_hit_counter`]).
     pub hit_requests: Counter,
+    /// The upstream slots its fetches may hold at once; `None` when it may use them all.
+    pub(crate) upstream_share: Option<Share>,
 }
 
 impl std::fmt::Debug for Client {
@@ -73,7 +76,13 @@ pub struct ClientTable {
 }
 
 impl ClientTable {
-    pub fn new(clients: &[ClientConfig], metrics: &Metrics) -> ClientTable {
+    /// The table of `clients`, each allowed `upstream_share` upstream slots at once (`None`:
+    /// no per-client limit under the global cap).
+    pub fn new(
+        clients: &[ClientConfig],
+        upstream_share: Option<usize>,
+        metrics: &Metrics,
+    ) -> ClientTable {
         let by_digest = clients
             .iter()
             .map(|c| {
@@ -87,6 +96,7 @@ impl ClientTable {
                     app: c.app,
                     digest: c.token_sha256,
                     limiter,
+                    upstream_share: upstream_share.map(Share::new),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -161,6 +171,7 @@ mod tests {
                 app: 0,
                 rate,
             }],
+            None,
             &Metrics::new(),
         );
         (t, token)
