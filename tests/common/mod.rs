@@ -195,8 +195,8 @@ pub fn new_run() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// A fake upstream on `127.0.0.1:0` that reads each request head and writes `answer` verbatim,
-/// for answers no HTTP library would send; returns its base URL.
+/// A fake upstream on `127.0.0.1:0` that reads each request head, writes `answer` verbatim and
+/// closes, for answers no HTTP library would send; returns its base URL.
 pub async fn spawn_raw_upstream(answer: &'static [u8]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -213,8 +213,7 @@ pub async fn spawn_raw_upstream(answer: &'static [u8]) -> String {
                     }
                 }
                 let _ = s.write_all(answer).await;
-                // Hold the connection until the gateway lets go of it.
-                let _ = s.read(&mut buf).await;
+                let _ = s.shutdown().await;
             });
         }
     });
