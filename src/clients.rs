@@ -16,12 +16,12 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 
 use prometheus_client::metrics::counter::Counter;
 
 use crate::config::ClientConfig;
 use crate::metrics::Metrics;
-use crate::slots::Share;
 
 /// One configured client.
 pub struct Client {
@@ -35,8 +35,9 @@ pub struct Client {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Its hit counter, resolved once (see [`Metrics::client_hit_counter`]).
     pub hit_requests: Counter,
-    /// The upstream slots its fetches may hold at once; `None` when it may use them all.
-    pub(crate) upstream_share: Option<Share>,
+    /// The upstream slots its fetches may hold at once (its fair share, taken before the global
+    /// cap); `None` when it may use them all.
+    pub(crate) upstream_share: Option<Semaphore>,
 }
 
 impl std::fmt::Debug for Client {
@@ -96,7 +97,7 @@ impl ClientTable {
                     app: c.app,
                     digest: c.token_sha256,
                     limiter,
-                    upstream_share: upstream_share.map(Share::new),
+                    upstream_share: upstream_share.map(Semaphore::new),
                 };
                 (c.token_sha256, Arc::new(client))
             })

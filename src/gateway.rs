@@ -193,7 +193,9 @@ impl Gateway {
                 "the new configuration has no clients, which would open the gateway to anyone; restart to run open".into(),
             );
         }
-        // The cap is fixed at start-up; the share follows the new number of clients.
+        // The cap is fixed at start-up; the share follows the new number of clients. Each
+        // client starts with its whole share free: fetches started before the reload still hold
+        // slots of the old one until they end (the global cap holds throughout).
         let share = client_share_slots(&config.upstream, config.clients.len());
         let table = ClientTable::new(&config.clients, share, &self.metrics);
         let n = table.len();

@@ -6,7 +6,8 @@
 //! client's share first, then its app's, then the global slot, so a flood waits (and ends in
 //! `503 overloaded`) on its own share without holding a global slot that others need. A fetch
 //! is charged to the client whose request started it (the flight's leader). Cache hits never
-//! touch a slot.
+//! touch a slot. The global cap and the app shares live here; a client's share is a semaphore
+//! its [`Client`](crate::clients::Client) carries, sized by [`client_share_slots`].
 
 use std::time::{Duration, Instant};
 
@@ -15,21 +16,6 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use crate::cache::AppId;
 use crate::config::UpstreamConfig;
 use crate::metrics::RejectReason;
-
-/// The slots one app or one client may hold at once.
-#[derive(Debug)]
-pub struct Share {
-    slots: Semaphore,
-}
-
-impl Share {
-    /// A share of `n` slots.
-    pub fn new(n: usize) -> Share {
-        Share {
-            slots: Semaphore::new(n),
-        }
-    }
-}
 
 /// The slots `share` (a fraction in (0, 1]) of `max_concurrent` makes: rounded up, at least 1.
 pub fn share_slots(max_concurrent: usize, share: f64) -> usize {
@@ -49,7 +35,7 @@ pub struct UpstreamSlots {
     /// Upstream exchanges in flight, over all apps.
     global: Semaphore,
     /// Each app's share, indexed by [`AppId`]; empty with a single app.
-    apps: Vec<Share>,
+    apps: Vec<Semaphore>,
     /// How long an attempt may wait for its slots, all stages together.
     queue_timeout: Duration,
 }
@@ -68,7 +54,7 @@ impl UpstreamSlots {
     pub fn new(cfg: &UpstreamConfig, apps: usize) -> UpstreamSlots {
         let per_app = share_slots(cfg.max_concurrent, cfg.max_share_per_app);
         let apps = if apps > 1 && per_app < cfg.max_concurrent {
-            (0..apps).map(|_| Share::new(per_app)).collect()
+            (0..apps).map(|_| Semaphore::new(per_app)).collect()
         } else {
             Vec::new()
         };
@@ -79,20 +65,21 @@ impl UpstreamSlots {
         }
     }
 
-    /// Waits up to `upstream.queue_timeout` for a slot for `app`, charged to `client`'s share.
-    /// On timeout, says which limit was full: the client's share, the app's, or the global cap.
+    /// Waits up to `upstream.queue_timeout` for a slot for `app`, charged to `client_share` (the
+    /// slots of the client that started the fetch, see [`client_share_slots`]). On timeout, says
+    /// which limit was full: the client's share, the app's, or the global cap.
     pub async fn acquire<'a>(
         &'a self,
         app: AppId,
-        client: Option<&'a Share>,
+        client_share: Option<&'a Semaphore>,
     ) -> Result<Slot<'a>, RejectReason> {
         let deadline = Instant::now() + self.queue_timeout;
-        let client = match client {
-            Some(s) => Some(wait(&s.slots, deadline, RejectReason::OverloadClient).await?),
+        let client = match client_share {
+            Some(s) => Some(wait(s, deadline, RejectReason::OverloadClient).await?),
             None => None,
         };
         let app = match self.apps.get(app.0 as usize) {
-            Some(s) => Some(wait(&s.slots, deadline, RejectReason::OverloadApp).await?),
+            Some(s) => Some(wait(s, deadline, RejectReason::OverloadApp).await?),
             None => None,
         };
         let global = wait(&self.global, deadline, RejectReason::Overload).await?;
@@ -156,18 +143,18 @@ mod tests {
     async fn a_client_at_its_share_waits_while_another_gets_a_slot() {
         let c = cfg(4, 1.0, 0.5);
         let slots = UpstreamSlots::new(&c, 1);
-        let (a, b) = (Share::new(2), Share::new(2));
+        let (a, b) = (Semaphore::new(2), Semaphore::new(2));
         let held = [
             slots.acquire(AppId(0), Some(&a)).await.unwrap(),
             slots.acquire(AppId(0), Some(&a)).await.unwrap(),
         ];
-        assert_eq!(a.slots.available_permits(), 0);
+        assert_eq!(a.available_permits(), 0);
         let refused = slots.acquire(AppId(0), Some(&a)).await.unwrap_err();
         assert_eq!(refused, RejectReason::OverloadClient);
         // B finds the global slots A could not take.
         let _b = slots.acquire(AppId(0), Some(&b)).await.unwrap();
         drop(held);
-        assert_eq!(a.slots.available_permits(), 2);
+        assert_eq!(a.available_permits(), 2);
         assert!(slots.acquire(AppId(0), Some(&a)).await.is_ok());
     }
 

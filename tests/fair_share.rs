@@ -87,7 +87,7 @@ async fn a_flooding_client_gets_the_503s_and_another_client_still_gets_a_slot() 
     assert_eq!(up.total(), 5);
 
     // A fetch is charged to its leader: A, at its share, joins B's fetch and is answered.
-    up.set_delay(Duration::from_millis(300));
+    up.set_delay(Duration::from_secs(1));
     let shared_id = new_run();
     up.set(&shared_id, Reply::run(&shared_id, "\"succeeded\""));
     let url = gw.run_url(&shared_id);
