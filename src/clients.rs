@@ -16,6 +16,7 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 
 use prometheus_client::metrics::counter::Counter;
 
@@ -34,6 +35,9 @@ pub struct Client {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Its hit counter, resolved once (see [`Metrics::client_hit_counter`]).
     pub hit_requests: Counter,
+    /// The upstream slots its fetches may hold at once (its fair share, taken before the global
+    /// cap); `None` when it may use them all.
+    pub(crate) upstream_share: Option<Semaphore>,
 }
 
 impl std::fmt::Debug for Client {
@@ -73,7 +77,13 @@ pub struct ClientTable {
 }
 
 impl ClientTable {
-    pub fn new(clients: &[ClientConfig], metrics: &Metrics) -> ClientTable {
+    /// The table of `clients`, each allowed `upstream_share` upstream slots at once (`None`:
+    /// no per-client limit under the global cap).
+    pub fn new(
+        clients: &[ClientConfig],
+        upstream_share: Option<usize>,
+        metrics: &Metrics,
+    ) -> ClientTable {
         let by_digest = clients
             .iter()
             .map(|c| {
@@ -87,6 +97,7 @@ impl ClientTable {
                     app: c.app,
                     digest: c.token_sha256,
                     limiter,
+                    upstream_share: upstream_share.map(Semaphore::new),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -161,6 +172,7 @@ mod tests {
                 app: 0,
                 rate,
             }],
+            None,
             &Metrics::new(),
         );
         (t, token)

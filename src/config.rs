@@ -21,6 +21,14 @@ pub const DEFAULT_UPSTREAM: &str = "https://api.dify.ai/v1";
 /// The default listen address of the public side.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
+/// Default `upstream.max_share_per_app`: with several apps, one app's fetches may hold up to
+/// three quarters of the upstream slots, so the others always find a quarter free.
+pub const DEFAULT_MAX_SHARE_PER_APP: f64 = 0.75;
+
+/// Default `upstream.max_share_per_client`: with several clients, one client's fetches may hold
+/// up to half of the upstream slots, so one flooding client cannot starve the others.
+pub const DEFAULT_MAX_SHARE_PER_CLIENT: f64 = 0.5;
+
 /// Statuses Dify never moves a run out of.
 pub const DEFAULT_TERMINAL_STATUSES: [&str; 4] =
     ["succeeded", "failed", "stopped", "partial-succeeded"];
@@ -161,6 +169,8 @@ pub struct RawUpstream {
     pub pool_max_idle_per_host: Option<usize>,
     pub max_concurrent: Option<usize>,
     pub queue_timeout: Option<HumanDuration>,
+    pub max_share_per_app: Option<f64>,
+    pub max_share_per_client: Option<f64>,
     pub retry_attempts: Option<u32>,
     pub retry_base_delay: Option<HumanDuration>,
     pub retry_max_delay: Option<HumanDuration>,
@@ -355,6 +365,13 @@ pub struct UpstreamConfig {
     pub max_concurrent: usize,
     /// A fetch waits this long for an upstream slot before its requests get 503.
     pub queue_timeout: Duration,
+    /// Fraction of `max_concurrent` (in (0, 1], rounded up to whole slots) one app's fetches may
+    /// hold at once when several apps are configured, so one app cannot starve the others.
+    pub max_share_per_app: f64,
+    /// Fraction of `max_concurrent` (in (0, 1], rounded up to whole slots) one client's fetches
+    /// may hold at once when several clients are configured; a fetch counts against the client
+    /// whose request started it.
+    pub max_share_per_client: f64,
     /// Retries of the idempotent GET after transient failures.
     pub retry: crate::resilience::RetryPolicy,
     /// Consecutive upstream failures (connect errors, timeouts, 5xx) that open an app's circuit;
@@ -552,6 +569,24 @@ impl RawConfig {
                 "must be at least 1".into(),
             ));
         }
+        let share = |key: &'static str, v: Option<f64>, default: f64| match v {
+            None => Ok(default),
+            Some(f) if f > 0.0 && f <= 1.0 => Ok(f),
+            Some(f) => Err(invalid(
+                key,
+                format!("{f} is outside (0, 1]: it is a fraction of upstream.max_concurrent"),
+            )),
+        };
+        let max_share_per_app = share(
+            "upstream.max_share_per_app",
+            self.upstream.max_share_per_app,
+            DEFAULT_MAX_SHARE_PER_APP,
+        )?;
+        let max_share_per_client = share(
+            "upstream.max_share_per_client",
+            self.upstream.max_share_per_client,
+            DEFAULT_MAX_SHARE_PER_CLIENT,
+        )?;
         let apps = if self.apps.is_empty() {
             let key = match &self.upstream.api_key_file {
                 Some(path) => {
@@ -695,6 +730,8 @@ impl RawConfig {
             pool_max_idle_per_host: self.upstream.pool_max_idle_per_host.unwrap_or(64),
             max_concurrent,
             queue_timeout: dur(self.upstream.queue_timeout, Duration::from_secs(1)),
+            max_share_per_app,
+            max_share_per_client,
             retry: crate::resilience::RetryPolicy {
                 max_attempts: self.upstream.retry_attempts.unwrap_or(3),
                 base_delay: dur(self.upstream.retry_base_delay, Duration::from_millis(100)),
@@ -1012,6 +1049,42 @@ mod tests {
             msg.contains("upstream.base_url") && msg.contains("gw.toml"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn upstream_shares_are_fractions_of_the_cap() {
+        let c = RawConfig::default()
+            .validate(&Overrides::default(), None, &key_env)
+            .unwrap();
+        assert_eq!(c.upstream.max_share_per_app, DEFAULT_MAX_SHARE_PER_APP);
+        assert_eq!(
+            c.upstream.max_share_per_client,
+            DEFAULT_MAX_SHARE_PER_CLIENT
+        );
+        let ok = RawConfig::from_toml(
+            "[upstream]\nmax_share_per_client = 1\nmax_share_per_app = 0.25\n",
+        )
+        .unwrap()
+        .validate(&Overrides::default(), None, &key_env)
+        .unwrap();
+        assert_eq!(ok.upstream.max_share_per_client, 1.0);
+        assert_eq!(ok.upstream.max_share_per_app, 0.25);
+        for (key, bad) in [
+            ("max_share_per_client", "0"),
+            ("max_share_per_client", "1.5"),
+            ("max_share_per_app", "-0.5"),
+            ("max_share_per_app", "nan"),
+        ] {
+            let e = RawConfig::from_toml(&format!("[upstream]\n{key} = {bad}\n"))
+                .unwrap()
+                .validate(&Overrides::default(), Some(Path::new("gw.toml")), &key_env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("upstream.{key}")) && e.contains("gw.toml"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

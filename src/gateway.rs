@@ -17,7 +17,6 @@ use http_body_util::Full;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use std::sync::{Mutex, PoisonError};
-use tokio::sync::Semaphore;
 
 use crate::access_log::{AccessLine, AccessLog};
 use crate::apps::{fingerprint, App};
@@ -37,6 +36,7 @@ use crate::shared::{
     LockResult, Lookup, PutOutcome, SharedConfigError, SharedError, SharedStats, SharedTier,
     WaitOutcome,
 };
+use crate::slots::{client_share_slots, UpstreamSlots};
 use crate::upstream::{UpstreamAnswer, UpstreamSetupError, X_ENV, X_REQUEST_ID, X_VERSION};
 
 /// Path prefix of the run-detail route, as Dify serves it under `/v1`.
@@ -83,16 +83,15 @@ pub struct Gateway {
     apps: Vec<Arc<App>>,
     /// Who may come in, swapped whole on reload.
     clients: ArcSwap<ClientTable>,
-    /// Upstream requests in flight, over all apps.
-    upstream_slots: Arc<Semaphore>,
+    /// Upstream requests in flight: the global cap and each app's share (each client's share
+    /// lives with the client).
+    upstream_slots: UpstreamSlots,
     /// The Redis/Valkey tier shared with other replicas, when configured.
     shared: Option<SharedTier>,
     /// Shared-tier error counts already exported as metrics.
     shared_seen: Mutex<SharedStats>,
     /// The kept headers of the last upstream answer, shared by entries whose headers match.
     last_headers: Mutex<Option<Arc<KeptHeaders>>>,
-    /// How long a fetch waits for an upstream slot.
-    queue_timeout: Duration,
     /// Retries of transient upstream failures.
     retry: RetryPolicy,
     /// Deadline of one fetch, retries included.
@@ -153,7 +152,11 @@ impl Gateway {
             shared_seen: Mutex::new(SharedStats::default()),
             last_headers: Mutex::new(None),
             apps,
-            clients: ArcSwap::from_pointee(ClientTable::new(&config.clients, &metrics)),
+            clients: ArcSwap::from_pointee(ClientTable::new(
+                &config.clients,
+                client_share_slots(&config.upstream, config.clients.len()),
+                &metrics,
+            )),
             policy: Policy::new(&config.cache),
             cache: Cache::with_largest_body(
                 config.cache.max_bytes,
@@ -165,8 +168,7 @@ impl Gateway {
             total_timeout: config.upstream.total_timeout,
             max_bytes: config.cache.max_bytes,
             flights: Arc::default(),
-            upstream_slots: Arc::new(Semaphore::new(config.upstream.max_concurrent)),
-            queue_timeout: config.upstream.queue_timeout,
+            upstream_slots: UpstreamSlots::new(&config.upstream, config.apps.len()),
             metrics,
             readiness,
             access_log: access_log.filter(|_| config.log.access_log),
@@ -191,7 +193,11 @@ impl Gateway {
                 "the new configuration has no clients, which would open the gateway to anyone; restart to run open".into(),
             );
         }
-        let table = ClientTable::new(&config.clients, &self.metrics);
+        // The cap is fixed at start-up; the share follows the new number of clients. Each
+        // client starts with its whole share free: fetches started before the reload still hold
+        // slots of the old one until they end (the global cap holds throughout).
+        let share = client_share_slots(&config.upstream, config.clients.len());
+        let table = ClientTable::new(&config.clients, share, &self.metrics);
         let n = table.len();
         self.clients.store(Arc::new(table));
         Ok(n)
@@ -346,7 +352,9 @@ impl Gateway {
                     None => &self.apps[0],
                 };
                 info.app = Some(app.id);
-                let resp = self.run_detail(app, run, rid, &mut info).await;
+                let resp = self
+                    .run_detail(app, run, rid, client.as_ref(), &mut info)
+                    .await;
                 return (resp, info, client);
             }
         } else if path == "/healthz" {
@@ -431,6 +439,7 @@ impl Gateway {
         app: &Arc<App>,
         run: RunId,
         rid: &HeaderValue,
+        client: Option<&Arc<Client>>,
         info: &mut RequestInfo,
     ) -> Response<Full<Bytes>> {
         let key = CacheKey { app: app.id, run };
@@ -445,12 +454,14 @@ impl Gateway {
         let gw = Arc::clone(self);
         let app = Arc::clone(app);
         let rid = rid.clone();
+        // The fetch is charged to this request's client if it starts it (the leader).
+        let leader = client.cloned();
         let flown = self
             .flights
             .run(
                 key,
                 || self.cache.get(&key).map(FlightValue::Cached),
-                move || gw.fetch(app, key, rid),
+                move || gw.fetch(app, key, rid, leader),
             )
             .await;
         let (fetched, role) = match flown {
@@ -495,19 +506,26 @@ impl Gateway {
     /// The fetch behind a flight: the shared tier first (when configured), under its
     /// fleet-wide lock the upstream, then the shared tier is filled for the other replicas.
     /// Every shared-tier failure falls back to the upstream: Redis down is not an outage.
-    async fn fetch(self: Arc<Self>, app: Arc<App>, key: CacheKey, rid: HeaderValue) -> FlightValue {
+    async fn fetch(
+        self: Arc<Self>,
+        app: Arc<App>,
+        key: CacheKey,
+        rid: HeaderValue,
+        leader: Option<Arc<Client>>,
+    ) -> FlightValue {
+        let leader = leader.as_deref();
         let Some(shared) = self.shared.clone() else {
-            return self.fetch_upstream(&app, key, &rid).await.0;
+            return self.fetch_upstream(&app, key, &rid, leader).await.0;
         };
         match shared.get(&app.tag, key.run).await {
             Lookup::Hit(stored) => return self.warm_from_shared(key, stored),
             // Redis is not answering: do not spend more timeouts on the lock.
-            Lookup::Unavailable => return self.fetch_upstream(&app, key, &rid).await.0,
+            Lookup::Unavailable => return self.fetch_upstream(&app, key, &rid, leader).await.0,
             Lookup::Miss => {}
         }
         match shared.try_lock(&app.tag, key.run).await {
             LockResult::Acquired(token) => {
-                let (value, kept) = self.fetch_upstream(&app, key, &rid).await;
+                let (value, kept) = self.fetch_upstream(&app, key, &rid, leader).await;
                 let written = match kept {
                     Some(stored) => matches!(
                         shared.put(&app.tag, key.run, &stored).await,
@@ -529,9 +547,9 @@ impl Gateway {
                     }
                 }
                 // The holder failed, crashed or took too long: fetch ourselves.
-                self.fetch_upstream(&app, key, &rid).await.0
+                self.fetch_upstream(&app, key, &rid, leader).await.0
             }
-            LockResult::Unavailable => self.fetch_upstream(&app, key, &rid).await.0,
+            LockResult::Unavailable => self.fetch_upstream(&app, key, &rid, leader).await.0,
         }
     }
 
@@ -549,9 +567,10 @@ impl Gateway {
         app: &App,
         key: CacheKey,
         rid: &HeaderValue,
+        leader: Option<&Client>,
     ) -> (FlightValue, Option<Arc<Stored>>) {
         let t = Instant::now();
-        let r = self.call_upstream(app, key.run, rid).await;
+        let r = self.call_upstream(app, key.run, rid, leader).await;
         let upstream_elapsed = t.elapsed();
         match &r {
             // Refusals of the gateway's own making are counted in metrics; logging each one
@@ -622,12 +641,14 @@ impl Gateway {
     }
 
     /// The upstream exchange behind a fetch: the app's circuit breaker, a slot under the
-    /// global concurrency cap, and retries of transient failures within the fetch's deadline.
+    /// global concurrency cap and the leader's and app's shares, and retries of transient
+    /// failures within the fetch's deadline.
     async fn call_upstream(
         &self,
         app: &App,
         run: RunId,
         rid: &HeaderValue,
+        leader: Option<&Client>,
     ) -> Result<UpstreamAnswer, GatewayError> {
         let deadline = Instant::now() + self.total_timeout;
         let mut attempt = 1;
@@ -639,14 +660,13 @@ impl Gateway {
                     retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
                 });
             }
-            let slot = tokio::time::timeout(
-                self.queue_timeout,
-                Arc::clone(&self.upstream_slots).acquire_owned(),
-            )
-            .await;
-            let Ok(Ok(permit)) = slot else {
-                self.metrics.reject(RejectReason::Overload);
-                return Err(GatewayError::Overloaded);
+            let share = leader.and_then(|c| c.upstream_share.as_ref());
+            let permit = match self.upstream_slots.acquire(app.id, share).await {
+                Ok(slot) => slot,
+                Err(full) => {
+                    self.metrics.reject(full);
+                    return Err(GatewayError::Overloaded);
+                }
             };
             let t = Instant::now();
             let r = app.upstream.fetch_run(run, Some(rid), deadline).await;

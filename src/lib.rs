@@ -24,6 +24,7 @@ pub mod resilience;
 pub mod run_id;
 pub mod server;
 pub mod shared;
+pub(crate) mod slots;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -67,7 +67,12 @@ pub enum RejectReason {
     Method,
     Auth,
     RateLimit,
+    /// No upstream slot under the global cap within `upstream.queue_timeout`.
     Overload,
+    /// The client's fetches held its whole share of upstream slots until the queue timed out.
+    OverloadClient,
+    /// The app's fetches held its whole share of upstream slots until the queue timed out.
+    OverloadApp,
 }
 
 impl RejectReason {
@@ -80,6 +85,8 @@ impl RejectReason {
             RejectReason::Auth => "auth",
             RejectReason::RateLimit => "rate_limit",
             RejectReason::Overload => "overload",
+            RejectReason::OverloadClient => "overload_client",
+            RejectReason::OverloadApp => "overload_app",
         }
     }
 }

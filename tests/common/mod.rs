@@ -74,10 +74,15 @@ impl TestGateway {
 
 /// Config for `upstream` with defaults, then `toml` applied over it.
 pub fn config(upstream: &MockDify, toml: &str) -> Config {
+    config_for(&upstream.base_url(), toml)
+}
+
+/// [`config`] for an upstream given by its base URL.
+pub fn config_for(base_url: &str, toml: &str) -> Config {
     let raw = RawConfig::from_toml(toml).expect("test toml parses");
     raw.validate(
         &Overrides {
-            upstream: Some(upstream.base_url()),
+            upstream: Some(base_url.to_owned()),
             listen: Some("127.0.0.1:0".into()),
             admin_listen: Some("127.0.0.1:0".into()),
             ..Overrides::default()
@@ -196,4 +201,41 @@ pub async fn get(c: &TestClient, url: &str) -> Got {
 /// A fresh random run id.
 pub fn new_run() -> String {
     uuid::Uuid::new_v4().to_string()
+}
+
+/// A fake upstream on `127.0.0.1:0` that reads each request head, writes `answer` verbatim and
+/// closes, for answers no HTTP library would send; returns its base URL.
+pub async fn spawn_raw_upstream(answer: &'static [u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
+}
+
+/// Polls `cond` until it holds, for at most 10 s (for counters no event announces).
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
