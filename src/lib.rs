@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod flight;
 pub mod gateway;
+pub mod intake;
 pub mod metrics;
 pub mod mock;
 pub mod outcome;
