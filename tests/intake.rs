@@ -14,7 +14,7 @@ use dify_gateway::access_log::AccessLog;
 use dify_gateway::clients::token_sha256_hex;
 use dify_gateway::config::LogFormat;
 use dify_gateway::intake::MAX_BODY_BYTES;
-use dify_gateway::mock::Reply;
+use dify_gateway::mock::{MockDify, Reply};
 use http::{Method, StatusCode};
 use raw::{exchange, RawConn};
 
@@ -26,11 +26,31 @@ fn get_with_body(method: &str, path: &str, body: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-#[tokio::test]
-async fn a_get_or_head_with_a_small_body_is_answered_as_usual() {
+/// A mock Dify that knows [`RUN`] as succeeded, and a gateway in front of it with `toml`.
+async fn serving_run(toml: &str) -> (MockDify, TestGateway) {
     let up = spawn_upstream().await;
     up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(&up, "")).await;
+    let gw = spawn_gateway(config(&up, toml)).await;
+    (up, gw)
+}
+
+/// Reads the gateway's own error answer on `c`: `status` and `code`, then the connection closed.
+async fn refused_and_closed(c: &mut RawConn, status: u16, code: &str) {
+    let got = c.response(false).await;
+    assert_eq!(got.status, status, "{got:?}");
+    let v = got.json();
+    assert_eq!(
+        (v["code"].as_str(), &v["status"]),
+        (Some(code), &status.into())
+    );
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert_eq!(got.header("connection"), Some("close"));
+    assert!(c.closed().await, "the connection stays open after {status}");
+}
+
+#[tokio::test]
+async fn a_get_or_head_with_a_small_body_is_answered_as_usual() {
+    let (up, gw) = serving_run("").await;
     let path = format!("/v1/workflows/run/{RUN}");
 
     // The shape a Python SDK sends with every GET, then a plain GET on the same connection:
@@ -71,9 +91,7 @@ async fn a_get_or_head_with_a_small_body_is_answered_as_usual() {
 
 #[tokio::test]
 async fn a_body_past_the_cap_gets_413_and_the_connection_closes() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(&up, "")).await;
+    let (up, gw) = serving_run("").await;
     let path = format!("/v1/workflows/run/{RUN}");
     let over = MAX_BODY_BYTES + 1;
     // Announced larger than the cap: refused before any of it is read.
@@ -83,35 +101,20 @@ async fn a_body_past_the_cap_gets_413_and_the_connection_closes() {
             .as_bytes(),
     )
     .await;
-    let got = c.response(false).await;
-    assert_eq!(got.status, 413, "{got:?}");
-    let v = got.json();
-    assert_eq!(
-        (&v["code"], &v["status"]),
-        (&"request_too_large".into(), &413.into())
-    );
-    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
-    assert_eq!(got.header("connection"), Some("close"));
-    assert!(c.closed().await, "the connection stays open after a 413");
+    refused_and_closed(&mut c, 413, "request_too_large").await;
     assert_eq!(up.total(), 0);
 }
 
 #[tokio::test]
 async fn a_body_that_stalls_is_cut_at_the_header_read_timeout() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(&up, "[server]\nheader_read_timeout = \"1s\"\n")).await;
+    let (up, gw) = serving_run("[server]\nheader_read_timeout = \"1s\"\n").await;
     let path = format!("/v1/workflows/run/{RUN}");
     let mut c = RawConn::open(gw.addr).await;
     let started = Instant::now();
     // Ten bytes announced, two sent, then silence.
     c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{{}}").as_bytes())
         .await;
-    let got = c.response(false).await;
-    assert_eq!(got.status, 408, "{got:?}");
-    assert_eq!(got.json()["code"], "request_timeout");
-    assert_eq!(got.header("connection"), Some("close"));
-    assert!(c.closed().await);
+    refused_and_closed(&mut c, 408, "request_timeout").await;
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(up.total(), 0, "a stalled request reached the upstream");
 }
@@ -140,9 +143,7 @@ async fn the_method_is_judged_before_the_body() {
 
 #[tokio::test]
 async fn transfer_encoding_stays_refused_with_bad_framing() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(&up, "")).await;
+    let (up, gw) = serving_run("").await;
     // Chunked alone, and the smuggling shapes: hyper drops a Content-Length sent beside
     // Transfer-Encoding, so the gateway cannot tell them apart and refuses all three.
     for extra in [
@@ -156,20 +157,14 @@ async fn transfer_encoding_stays_refused_with_bad_framing() {
                 .as_bytes(),
         )
         .await;
-        let got = c.response(false).await;
-        assert_eq!(got.status, 400, "{extra}: {got:?}");
-        assert_eq!(got.json()["code"], "bad_framing");
-        assert_eq!(got.header("connection"), Some("close"));
-        assert!(c.closed().await);
+        refused_and_closed(&mut c, 400, "bad_framing").await;
     }
     assert_eq!(up.total(), 0);
 }
 
 #[tokio::test]
 async fn repeated_slashes_are_merged_before_routing() {
-    let up = spawn_upstream().await;
-    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
-    let gw = spawn_gateway(config(&up, "")).await;
+    let (up, gw) = serving_run("").await;
     let c = client();
     let mut caches = Vec::new();
     for path in [
