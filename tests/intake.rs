@@ -34,8 +34,11 @@ async fn serving_run(toml: &str) -> (MockDify, TestGateway) {
     (up, gw)
 }
 
-/// Reads the gateway's own error answer on `c`: `status` and `code`, then the connection closed.
-async fn refused_and_closed(c: &mut RawConn, status: u16, code: &str) {
+/// Sends `request` on a new connection and expects the gateway's own error answer, `status` and
+/// `code`, then the connection closed.
+async fn refused_and_closed(addr: std::net::SocketAddr, request: String, status: u16, code: &str) {
+    let mut c = RawConn::open(addr).await;
+    c.send(request.as_bytes()).await;
     let got = c.response(false).await;
     assert_eq!(got.status, status, "{got:?}");
     let v = got.json();
@@ -95,13 +98,8 @@ async fn a_body_past_the_cap_gets_413_and_the_connection_closes() {
     let path = format!("/v1/workflows/run/{RUN}");
     let over = MAX_BODY_BYTES + 1;
     // Announced larger than the cap: refused before any of it is read.
-    let mut c = RawConn::open(gw.addr).await;
-    c.send(
-        format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {over}\r\n\r\n")
-            .as_bytes(),
-    )
-    .await;
-    refused_and_closed(&mut c, 413, "request_too_large").await;
+    let head = format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {over}\r\n\r\n");
+    refused_and_closed(gw.addr, head, 413, "request_too_large").await;
     assert_eq!(up.total(), 0);
 }
 
@@ -109,12 +107,10 @@ async fn a_body_past_the_cap_gets_413_and_the_connection_closes() {
 async fn a_body_that_stalls_is_cut_at_the_header_read_timeout() {
     let (up, gw) = serving_run("[server]\nheader_read_timeout = \"1s\"\n").await;
     let path = format!("/v1/workflows/run/{RUN}");
-    let mut c = RawConn::open(gw.addr).await;
     let started = Instant::now();
     // Ten bytes announced, two sent, then silence.
-    c.send(format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{{}}").as_bytes())
-        .await;
-    refused_and_closed(&mut c, 408, "request_timeout").await;
+    let stalled = format!("GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{{}}");
+    refused_and_closed(gw.addr, stalled, 408, "request_timeout").await;
     assert!(started.elapsed() >= Duration::from_secs(1));
     assert_eq!(up.total(), 0, "a stalled request reached the upstream");
 }
@@ -151,13 +147,9 @@ async fn transfer_encoding_stays_refused_with_bad_framing() {
         "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
         "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
     ] {
-        let mut c = RawConn::open(gw.addr).await;
-        c.send(
-            format!("GET /v1/workflows/run/{RUN} HTTP/1.1\r\nHost: x\r\n{extra}\r\n0\r\n\r\n")
-                .as_bytes(),
-        )
-        .await;
-        refused_and_closed(&mut c, 400, "bad_framing").await;
+        let request =
+            format!("GET /v1/workflows/run/{RUN} HTTP/1.1\r\nHost: x\r\n{extra}\r\n0\r\n\r\n");
+        refused_and_closed(gw.addr, request, 400, "bad_framing").await;
     }
     assert_eq!(up.total(), 0);
 }
