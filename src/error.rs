@@ -21,7 +21,9 @@ pub enum GatewayError {
     /// The request's framing is refused (`Transfer-Encoding`, alone or beside a
     /// `Content-Length`: the request-smuggling shape) or its body broke off. The connection is
     /// closed after the answer.
-    #[error("request framing refused: send no Transfer-Encoding; a body needs a Content-Length")]
+    #[error(
+        "request framing refused: no Transfer-Encoding, and a body must match its Content-Length"
+    )]
     BadFraming,
     /// The request body exceeds [`crate::intake::MAX_BODY_BYTES`]. The connection is closed
     /// after the answer.
