@@ -29,6 +29,7 @@ use dify_gateway::policy::{EntryClass, Policy};
 use dify_gateway::run_id::RunId;
 use dify_gateway::Gateway;
 use http::{HeaderValue, Request, StatusCode};
+use http_body_util::Empty;
 use tokio::runtime::Runtime;
 
 /// Counts every allocation, so the benchmark can report allocations per request.
@@ -177,24 +178,29 @@ fn hit_gateway(rt: &Runtime, access_log: Option<Arc<AccessLog>>) -> Arc<Gateway>
     })
 }
 
-fn request() -> Request<()> {
+fn request() -> Request<Empty<Bytes>> {
     Request::get(concat!(
         "/v1/workflows/run/",
         "0b7c5c3e-8f5e-4b7a-9d59-1d7b1c9e2f10"
     ))
-    .body(())
+    .body(Empty::new())
     .expect("valid request")
 }
 
 /// A request for a malformed run id (answered 400 without a lookup).
-fn bad_id_request() -> Request<()> {
+fn bad_id_request() -> Request<Empty<Bytes>> {
     Request::get("/v1/workflows/run/not-a-uuid")
-        .body(())
+        .body(Empty::new())
         .expect("valid request")
 }
 
 /// Time of `iters` calls of `gw.handle` on requests from `make`, request building included.
-fn handle_many(rt: &Runtime, gw: &Arc<Gateway>, make: fn() -> Request<()>, iters: u64) -> Duration {
+fn handle_many(
+    rt: &Runtime,
+    gw: &Arc<Gateway>,
+    make: fn() -> Request<Empty<Bytes>>,
+    iters: u64,
+) -> Duration {
     rt.block_on(async {
         let t = Instant::now();
         for _ in 0..iters {

@@ -49,6 +49,9 @@ pub struct AccessLine<'a> {
     pub route: &'static str,
     /// [`crate::outcome::CacheOutcome::as_str`], `none` outside the cache.
     pub cache: &'static str,
+    /// [`crate::error::GatewayError::as_str`] when the gateway answered with its own error:
+    /// the same word as the answer's JSON `code`.
+    pub error: Option<&'a str>,
     /// The upstream's status, when the answer came from a fetch.
     pub upstream_status: Option<u16>,
     /// On the request that started a fetch: the whole fetch, in milliseconds.
@@ -174,6 +177,9 @@ impl AccessLog {
         line.number("status", l.status);
         line.quoted("route", l.route);
         line.quoted("cache", l.cache);
+        if let Some(code) = l.error {
+            line.quoted("error", code);
+        }
         if let Some(s) = l.upstream_status {
             line.number("upstream_status", s);
         }
@@ -335,6 +341,7 @@ mod tests {
             status: 200,
             route: "run_detail",
             cache: "miss",
+            error: None,
             upstream_status: Some(200),
             upstream_ms: Some(12.34567),
             latency_us: 12_500,
@@ -368,6 +375,31 @@ mod tests {
         };
         let text = formatted(LogFormat::Text, &hit);
         assert!(text.ends_with("cache=\"hit\" latency_us=12500\n"), "{text}");
+    }
+
+    #[test]
+    fn a_refused_request_carries_its_error_code_in_both_shapes() {
+        let refused = AccessLine {
+            client: "-",
+            app: "-",
+            status: 400,
+            cache: "none",
+            error: Some("bad_framing"),
+            upstream_status: None,
+            upstream_ms: None,
+            ..line()
+        };
+        let text = formatted(LogFormat::Text, &refused);
+        assert!(
+            text.ends_with("cache=\"none\" error=\"bad_framing\" latency_us=12500\n"),
+            "{text}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&formatted(LogFormat::Json, &refused)).expect("JSON");
+        assert_eq!(v["error"], "bad_framing");
+        let ok: serde_json::Value =
+            serde_json::from_str(&formatted(LogFormat::Json, &line())).expect("JSON");
+        assert!(ok.get("error").is_none());
     }
 
     #[test]

@@ -18,11 +18,21 @@ pub enum GatewayError {
     /// The path's run id is not a hyphenated UUID.
     #[error("workflow_run_id must be a hyphenated UUID")]
     InvalidRunId,
-    /// The request carries a body (`Transfer-Encoding`, or a non-zero `Content-Length`),
-    /// which no route takes; with both headers it is the request-smuggling shape. The
-    /// connection is closed after the answer.
-    #[error("request bodies are not accepted (Transfer-Encoding or Content-Length present)")]
-    AmbiguousFraming,
+    /// The request's framing is refused (`Transfer-Encoding`, alone or beside a
+    /// `Content-Length`: the request-smuggling shape) or its body broke off. The connection is
+    /// closed after the answer.
+    #[error(
+        "request framing refused: no Transfer-Encoding, and a body must match its Content-Length"
+    )]
+    BadFraming,
+    /// The request body exceeds [`crate::intake::MAX_BODY_BYTES`]. The connection is closed
+    /// after the answer.
+    #[error("request body too large")]
+    RequestTooLarge,
+    /// The request body did not arrive within `server.header_read_timeout`. The connection is
+    /// closed after the answer.
+    #[error("request body not received in time")]
+    RequestTimeout,
     /// No route for this path.
     #[error("the requested URL was not found on this gateway")]
     RouteNotFound,
@@ -70,7 +80,9 @@ impl GatewayError {
     /// The one HTTP status each error maps to.
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidRunId | GatewayError::AmbiguousFraming => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidRunId | GatewayError::BadFraming => StatusCode::BAD_REQUEST,
+            GatewayError::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UpstreamConnect
@@ -90,7 +102,9 @@ impl GatewayError {
     pub fn as_str(&self) -> &'static str {
         match self {
             GatewayError::InvalidRunId => "invalid_param",
-            GatewayError::AmbiguousFraming => "bad_request",
+            GatewayError::BadFraming => "bad_framing",
+            GatewayError::RequestTooLarge => "request_too_large",
+            GatewayError::RequestTimeout => "request_timeout",
             GatewayError::RouteNotFound => "not_found",
             GatewayError::MethodNotAllowed => "method_not_allowed",
             GatewayError::UpstreamConnect => "upstream_unavailable",
@@ -133,7 +147,9 @@ impl GatewayError {
             GatewayError::Overloaded => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            GatewayError::AmbiguousFraming => {
+            GatewayError::BadFraming
+            | GatewayError::RequestTooLarge
+            | GatewayError::RequestTimeout => {
                 h.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
@@ -173,7 +189,9 @@ mod tests {
                 retry_after_secs: 2,
             },
             GatewayError::Overloaded,
-            GatewayError::AmbiguousFraming,
+            GatewayError::BadFraming,
+            GatewayError::RequestTooLarge,
+            GatewayError::RequestTimeout,
             GatewayError::CircuitOpen {
                 retry_after_secs: 3,
             },
@@ -184,6 +202,14 @@ mod tests {
             assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
         }
         assert_eq!(GatewayError::InvalidRunId.as_str(), "invalid_param");
+        for e in [
+            GatewayError::BadFraming,
+            GatewayError::RequestTooLarge,
+            GatewayError::RequestTimeout,
+        ] {
+            assert_eq!(e.to_response().headers()[CONNECTION], "close", "{e:?}");
+        }
+        assert_eq!(GatewayError::RequestTooLarge.status(), 413);
         assert_eq!(
             GatewayError::MethodNotAllowed.to_response().headers()[ALLOW],
             "GET, HEAD"

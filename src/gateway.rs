@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{
-    HeaderValue, AGE, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, TRANSFER_ENCODING, WARNING,
-};
+use http::header::{HeaderValue, AGE, CONTENT_TYPE, RETRY_AFTER, WARNING};
+use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use hyper::body::Body;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -25,6 +25,7 @@ use crate::clients::{Client, ClientTable};
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::flight::{Role, SingleFlight};
+use crate::intake;
 use crate::metrics::{ClassLabel, Metrics, ReasonLabel, RejectReason};
 use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
 use crate::policy::{Decision, EntryClass, Policy};
@@ -71,6 +72,8 @@ pub struct RequestInfo {
     pub route: Route,
     pub cache: Option<CacheOutcome>,
     pub rejected: Option<RejectReason>,
+    /// The `code` of the gateway's own error answer, when it gave one.
+    pub error: Option<&'static str>,
     pub upstream_status: Option<StatusCode>,
     pub upstream_elapsed: Option<Duration>,
     /// The app the request was served for.
@@ -96,6 +99,8 @@ pub struct Gateway {
     retry: RetryPolicy,
     /// Deadline of one fetch, retries included.
     total_timeout: Duration,
+    /// Time a request body (read and dropped) may take to arrive: `server.header_read_timeout`.
+    body_read_timeout: Duration,
     policy: Policy,
     cache: Cache,
     /// The configured cap, reported by the admin API.
@@ -166,6 +171,7 @@ impl Gateway {
             ),
             retry: config.upstream.retry,
             total_timeout: config.upstream.total_timeout,
+            body_read_timeout: config.server.header_read_timeout,
             max_bytes: config.cache.max_bytes,
             flights: Arc::default(),
             upstream_slots: UpstreamSlots::new(&config.upstream, config.apps.len()),
@@ -251,10 +257,14 @@ impl Gateway {
     }
 
     /// Answers one request. Never fails: every error becomes a response.
-    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body + Unpin,
+    {
         let start = Instant::now();
-        let rid = request_id::for_request(req.headers());
-        let (mut resp, info, client) = self.route(&req, &rid).await;
+        let (req, body) = req.into_parts();
+        let rid = request_id::for_request(&req.headers);
+        let (mut resp, info, client) = self.route(&req, body, &rid).await;
         let elapsed = start.elapsed();
         self.metrics.request(
             info.route,
@@ -271,11 +281,12 @@ impl Gateway {
                 request_id: rid.to_str().unwrap_or("-"),
                 client: client.as_deref().map_or("-", |c| &*c.name),
                 app: info.app.map_or("-", |a| &*self.apps[a.0 as usize].name),
-                method: req.method().as_str(),
-                path: req.uri().path(),
+                method: req.method.as_str(),
+                path: req.uri.path(),
                 status: resp.status().as_u16(),
                 route: info.route.as_str(),
                 cache: info.cache.map_or("none", CacheOutcome::as_str),
+                error: info.error,
                 upstream_status: info.upstream_status.map(|s| s.as_u16()),
                 upstream_ms: info.upstream_elapsed.map(|d| d.as_secs_f64() * 1e3),
                 latency_us: elapsed.as_micros() as u64,
@@ -287,38 +298,41 @@ impl Gateway {
 
     async fn route<B>(
         self: &Arc<Self>,
-        req: &Request<B>,
+        req: &Parts,
+        body: B,
         rid: &HeaderValue,
-    ) -> (Response<Full<Bytes>>, RequestInfo, Option<Arc<Client>>) {
+    ) -> (Response<Full<Bytes>>, RequestInfo, Option<Arc<Client>>)
+    where
+        B: Body + Unpin,
+    {
         let mut info = RequestInfo {
             route: Route::Unknown,
             cache: None,
             rejected: None,
+            error: None,
             upstream_status: None,
             upstream_elapsed: None,
             app: None,
         };
         let refuse = |mut info: RequestInfo, reason, e: GatewayError| {
             info.rejected = Some(reason);
+            info.error = Some(e.as_str());
             (e.to_response(), info, None)
         };
-        let (method, path) = (req.method(), req.uri().path());
-        // No route takes a body. A body announced by Transfer-Encoding (hyper drops a
-        // Content-Length sent beside it, the request-smuggling shape) or a non-zero
-        // Content-Length is refused and the connection closed.
-        let h = req.headers();
-        if h.contains_key(TRANSFER_ENCODING) || h.get(CONTENT_LENGTH).is_some_and(|v| v != "0") {
-            return refuse(
-                info,
-                RejectReason::BadFraming,
-                GatewayError::AmbiguousFraming,
-            );
+        // Where the request ends is settled first, on every path: a framing that could be
+        // read two ways is refused before anything is answered for it.
+        if let Err(r) = intake::check_framing(&req.headers) {
+            return refuse(info, r.reason(), r.into());
         }
+        let (method, path) = (&req.method, intake::merge_slashes(req.uri.path()));
         if let Some(id) = path.strip_prefix(RUN_DETAIL_PREFIX) {
             if !id.contains('/') {
                 info.route = Route::RunDetail;
                 if method != Method::GET && method != Method::HEAD {
                     return refuse(info, RejectReason::Method, GatewayError::MethodNotAllowed);
+                }
+                if let Err(r) = intake::discard_body(body, self.body_read_timeout).await {
+                    return refuse(info, r.reason(), r.into());
                 }
                 // Authenticate before looking at the id: an outsider learns nothing.
                 let client = {
@@ -326,7 +340,7 @@ impl Gateway {
                     if table.is_open() {
                         None
                     } else {
-                        match table.authenticate(req.headers()) {
+                        match table.authenticate(&req.headers) {
                             Ok(c) => Some(c),
                             Err(_) => {
                                 return refuse(info, RejectReason::Auth, GatewayError::Unauthorized)
@@ -361,6 +375,9 @@ impl Gateway {
             info.route = Route::Health;
             if method != Method::GET && method != Method::HEAD {
                 return refuse(info, RejectReason::Method, GatewayError::MethodNotAllowed);
+            }
+            if let Err(r) = intake::discard_body(body, self.body_read_timeout).await {
+                return refuse(info, r.reason(), r.into());
             }
             let mut r = Response::new(Full::new(Bytes::from_static(b"{\"status\":\"ok\"}")));
             r.headers_mut()
@@ -468,6 +485,7 @@ impl Gateway {
             Ok(v) => v,
             Err(_) => {
                 info.cache = Some(CacheOutcome::Miss);
+                info.error = Some(GatewayError::Internal.as_str());
                 return with_x_cache(GatewayError::Internal.to_response(), CacheOutcome::Miss);
             }
         };
@@ -499,7 +517,10 @@ impl Gateway {
         }
         match &fetched.result {
             Ok(stored) => answer(stored, outcome),
-            Err(e) => with_x_cache(e.to_response(), outcome),
+            Err(e) => {
+                info.error = Some(e.as_str());
+                with_x_cache(e.to_response(), outcome)
+            }
         }
     }
 

@@ -14,6 +14,7 @@ mod connections;
 pub mod error;
 pub mod flight;
 pub mod gateway;
+pub mod intake;
 pub mod metrics;
 pub mod mock;
 pub mod outcome;

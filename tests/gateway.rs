@@ -443,7 +443,6 @@ async fn routes_methods_and_head() {
         "/",
         "/v1/workflows/run",
         "/v1/workflows/logs",
-        "//v1/workflows/run/x",
         "/v1/workflows/run/a/b",
         "/v1/parameters",
     ] {
@@ -451,6 +450,11 @@ async fn routes_methods_and_head() {
         assert_eq!(got.status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(got.json()["code"], "not_found");
     }
+    // Repeated slashes are merged before routing: this is the run-detail route, with an id
+    // that is not a UUID.
+    let merged = get(&c, &gw.url("//v1/workflows/run/x")).await;
+    assert_eq!(merged.status, StatusCode::BAD_REQUEST);
+    assert_eq!(merged.json()["code"], "invalid_param");
     for m in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
         let got = request(&c, m.clone(), &gw.run_url(RUN), &[]).await;
         assert_eq!(got.status, StatusCode::METHOD_NOT_ALLOWED, "{m}");
