@@ -4,13 +4,16 @@
 //! through [`Config`], already checked, with durations as [`Duration`] and the upstream key as a
 //! [`SecretString`] read from the environment or a key file — never from a command-line value.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
 use secrecy::SecretString;
 use serde::Deserialize;
+
+mod position;
+pub use position::{KeyPositions, TomlError};
 
 /// Name of the environment variable that holds the upstream app key.
 pub const API_KEY_ENV: &str = "DIFY_API_KEY";
@@ -25,6 +28,12 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_TERMINAL_STATUSES: [&str; 4] =
     ["succeeded", "failed", "stopped", "partial-succeeded"];
 
+/// Statuses Dify gives a run that can still change.
+pub const NON_TERMINAL_STATUSES: [&str; 3] = ["running", "paused", "scheduled"];
+
+/// The message of a duration that does not parse; it does not echo the value.
+pub(crate) const NOT_A_DURATION: &str = "not a duration; write e.g. \"1s\" or \"500ms\"";
+
 /// Why a configuration could not be used. Every variant names the key (and file) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,8 +44,8 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML or holds unknown keys or wrongly typed values.
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {error}")]
+    Parse { path: PathBuf, error: TomlError },
     /// A value parsed but is not acceptable.
     #[error("invalid value for `{key}`{}: {message}", file_suffix(.file))]
     Invalid {
@@ -65,13 +74,10 @@ pub struct HumanDuration(pub Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
+        // humantime's error quotes the value, which could be anything pasted by mistake.
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{s}` is not a duration ({e}); write e.g. \"1s\" or \"500ms\""
-                ))
-            })
+            .map_err(|_| serde::de::Error::custom(NOT_A_DURATION))
     }
 }
 
@@ -94,6 +100,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub clients: Vec<RawClient>,
     pub shared: Option<crate::shared::RawShared>,
+    /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
+    #[serde(skip)]
+    pub positions: KeyPositions,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -191,6 +200,32 @@ pub struct Overrides {
     pub admin_listen: Option<String>,
     /// A single Redis/Valkey URL for the shared tier (`--redis-url`).
     pub redis_url: Option<String>,
+    /// Which flag or variable gave each value, named in its errors.
+    pub origins: Origins,
+}
+
+/// The flag (`--listen`) or environment variable (`DIFY_GATEWAY_LISTEN`) each override came
+/// from, so an error about it names what the operator wrote rather than a config key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origins {
+    pub listen: &'static str,
+    pub upstream: &'static str,
+    pub log_format: &'static str,
+    pub admin_listen: &'static str,
+    pub redis_url: &'static str,
+}
+
+impl Default for Origins {
+    /// Every value given as a flag.
+    fn default() -> Self {
+        Origins {
+            listen: "--listen",
+            upstream: "--upstream",
+            log_format: "--log-format",
+            admin_listen: "--admin-listen",
+            redis_url: "--redis-url",
+        }
+    }
 }
 
 /// The validated configuration.
@@ -219,6 +254,17 @@ pub struct AppConfig {
     pub name: String,
     pub base_url: Uri,
     pub api_key: SecretString,
+    /// Where the key was read; a reload reads it again from there (key rotation).
+    pub key_source: KeySource,
+}
+
+/// Where an app key is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// An environment variable, by name.
+    Env(String),
+    /// A file (a mounted Secret), trimmed.
+    File(PathBuf),
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -371,40 +417,64 @@ impl RawConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+        Self::parse(&text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            message,
+            error,
         })
     }
 
-    /// Parses TOML text.
+    /// Parses TOML text; the error is [`TomlError`]'s text (position, key, never a value).
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        Self::parse(text).map_err(|e| e.to_string())
+    }
+
+    /// Parses TOML text, remembering where each key sits.
+    pub fn parse(text: &str) -> Result<Self, TomlError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| TomlError::new(text, &e))?;
+        raw.positions = KeyPositions::of(text);
+        Ok(raw)
     }
 
     /// Checks every value and fills defaults. `env` looks up environment variables (injected so
     /// tests need not touch the process environment); `file` names the source in errors.
     pub fn validate(
-        self,
+        mut self,
         overrides: &Overrides,
         file: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let file = file.map(Path::to_path_buf);
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        let positions = std::mem::take(&mut self.positions);
+        // `path` is `key` with array indices (`apps[1].base_url`) when known: the error then
+        // points at that value's line and column.
+        let invalid_at = |key: &'static str, path: &str, message: String| ConfigError::Invalid {
             key,
             file: file.clone(),
-            message,
+            message: match positions.find(path) {
+                Some(at) => format!("{at}: {message}"),
+                None => message,
+            },
         };
+        let invalid = |key: &'static str, message: String| invalid_at(key, key, message);
+        // A value from a flag or variable is that flag's or variable's problem, not the file's.
+        let bad = |from: Given, message: String| match from {
+            Given::Override(origin) => ConfigError::Invalid {
+                key: origin,
+                file: None,
+                message,
+            },
+            Given::File(key) => invalid(key, message),
+        };
+        let origins = overrides.origins;
 
-        let listen_s = overrides
-            .listen
-            .clone()
-            .or(self.server.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen: SocketAddr = listen_s
-            .parse()
-            .map_err(|e| invalid("server.listen", format!("`{listen_s}`: {e}")))?;
+        let (listen_s, from) = given(
+            &overrides.listen,
+            origins.listen,
+            self.server.listen,
+            "server.listen",
+            DEFAULT_LISTEN,
+        );
+        let listen = parse_listen(&listen_s).map_err(|m| bad(from, m))?;
         let max_header_bytes = self.server.max_header_bytes.unwrap_or(16 * 1024);
         if !(8192..=1024 * 1024).contains(&max_header_bytes) {
             return Err(invalid(
@@ -455,12 +525,14 @@ impl RawConfig {
             },
         };
 
-        let base_s = overrides
-            .upstream
-            .clone()
-            .or(self.upstream.base_url)
-            .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
-        let base_url = parse_base_url(&base_s).map_err(|m| invalid("upstream.base_url", m))?;
+        let (base_s, from) = given(
+            &overrides.upstream,
+            origins.upstream,
+            self.upstream.base_url,
+            "upstream.base_url",
+            DEFAULT_UPSTREAM,
+        );
+        let base_url = parse_base_url(&base_s).map_err(|m| bad(from, m))?;
         let connect_timeout = dur(self.upstream.connect_timeout, Duration::from_secs(5));
         let total_timeout = dur(self.upstream.total_timeout, Duration::from_secs(30));
         if connect_timeout.is_zero() {
@@ -490,20 +562,31 @@ impl RawConfig {
             ));
         }
         let apps = if self.apps.is_empty() {
-            let key = match &self.upstream.api_key_file {
+            let (key, key_source) = match &self.upstream.api_key_file {
                 Some(path) => {
-                    read_key_file(path).map_err(|m| invalid("upstream.api_key_file", m))?
+                    let key = read_key_file(path)
+                        .and_then(|k| check_key(&k).map(|()| k))
+                        .map_err(|m| invalid("upstream.api_key_file", m))?;
+                    (key, KeySource::File(path.clone()))
                 }
                 None => match env(API_KEY_ENV) {
-                    Some(k) if !k.trim().is_empty() => k.trim().to_owned(),
+                    Some(k) if !k.trim().is_empty() => {
+                        let key = k.trim().to_owned();
+                        check_key(&key).map_err(|m| ConfigError::Invalid {
+                            key: API_KEY_ENV,
+                            file: None,
+                            message: format!("in this environment variable, {m}"),
+                        })?;
+                        (key, KeySource::Env(API_KEY_ENV.to_owned()))
+                    }
                     _ => return Err(ConfigError::MissingKey),
                 },
             };
-            check_key(&key).map_err(|m| invalid("upstream.api_key_file", m))?;
             vec![AppConfig {
                 name: DEFAULT_APP.to_owned(),
                 base_url: base_url.clone(),
                 api_key: SecretString::from(key),
+                key_source,
             }]
         } else {
             if self.upstream.api_key_file.is_some() {
@@ -513,29 +596,41 @@ impl RawConfig {
                 ));
             }
             let mut apps: Vec<AppConfig> = Vec::with_capacity(self.apps.len());
-            for a in self.apps {
-                check_name(&a.name).map_err(|m| invalid("apps.name", m))?;
+            for (i, a) in self.apps.into_iter().enumerate() {
+                let at = |key: &'static str, message: String| {
+                    let field = key.trim_start_matches("apps.");
+                    invalid_at(key, &format!("apps[{i}].{field}"), message)
+                };
+                check_name(&a.name).map_err(|m| at("apps.name", m))?;
                 if apps.iter().any(|x| x.name == a.name) {
-                    return Err(invalid(
-                        "apps.name",
-                        format!("`{}` is defined twice", a.name),
-                    ));
+                    return Err(at("apps.name", format!("`{}` is defined twice", a.name)));
                 }
-                let key = match (&a.api_key_env, &a.api_key_file) {
-                    (Some(var), None) => env(var)
-                        .map(|k| k.trim().to_owned())
-                        .filter(|k| !k.is_empty())
-                        .ok_or_else(|| {
-                            invalid(
-                                "apps.api_key_env",
-                                format!("app `{}`: environment variable {var} is not set", a.name),
-                            )
-                        })?,
-                    (None, Some(path)) => read_key_file(path).map_err(|m| {
-                        invalid("apps.api_key_file", format!("app `{}`: {m}", a.name))
-                    })?,
+                let (key, key_source) = match (&a.api_key_env, &a.api_key_file) {
+                    (Some(var), None) => {
+                        let key = env(var)
+                            .map(|k| k.trim().to_owned())
+                            .filter(|k| !k.is_empty())
+                            .ok_or_else(|| {
+                                format!("app `{}`: environment variable {var} is not set", a.name)
+                            })
+                            .and_then(|k| {
+                                check_key(&k).map(|()| k).map_err(|m| {
+                                    format!("app `{}`: environment variable {var}: {m}", a.name)
+                                })
+                            })
+                            .map_err(|m| at("apps.api_key_env", m))?;
+                        (key, KeySource::Env(var.clone()))
+                    }
+                    (None, Some(path)) => {
+                        let key = read_key_file(path)
+                            .and_then(|k| check_key(&k).map(|()| k))
+                            .map_err(|m| {
+                                at("apps.api_key_file", format!("app `{}`: {m}", a.name))
+                            })?;
+                        (key, KeySource::File(path.clone()))
+                    }
                     _ => {
-                        return Err(invalid(
+                        return Err(at(
                             "apps.api_key_env",
                             format!(
                                 "app `{}`: set exactly one of api_key_env and api_key_file",
@@ -544,22 +639,26 @@ impl RawConfig {
                         ))
                     }
                 };
-                check_key(&key)
-                    .map_err(|m| invalid("apps.api_key_env", format!("app `{}`: {m}", a.name)))?;
                 let base = match &a.base_url {
-                    Some(u) => parse_base_url(u).map_err(|m| invalid("apps.base_url", m))?,
+                    Some(u) => parse_base_url(u).map_err(|m| at("apps.base_url", m))?,
                     None => base_url.clone(),
                 };
                 apps.push(AppConfig {
                     name: a.name,
                     base_url: base,
                     api_key: SecretString::from(key),
+                    key_source,
                 });
             }
             apps
         };
         let mut clients: Vec<ClientConfig> = Vec::with_capacity(self.clients.len());
-        for c in self.clients {
+        for (i, c) in self.clients.into_iter().enumerate() {
+            // Errors point at this client's entry in the file.
+            let invalid = |key: &'static str, message: String| {
+                let field = key.trim_start_matches("clients.");
+                invalid_at(key, &format!("clients[{i}].{field}"), message)
+            };
             check_name(&c.name).map_err(|m| invalid("clients.name", m))?;
             if clients.iter().any(|x| x.name == c.name) {
                 return Err(invalid(
@@ -675,13 +774,14 @@ impl RawConfig {
                 .map(|s| s.to_string())
                 .collect()
         });
-        for s in &terminal_statuses {
-            if s.is_empty() || s == "running" || s == "paused" || s == "scheduled" {
-                return Err(invalid(
+        for (i, s) in terminal_statuses.iter().enumerate() {
+            check_terminal_status(s).map_err(|m| {
+                invalid_at(
                     "cache.terminal_statuses",
-                    format!("`{s}` is not a terminal status"),
-                ));
-            }
+                    &format!("cache.terminal_statuses[{i}]"),
+                    m,
+                )
+            })?;
         }
         let cache = CacheConfig {
             max_bytes,
@@ -698,26 +798,28 @@ impl RawConfig {
             ));
         }
 
-        let format_s = overrides
-            .log_format
-            .clone()
-            .or(self.log.format)
-            .unwrap_or_else(|| "text".into());
+        let (format_s, from) = given(
+            &overrides.log_format,
+            origins.log_format,
+            self.log.format,
+            "log.format",
+            "text",
+        );
         let format = LogFormat::parse(&format_s)
-            .ok_or_else(|| invalid("log.format", format!("`{format_s}`: expected text or json")))?;
+            .ok_or_else(|| bad(from, format!("`{format_s}`: expected text or json")))?;
         let log = LogConfig {
             format,
             access_log: self.log.access_log.unwrap_or(true),
         };
 
-        let admin_s = overrides
-            .admin_listen
-            .clone()
-            .or(self.admin.listen)
-            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_owned());
-        let admin_listen: SocketAddr = admin_s
-            .parse()
-            .map_err(|e| invalid("admin.listen", format!("`{admin_s}`: {e}")))?;
+        let (admin_s, from) = given(
+            &overrides.admin_listen,
+            origins.admin_listen,
+            self.admin.listen,
+            "admin.listen",
+            DEFAULT_ADMIN_LISTEN,
+        );
+        let admin_listen = parse_listen(&admin_s).map_err(|m| bad(from, m))?;
         let token = match &self.admin.token_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -771,10 +873,12 @@ impl RawConfig {
         };
         let shared = match raw_shared {
             None => None,
-            Some(raw) => Some(raw.validate().map_err(|e| ConfigError::Invalid {
-                key: e.key,
-                file: file.clone(),
-                message: e.message,
+            Some(raw) => Some(raw.validate().map_err(|e| {
+                if e.key == "shared.urls" && overrides.redis_url.is_some() {
+                    bad(Given::Override(origins.redis_url), e.message)
+                } else {
+                    invalid(e.key, e.message)
+                }
             })?),
         };
 
@@ -789,6 +893,82 @@ impl RawConfig {
             shared,
         })
     }
+}
+
+/// Where a setting's value came from, for its errors.
+#[derive(Debug, Clone, Copy)]
+enum Given {
+    /// A flag or environment variable, by the name the operator wrote.
+    Override(&'static str),
+    /// The file (or the default), by config key.
+    File(&'static str),
+}
+
+/// The override if given, else the file's value, else `default`; and where it came from.
+fn given(
+    over: &Option<String>,
+    origin: &'static str,
+    file: Option<String>,
+    key: &'static str,
+    default: &str,
+) -> (String, Given) {
+    match over {
+        Some(v) => (v.clone(), Given::Override(origin)),
+        None => (file.unwrap_or_else(|| default.to_owned()), Given::File(key)),
+    }
+}
+
+/// A listen address: `IP:PORT`, `[IPv6]:PORT`, `HOST:PORT` with a host name resolved now (its
+/// first IPv4 address, else its first address), or `:PORT` for every IPv4 interface (0.0.0.0).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let hint = "write IP:PORT, HOST:PORT or :PORT, e.g. 127.0.0.1:8080, localhost:8080 or :8080";
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("`{s}`: no port; {hint}"));
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{s}`: `{port}` is not a port number (0-65535); {hint}"))?;
+    if host.is_empty() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    if host.contains(':') && !host.starts_with('[') {
+        return Err(format!(
+            "`{s}`: an IPv6 address goes in brackets, e.g. [::1]:{port}"
+        ));
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}`: cannot resolve `{host}` ({e}); {hint}"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("`{s}`: `{host}` has no address"))
+}
+
+/// A status may be listed as terminal only when Dify never moves a run out of it.
+fn check_terminal_status(s: &str) -> Result<(), String> {
+    if DEFAULT_TERMINAL_STATUSES.contains(&s) {
+        return Ok(());
+    }
+    let terminal = DEFAULT_TERMINAL_STATUSES.join(", ");
+    if NON_TERMINAL_STATUSES.contains(&s) {
+        return Err(format!(
+            "`{s}` is not terminal: a {s} run changes again, so caching it for good would serve \
+             it stale forever; the terminal statuses are {terminal}"
+        ));
+    }
+    Err(format!(
+        "`{s}` is not a Dify run status; the terminal statuses are {terminal} (the others, {}, \
+         are not terminal)",
+        NON_TERMINAL_STATUSES.join(", ")
+    ))
 }
 
 fn read_key_file(path: &Path) -> Result<String, String> {
@@ -840,23 +1020,44 @@ fn dur(v: Option<HumanDuration>, default: Duration) -> Duration {
     v.map(|d| d.0).unwrap_or(default)
 }
 
+/// A base URL; its errors show it through [`redact_url`] only.
 fn parse_base_url(s: &str) -> Result<Uri, String> {
+    let shown = redact_url(s);
     let trimmed = s.trim_end_matches('/');
-    let uri: Uri = trimmed.parse().map_err(|e| format!("`{s}`: {e}"))?;
+    let uri: Uri = trimmed
+        .parse()
+        .map_err(|e| format!("`{shown}`: not a URL ({e})"))?;
     match uri.scheme_str() {
         Some("https") | Some("http") => {}
-        _ => return Err(format!("`{s}`: the scheme must be https:// or http://")),
+        _ => return Err(format!("`{shown}`: the scheme must be https:// or http://")),
     }
     if uri.authority().is_none() {
-        return Err(format!("`{s}`: no host"));
+        return Err(format!("`{shown}`: no host"));
     }
     if uri.query().is_some() {
-        return Err(format!("`{s}`: a query string is not allowed"));
+        return Err(format!("`{shown}`: a query string is not allowed"));
     }
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!("`{s}`: credentials in the URL are not allowed"));
+        return Err(format!(
+            "`{shown}`: credentials in the URL are not allowed (the app key is the credential)"
+        ));
     }
     Ok(uri)
+}
+
+/// `url` fit for an error or a log line: userinfo replaced by `***`, no query, no fragment. A
+/// value that does not parse as a URL is not shown at all (it may be a secret pasted by mistake).
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = url::Url::parse(url.trim()) else {
+        return "<not a URL>".to_owned();
+    };
+    if !u.username().is_empty() || u.password().is_some() {
+        let _ = u.set_password(None);
+        let _ = u.set_username("***");
+    }
+    u.set_query(None);
+    u.set_fragment(None);
+    u.to_string()
 }
 
 impl Config {

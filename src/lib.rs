@@ -18,6 +18,7 @@ pub mod mock;
 pub mod outcome;
 pub mod policy;
 pub mod readiness;
+pub mod reload;
 pub mod request_id;
 pub mod resilience;
 pub mod run_id;

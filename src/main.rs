@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use dify_gateway::access_log::AccessLog;
 use dify_gateway::admin::Admin;
 use dify_gateway::cli::{Cli, Command};
@@ -12,7 +11,7 @@ use dify_gateway::tls::TlsAcceptor;
 use dify_gateway::{telemetry, Config, Gateway};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_env();
     if let Some(addr) = cli.health_probe {
         return if dify_gateway::cli::health_probe(addr) {
             ExitCode::SUCCESS
@@ -124,7 +123,11 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
         let rx = stop_rx.clone();
         async move { server::run_admin(admin_listener, admin, &admin_cfg, stopped(rx)).await }
     });
-    let reloader = tokio::spawn(reload_on_sighup(cli, gateway.clone(), tls.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(
+        Arc::new(cli),
+        gateway.clone(),
+        tls.clone(),
+    ));
     tracing::info!(
         listen = %config.server.listen,
         admin = %config.admin.listen,
@@ -147,9 +150,11 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
     ExitCode::SUCCESS
 }
 
-/// On SIGHUP: re-read the config file, swap in the client list and reload the TLS certificate.
-/// A file that no longer validates changes nothing.
-async fn reload_on_sighup(cli: Cli, gateway: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+/// On SIGHUP: re-read the config file and the app keys, apply what may change while serving
+/// (clients, rotated keys) and reload the TLS certificate. A file that no longer validates, or
+/// that changes the apps, changes nothing; the outcome is logged, counted and shown on
+/// `/admin/reload`.
+async fn reload_on_sighup(cli: Arc<Cli>, gateway: Arc<Gateway>, tls: Option<TlsAcceptor>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -157,21 +162,16 @@ async fn reload_on_sighup(cli: Cli, gateway: Arc<Gateway>, tls: Option<TlsAccept
             return;
         };
         while hup.recv().await.is_some() {
-            match cli.load_config() {
-                Ok(cfg) => match gateway.reload_clients(&cfg) {
-                    Ok(n) => tracing::info!(clients = n, "reloaded the client list"),
-                    Err(e) => tracing::error!(error = %e, "reload refused"),
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
-                }
-            }
-            if let Some(t) = &tls {
-                match t.reload() {
-                    Ok(()) => tracing::info!("reloaded the TLS certificate"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
-                    }
+            tracing::info!("SIGHUP: reloading the configuration");
+            let c = Arc::clone(&cli);
+            // Reading files and resolving listen host names block.
+            let Ok(loaded) = tokio::task::spawn_blocking(move || c.load_config()).await else {
+                continue;
+            };
+            if let Ok(applied) = gateway.reload(loaded, tls.as_ref()) {
+                if !applied.keys_rotated.is_empty() {
+                    // Key health on /readyz follows the new key now, not at the next probe.
+                    gateway.readiness().probe_all(gateway.metrics()).await;
                 }
             }
         }

@@ -122,7 +122,8 @@ pub struct AutoRuns {
 
 #[derive(Default)]
 struct State {
-    key: String,
+    /// Keys accepted (a rotation accepts old and new for a while, then only the new).
+    keys: Mutex<Vec<String>>,
     replies: Mutex<HashMap<String, std::collections::VecDeque<Reply>>>,
     auto: Option<AutoRuns>,
     first_seen: Mutex<HashMap<String, Instant>>,
@@ -156,7 +157,7 @@ impl MockDify {
     pub fn serve(listener: TcpListener, key: &str, auto: Option<AutoRuns>) -> MockDify {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let state = Arc::new(State {
-            key: key.to_owned(),
+            keys: Mutex::new(vec![key.to_owned()]),
             auto,
             stop: Some(stop_tx),
             ..State::default()
@@ -212,6 +213,11 @@ impl MockDify {
     /// Sets replies given in turn, one per request; the last one then repeats.
     pub fn set_sequence(&self, run_id: &str, replies: Vec<Reply>) {
         lock(&self.state.replies).insert(run_id.to_ascii_lowercase(), replies.into());
+    }
+
+    /// Accepts exactly these keys from now on (a key rotation: both, then only the new one).
+    pub fn set_keys(&self, keys: &[&str]) {
+        *lock(&self.state.keys) = keys.iter().map(|k| (*k).to_owned()).collect();
     }
 
     /// Delays every answer by `d`.
@@ -312,13 +318,12 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
 
-    let expected = format!("Bearer {}", st.key);
-    if req
+    let presented = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        != Some(expected.as_str())
-    {
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|k| lock(&st.keys).iter().any(|key| key == k)) {
         let mut r = reply_response(Reply::dify_error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",

@@ -286,8 +286,9 @@ async fn a_revoked_token_stops_working_at_once_after_reload() {
     }
     let n = gw
         .gateway
-        .reload_clients(&config(&up, &keep.entry))
-        .unwrap();
+        .reload(Ok(config(&up, &keep.entry)), None)
+        .unwrap()
+        .clients;
     assert_eq!(n, 1);
     let gone = request(
         &c,

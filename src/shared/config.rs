@@ -39,8 +39,9 @@ const STANDALONE_SCHEMES: [&str; 7] = [
 /// URL schemes accepted for cluster seed nodes (cluster nodes are reached over TCP).
 const CLUSTER_SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
 
-/// The `[shared]` table as written. Every field but `urls` is optional.
-#[derive(Debug, Default, Deserialize)]
+/// The `[shared]` table as written. Every field but `urls` is optional. Its `Debug` shows the
+/// urls redacted.
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawShared {
     /// Server URL(s): one for a standalone server, one or more seed nodes with `cluster = true`.
@@ -57,6 +58,24 @@ pub struct RawShared {
     pub wait_timeout: Option<HumanDuration>,
     /// Prefix of every key and channel.
     pub key_prefix: Option<String>,
+}
+
+impl fmt::Debug for RawShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Option<Vec<String>> = self
+            .urls
+            .as_ref()
+            .map(|u| u.iter().map(|u| redact(u)).collect());
+        f.debug_struct("RawShared")
+            .field("urls", &urls)
+            .field("cluster", &self.cluster)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
 }
 
 /// A `[shared]` value that cannot be used. `key` is the full TOML key (`shared.urls`, …), so the
@@ -126,24 +145,16 @@ impl SharedConfig {
     }
 }
 
-/// `url` without its password; a URL that does not parse is hidden entirely.
+/// `url` without its userinfo and query (see [`crate::config::redact_url`]); a URL that does not
+/// parse is hidden entirely.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                // Cannot fail for URLs that have a password (they have a host).
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable URL>".to_owned(),
-    }
+    crate::config::redact_url(url)
 }
 
 impl RawShared {
     /// Parses a `[shared]` table on its own (tests, tools).
     pub fn from_toml(text: &str) -> Result<RawShared, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| crate::config::TomlError::new(text, &e).to_string())
     }
 
     /// Checks every value and fills the defaults.
