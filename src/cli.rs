@@ -67,6 +67,19 @@ pub enum Command {
         #[arg(long, default_value = crate::config::DEFAULT_APP)]
         app: String,
     },
+    /// Try the gateway with no Dify account, key or network: serves it in front of a built-in
+    /// mock Dify on loopback and prints what to try. Reads no configuration.
+    Demo {
+        /// Address of the gateway (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = crate::config::DEFAULT_LISTEN)]
+        listen: String,
+        /// Address of the admin side (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: String,
+        /// How long each mock run stays `running` before it ends.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        running_for: std::time::Duration,
+    },
 }
 
 /// Prints a new token and its config entry.

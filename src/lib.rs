@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod flight;
 pub mod gateway;

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use dify_gateway::access_log::AccessLog;
 use dify_gateway::admin::Admin;
 use dify_gateway::cli::{Cli, Command};
+use dify_gateway::config::LogFormat;
+use dify_gateway::demo::{self, DemoOptions};
 use dify_gateway::server::{self, Drain};
 use dify_gateway::tls::TlsAcceptor;
 use dify_gateway::{telemetry, Config, Gateway};
@@ -28,6 +30,27 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::Demo {
+        listen,
+        admin_listen,
+        running_for,
+    }) = &cli.command
+    {
+        let opts = DemoOptions {
+            listen: listen.clone(),
+            admin_listen: admin_listen.clone(),
+            running_for: *running_for,
+        };
+        return run_in_runtime(LogFormat::Text, |access| async move {
+            match demo::run(&opts, access, shutdown_signal()).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the demo");
+                    ExitCode::FAILURE
+                }
+            }
+        });
+    }
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
@@ -48,6 +71,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    let format = config.log.format;
+    run_in_runtime(format, |access| serve(cli, config, access))
+}
+
+/// Starts the runtime and logging, runs `main` to its end, then flushes the log.
+fn run_in_runtime<F, Fut>(format: LogFormat, main: F) -> ExitCode
+where
+    F: FnOnce(Option<Arc<AccessLog>>) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -58,8 +91,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let telemetry = telemetry::init(config.log.format);
-    let code = runtime.block_on(serve(cli, config, telemetry.access.clone()));
+    let telemetry = telemetry::init(format);
+    let code = runtime.block_on(main(telemetry.access.clone()));
     // Requests still running after the drain timeout end here, before the log's last batch.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     drop(telemetry);
@@ -101,6 +134,10 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
             return ExitCode::FAILURE;
         }
     };
+    // The bound addresses: with port 0 in the config, the port the system picked.
+    let bound = |l: &tokio::net::TcpListener, configured| l.local_addr().unwrap_or(configured);
+    let listen_addr = bound(&listener, config.server.listen);
+    let admin_addr = bound(&admin_listener, config.admin.listen);
     if gateway.is_open() {
         tracing::warn!(
             "NO CLIENTS CONFIGURED: the gateway is open; anyone who can reach {} can read runs with the app key. Add [[clients]] unless only trusted callers can reach it.",
@@ -129,8 +166,8 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
         tls.clone(),
     ));
     tracing::info!(
-        listen = %config.server.listen,
-        admin = %config.admin.listen,
+        listen = %listen_addr,
+        admin = %admin_addr,
         tls = config.server.tls.is_some(),
         apps = config.apps.len(),
         clients = config.clients.len(),

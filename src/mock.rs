@@ -113,12 +113,16 @@ pub fn run_body(id: &str, status: &str, output_bytes: usize) -> Bytes {
 }
 
 /// Auto mode: every valid run id becomes a run that is `running` for `running_for` after its
-/// first request, then terminal.
+/// first request, then terminal — except ids starting with [`UNKNOWN_RUN_PREFIX`], which are
+/// unknown runs (404).
 #[derive(Debug, Clone, Copy)]
 pub struct AutoRuns {
     pub running_for: Duration,
     pub output_bytes: usize,
 }
+
+/// In auto mode, run ids starting with this are unknown: Dify's 404 `not_found`.
+pub const UNKNOWN_RUN_PREFIX: &str = "00000000-";
 
 #[derive(Default)]
 struct State {
@@ -365,6 +369,11 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
     });
     let reply = match (reply, st.auto) {
         (Some(r), _) => r,
+        (None, Some(_)) if canon.starts_with(UNKNOWN_RUN_PREFIX) => Reply::dify_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Workflow run not found.",
+        ),
         (None, Some(auto)) => {
             let first = *lock(&st.first_seen)
                 .entry(canon.clone())
@@ -372,11 +381,7 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
             let status = if first.elapsed() < auto.running_for {
                 "\"running\""
             } else {
-                match uuid.as_bytes()[15] % 10 {
-                    0 => "\"failed\"",
-                    1 => "\"partial-succeeded\"",
-                    _ => "\"succeeded\"",
-                }
+                auto_final_status(&uuid)
             };
             Reply::run_sized(&canon, status, auto.output_bytes)
         }
@@ -395,6 +400,16 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
+}
+
+/// The status (a JSON literal) an auto-mode run ends in: mostly `"succeeded"`, `"failed"` for
+/// one id in ten and `"partial-succeeded"` for another.
+pub fn auto_final_status(id: &Uuid) -> &'static str {
+    match id.as_bytes()[15] % 10 {
+        0 => "\"failed\"",
+        1 => "\"partial-succeeded\"",
+        _ => "\"succeeded\"",
+    }
 }
 
 /// Seconds since the epoch, for bodies that want a current time.
