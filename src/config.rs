@@ -14,6 +14,8 @@ use serde::Deserialize;
 
 mod position;
 pub use position::{KeyPositions, TomlError};
+#[cfg(test)]
+mod validation_tests;
 
 /// Name of the environment variable that holds the upstream app key.
 pub const API_KEY_ENV: &str = "DIFY_API_KEY";
