@@ -40,7 +40,8 @@ impl std::error::Error for TomlError {}
 impl TomlError {
     /// Describes `e`, raised while reading `text`, by position and key.
     pub fn new(text: &str, e: &toml::de::Error) -> TomlError {
-        let offset = e.span().map_or(0, |s| s.start).min(text.len());
+        let span = e.span();
+        let offset = span.as_ref().map_or(0, |s| s.start).min(text.len());
         let (line, column) = line_column(text, offset);
         let doc = ImDocument::parse(text).ok();
         let message = match &doc {
@@ -50,9 +51,11 @@ impl TomlError {
             // A syntax error: toml's parser names grammar (labels, expected tokens), not input.
             None => syntax_message(e.message()),
         };
-        let key = match &doc {
-            Some(d) => key_at(d.as_table(), offset),
-            None => key_on_line(text, line),
+        let key = match (&doc, span) {
+            // Without a span the error belongs to no key (line 1, column 1 stands for the file).
+            (_, None) => None,
+            (Some(d), Some(_)) => key_at(d.as_table(), offset),
+            (None, Some(_)) => key_on_line(text, line),
         };
         TomlError {
             line,
