@@ -868,7 +868,7 @@ impl RawConfig {
         let raw_shared = match (&overrides.redis_url, self.shared) {
             (Some(url), raw) => {
                 let mut raw = raw.unwrap_or_default();
-                raw.urls = Some(vec![url.clone()]);
+                raw.urls = Some(crate::shared::Urls(vec![url.clone()]));
                 Some(raw)
             }
             (None, raw) => raw,

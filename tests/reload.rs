@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dify_gateway::clients::{generate_token, token_sha256_hex};
-use dify_gateway::config::{Config, Overrides, RawConfig};
+use dify_gateway::config::RawConfig;
 use dify_gateway::mock::{MockDify, Reply};
 use dify_gateway::reload::ReloadError;
 use http::{Method, StatusCode};
@@ -38,26 +38,6 @@ fn app_toml(up: &MockDify, key_file: &Path, rest: &str) -> String {
         key_file.display(),
         up.base_url()
     )
-}
-
-/// Validates `toml` as the binary would, reading key files and the variables given in `env`.
-fn load(toml: &str, env: &[(&str, &str)]) -> Config {
-    RawConfig::parse(toml)
-        .unwrap()
-        .validate(
-            &Overrides {
-                listen: Some("127.0.0.1:0".into()),
-                admin_listen: Some("127.0.0.1:0".into()),
-                ..Overrides::default()
-            },
-            None,
-            &|n| {
-                env.iter()
-                    .find(|(k, _)| *k == n)
-                    .map(|(_, v)| (*v).to_owned())
-            },
-        )
-        .unwrap()
 }
 
 async fn get_as(c: &TestClient, url: &str, t: &Team) -> Got {
@@ -91,7 +71,7 @@ async fn a_key_rotated_in_place_goes_upstream_after_reload_and_clients_keep_appl
     let up = MockDify::start(OLD_KEY).await.unwrap();
     let (stay, leave) = (team("stay", "main"), team("leave", "main"));
     let both = app_toml(&up, &key_file, &format!("{}{}", stay.entry, leave.entry));
-    let gw = spawn_gateway(load(&both, &[])).await;
+    let gw = spawn_gateway(config_with_env(&both, &[])).await;
     let c = client();
     let first = new_run();
     up.set(&first, Reply::run(&first, "\"succeeded\""));
@@ -131,7 +111,7 @@ async fn a_key_rotated_in_place_goes_upstream_after_reload_and_clients_keep_appl
     std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
     let applied = gw
         .gateway
-        .reload(Ok(load(&both, &[])), None)
+        .reload(Ok(config_with_env(&both, &[])), None)
         .expect("rotation applies");
     assert_eq!(applied.keys_rotated, ["main"]);
     assert_eq!(applied.clients, 2);
@@ -154,7 +134,10 @@ async fn a_key_rotated_in_place_goes_upstream_after_reload_and_clients_keep_appl
 
     // A later reload that removes a client applies too.
     let one = app_toml(&up, &key_file, &stay.entry);
-    let applied = gw.gateway.reload(Ok(load(&one, &[])), None).unwrap();
+    let applied = gw
+        .gateway
+        .reload(Ok(config_with_env(&one, &[])), None)
+        .unwrap();
     assert!(applied.keys_rotated.is_empty());
     assert_eq!(applied.clients, 1);
     assert_eq!(
@@ -186,7 +169,7 @@ async fn a_changed_app_list_is_refused_counted_and_changes_nothing() {
     std::fs::write(&key_file, OLD_KEY).unwrap();
     let up = MockDify::start(OLD_KEY).await.unwrap();
     let a = team("a", "main");
-    let gw = spawn_gateway(load(&app_toml(&up, &key_file, &a.entry), &[])).await;
+    let gw = spawn_gateway(config_with_env(&app_toml(&up, &key_file, &a.entry), &[])).await;
     let c = client();
     up.set(RUN, Reply::run(RUN, "\"succeeded\""));
 
@@ -204,7 +187,10 @@ async fn a_changed_app_list_is_refused_counted_and_changes_nothing() {
     );
     let e = gw
         .gateway
-        .reload(Ok(load(&added, &[("SECOND_KEY", "app-second")])), None)
+        .reload(
+            Ok(config_with_env(&added, &[("SECOND_KEY", "app-second")])),
+            None,
+        )
         .unwrap_err();
     assert!(matches!(e, ReloadError::AppsChanged(_)), "{e}");
     assert!(e.to_string().contains("app `second` was added"), "{e}");
@@ -221,7 +207,7 @@ async fn a_changed_app_list_is_refused_counted_and_changes_nothing() {
     );
     let e = gw
         .gateway
-        .reload(Ok(load(&moved, &[("MAIN_KEY", OLD_KEY)])), None)
+        .reload(Ok(config_with_env(&moved, &[("MAIN_KEY", OLD_KEY)])), None)
         .unwrap_err();
     assert!(e.to_string().contains("key source of app `main`"), "{e}");
 

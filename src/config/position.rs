@@ -54,7 +54,7 @@ impl TomlError {
         let key = match (&doc, span) {
             // Without a span the error belongs to no key (line 1, column 1 stands for the file).
             (_, None) => None,
-            (Some(d), Some(_)) => key_at(d.as_table(), offset),
+            (Some(d), Some(_)) => key_at(&walk(d), offset),
             (None, Some(_)) => key_on_line(text, line),
         };
         TomlError {
@@ -127,18 +127,39 @@ fn syntax_message(m: &str) -> String {
     format!("not valid TOML: {}", parts.join("; "))
 }
 
-/// The path of the innermost key whose key or value spans `offset`.
-fn key_at(root: &dyn TableLike, offset: usize) -> Option<String> {
-    let mut path = String::new();
-    find_in_table(root, offset, &mut path).then_some(path)
+/// The path of the innermost entry whose key or value spans `offset`.
+fn key_at(entries: &[Entry], offset: usize) -> Option<String> {
+    let spans = |r: &Option<Range<usize>>| {
+        // A zero-width span (end of file) still names its position.
+        r.as_ref()
+            .is_some_and(|r| r.contains(&offset) || (r.is_empty() && r.start == offset))
+    };
+    // Entries come parent first, so the last match is the innermost.
+    entries
+        .iter()
+        .rev()
+        .find(|e| spans(&e.key) || spans(&e.value))
+        .map(|e| e.path.clone())
 }
 
-fn spans(r: Option<Range<usize>>, offset: usize) -> bool {
-    // A zero-width span (end of file) still names its position.
-    r.is_some_and(|r| r.contains(&offset) || (r.is_empty() && r.start == offset))
+/// One key (or array element) of a parsed document: its path and where its key and value sit.
+struct Entry {
+    /// `apps[1].base_url`, `cache.terminal_statuses[0]`.
+    path: String,
+    /// Byte span of the key as written (none for array elements).
+    key: Option<Range<usize>>,
+    /// Byte span of the value (a table's runs from its header to its last value).
+    value: Option<Range<usize>>,
 }
 
-fn find_in_table(t: &dyn TableLike, offset: usize, path: &mut String) -> bool {
+/// Every key and array element of `doc`, each after the one that holds it.
+fn walk<S>(doc: &ImDocument<S>) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    walk_table(doc.as_table(), &mut String::new(), &mut entries);
+    entries
+}
+
+fn walk_table(t: &dyn TableLike, path: &mut String, entries: &mut Vec<Entry>) {
     for (name, _) in t.iter() {
         let Some((key, item)) = t.get_key_value(name) else {
             continue;
@@ -148,43 +169,52 @@ fn find_in_table(t: &dyn TableLike, offset: usize, path: &mut String) -> bool {
             path.push('.');
         }
         path.push_str(name);
-        if find_in_item(item, offset, path) || spans(key.span(), offset) {
-            return true;
+        match item {
+            Item::None => {}
+            Item::Value(v) => walk_value(v, key.span(), path, entries),
+            Item::Table(t) => {
+                entries.push(Entry {
+                    path: path.clone(),
+                    key: key.span(),
+                    value: t.span(),
+                });
+                walk_table(t, path, entries);
+            }
+            Item::ArrayOfTables(a) => {
+                for (i, t) in a.iter().enumerate() {
+                    let len = path.len();
+                    path.push_str(&format!("[{i}]"));
+                    entries.push(Entry {
+                        path: path.clone(),
+                        key: None,
+                        value: t.span(),
+                    });
+                    walk_table(t, path, entries);
+                    path.truncate(len);
+                }
+            }
         }
         path.truncate(len);
     }
-    false
 }
 
-fn find_in_item(item: &Item, offset: usize, path: &mut String) -> bool {
-    match item {
-        Item::None => false,
-        Item::Value(v) => find_in_value(v, offset, path),
-        Item::Table(t) => find_in_table(t, offset, path) || spans(t.span(), offset),
-        Item::ArrayOfTables(a) => a.iter().enumerate().any(|(i, t)| {
-            let len = path.len();
-            path.push_str(&format!("[{i}]"));
-            let found = find_in_table(t, offset, path) || spans(t.span(), offset);
-            if !found {
-                path.truncate(len);
-            }
-            found
-        }),
-    }
-}
-
-fn find_in_value(v: &Value, offset: usize, path: &mut String) -> bool {
+fn walk_value(v: &Value, key: Option<Range<usize>>, path: &mut String, entries: &mut Vec<Entry>) {
+    entries.push(Entry {
+        path: path.clone(),
+        key,
+        value: v.span(),
+    });
     match v {
         Value::Array(a) => {
-            if let Some((i, e)) = a.iter().enumerate().find(|(_, e)| spans(e.span(), offset)) {
+            for (i, e) in a.iter().enumerate() {
+                let len = path.len();
                 path.push_str(&format!("[{i}]"));
-                find_in_value(e, offset, path);
-                return true;
+                walk_value(e, None, path, entries);
+                path.truncate(len);
             }
-            spans(a.span(), offset)
         }
-        Value::InlineTable(t) => find_in_table(t, offset, path) || spans(t.span(), offset),
-        other => spans(other.span(), offset),
+        Value::InlineTable(t) => walk_table(t, path, entries),
+        _ => {}
     }
 }
 
@@ -229,10 +259,17 @@ pub struct KeyPositions {
 impl KeyPositions {
     /// Every key of `text` (which must be valid TOML; otherwise no positions).
     pub fn of(text: &str) -> KeyPositions {
-        let mut entries = Vec::new();
-        if let Ok(doc) = ImDocument::parse(text) {
-            collect_table(doc.as_table(), text, &mut String::new(), &mut entries);
-        }
+        let Ok(doc) = ImDocument::parse(text) else {
+            return KeyPositions::default();
+        };
+        let entries = walk(&doc)
+            .into_iter()
+            .filter_map(|e| {
+                let at = e.value.or(e.key)?;
+                let (line, column) = line_column(text, at.start);
+                Some((e.path, line, column))
+            })
+            .collect();
         KeyPositions { entries }
     }
 
@@ -266,62 +303,6 @@ fn strip_indices(path: &str) -> String {
         }
     }
     out
-}
-
-type Entries = Vec<(String, usize, usize)>;
-
-fn record(entries: &mut Entries, path: &str, text: &str, span: Option<Range<usize>>) {
-    if let Some(s) = span {
-        let (line, column) = line_column(text, s.start);
-        entries.push((path.to_owned(), line, column));
-    }
-}
-
-fn collect_table(t: &dyn TableLike, text: &str, path: &mut String, entries: &mut Entries) {
-    for (name, _) in t.iter() {
-        let Some((key, item)) = t.get_key_value(name) else {
-            continue;
-        };
-        let len = path.len();
-        if !path.is_empty() {
-            path.push('.');
-        }
-        path.push_str(name);
-        match item {
-            Item::None => {}
-            Item::Value(v) => collect_value(v, text, path, entries),
-            Item::Table(t) => {
-                record(entries, path, text, key.span());
-                collect_table(t, text, path, entries);
-            }
-            Item::ArrayOfTables(a) => {
-                for (i, t) in a.iter().enumerate() {
-                    let len = path.len();
-                    path.push_str(&format!("[{i}]"));
-                    record(entries, path, text, t.span());
-                    collect_table(t, text, path, entries);
-                    path.truncate(len);
-                }
-            }
-        }
-        path.truncate(len);
-    }
-}
-
-fn collect_value(v: &Value, text: &str, path: &mut String, entries: &mut Entries) {
-    record(entries, path, text, v.span());
-    match v {
-        Value::Array(a) => {
-            for (i, e) in a.iter().enumerate() {
-                let len = path.len();
-                path.push_str(&format!("[{i}]"));
-                collect_value(e, text, path, entries);
-                path.truncate(len);
-            }
-        }
-        Value::InlineTable(t) => collect_table(t, text, path, entries),
-        _ => {}
-    }
 }
 
 #[cfg(test)]

@@ -45,15 +45,23 @@ fn terminal_statuses_must_be_dify_terminal_words() {
 
 #[test]
 fn listen_addresses_take_names_and_bare_ports() {
-    assert_eq!(parse_listen(":8080").unwrap(), "0.0.0.0:8080".parse().unwrap());
+    assert_eq!(
+        parse_listen(":8080").unwrap(),
+        "0.0.0.0:8080".parse().unwrap()
+    );
     assert_eq!(
         parse_listen("localhost:8080").unwrap(),
         "127.0.0.1:8080".parse().unwrap()
     );
-    assert_eq!(parse_listen("[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
+    assert_eq!(
+        parse_listen("[::1]:80").unwrap(),
+        "[::1]:80".parse().unwrap()
+    );
     assert!(parse_listen("8080").unwrap_err().contains("no port"));
     assert!(parse_listen("::1:80").unwrap_err().contains("brackets"));
-    assert!(parse_listen("host:http").unwrap_err().contains("not a port"));
+    assert!(parse_listen("host:http")
+        .unwrap_err()
+        .contains("not a port"));
 }
 
 #[test]
@@ -64,17 +72,30 @@ fn an_overridden_value_is_blamed_on_its_flag_or_variable() {
     };
     let e = validate("[server]\nlisten = \"127.0.0.1:1\"\n", &overrides).unwrap_err();
     assert!(
-        matches!(&e, ConfigError::Invalid { key: "--listen", file: None, .. }),
+        matches!(
+            &e,
+            ConfigError::Invalid {
+                key: "--listen",
+                file: None,
+                ..
+            }
+        ),
         "{e:?}"
     );
     overrides.origins.listen = "DIFY_GATEWAY_LISTEN";
     let e = validate("", &overrides).unwrap_err().to_string();
-    assert!(e.starts_with("invalid value for `DIFY_GATEWAY_LISTEN`:"), "{e}");
+    assert!(
+        e.starts_with("invalid value for `DIFY_GATEWAY_LISTEN`:"),
+        "{e}"
+    );
     // The same value in the file is the file's.
     let e = validate("[server]\nlisten = \"nowhere\"\n", &Overrides::default())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("`server.listen` in gw.toml: line 2, column 10"), "{e}");
+    assert!(
+        e.contains("`server.listen` in gw.toml: line 2, column 10"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -84,7 +105,14 @@ fn a_key_with_whitespace_is_blamed_on_where_it_came_from() {
         .validate(&Overrides::default(), Some(Path::new("gw.toml")), &spaced)
         .unwrap_err();
     assert!(
-        matches!(&e, ConfigError::Invalid { key: API_KEY_ENV, file: None, .. }),
+        matches!(
+            &e,
+            ConfigError::Invalid {
+                key: API_KEY_ENV,
+                file: None,
+                ..
+            }
+        ),
         "{e:?}"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +124,13 @@ fn a_key_with_whitespace_is_blamed_on_where_it_came_from() {
     )
     .unwrap_err();
     assert!(
-        matches!(&e, ConfigError::Invalid { key: "upstream.api_key_file", .. }),
+        matches!(
+            &e,
+            ConfigError::Invalid {
+                key: "upstream.api_key_file",
+                ..
+            }
+        ),
         "{e:?}"
     );
     assert!(!e.to_string().contains("abc def"), "{e}");
@@ -128,6 +162,9 @@ fn redacted_urls_keep_neither_userinfo_nor_query() {
         redact_url("https://user:pw@dify.example:8443/v1?token=t#f"),
         "https://***@dify.example:8443/v1"
     );
-    assert_eq!(redact_url("redis://:pw@cache:6379/0"), "redis://***@cache:6379/0");
+    assert_eq!(
+        redact_url("redis://:pw@cache:6379/0"),
+        "redis://***@cache:6379/0"
+    );
     assert_eq!(redact_url("app-not-a-url"), "<not a URL>");
 }

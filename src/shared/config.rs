@@ -39,13 +39,12 @@ const STANDALONE_SCHEMES: [&str; 7] = [
 /// URL schemes accepted for cluster seed nodes (cluster nodes are reached over TCP).
 const CLUSTER_SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
 
-/// The `[shared]` table as written. Every field but `urls` is optional. Its `Debug` shows the
-/// urls redacted.
-#[derive(Default, Deserialize)]
+/// The `[shared]` table as written. Every field but `urls` is optional.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawShared {
     /// Server URL(s): one for a standalone server, one or more seed nodes with `cluster = true`.
-    pub urls: Option<Vec<String>>,
+    pub urls: Option<Urls>,
     /// Talk the Redis Cluster protocol.
     pub cluster: Option<bool>,
     /// Per-call timeout.
@@ -60,20 +59,15 @@ pub struct RawShared {
     pub key_prefix: Option<String>,
 }
 
-impl fmt::Debug for RawShared {
+/// Redis/Valkey URLs as written (they may hold a password); `Debug` shows them redacted.
+#[derive(Default, Deserialize)]
+#[serde(transparent)]
+pub struct Urls(pub Vec<String>);
+
+impl fmt::Debug for Urls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let urls: Option<Vec<String>> = self
-            .urls
-            .as_ref()
-            .map(|u| u.iter().map(|u| redact(u)).collect());
-        f.debug_struct("RawShared")
-            .field("urls", &urls)
-            .field("cluster", &self.cluster)
-            .field("timeout", &self.timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("lock_ttl", &self.lock_ttl)
-            .field("wait_timeout", &self.wait_timeout)
-            .field("key_prefix", &self.key_prefix)
+        f.debug_list()
+            .entries(self.0.iter().map(|u| redact(u)))
             .finish()
     }
 }
@@ -138,7 +132,7 @@ impl SharedConfig {
     /// A standalone configuration for `url` with every default (for tests and tools).
     pub fn for_url(url: &str) -> Result<SharedConfig, SharedConfigError> {
         RawShared {
-            urls: Some(vec![url.to_owned()]),
+            urls: Some(Urls(vec![url.to_owned()])),
             ..RawShared::default()
         }
         .validate()
@@ -161,7 +155,7 @@ impl RawShared {
     pub fn validate(self) -> Result<SharedConfig, SharedConfigError> {
         let invalid = |key: &'static str, message: String| SharedConfigError { key, message };
         let cluster = self.cluster.unwrap_or(false);
-        let urls = self.urls.unwrap_or_default();
+        let urls = self.urls.unwrap_or_default().0;
         if urls.is_empty() {
             return Err(invalid(
                 "shared.urls",
@@ -372,6 +366,12 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2secret"), "{dbg}");
         assert!(dbg.contains("cache:6379"), "{dbg}");
+        let raw = RawShared::from_toml("urls = [\"redis://user:hunter2secret@cache:6379/0\"]");
+        let dbg = format!("{:?}", raw.unwrap());
+        assert!(
+            !dbg.contains("hunter2secret") && dbg.contains("cache:6379"),
+            "{dbg}"
+        );
         let e = parse("urls = [\"ftp://user:hunter2secret@cache\"]").unwrap_err();
         assert!(!e.to_string().contains("hunter2secret"), "{e}");
     }

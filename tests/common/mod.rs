@@ -90,6 +90,26 @@ pub fn config(upstream: &MockDify, toml: &str) -> Config {
     .expect("test config validates")
 }
 
+/// `toml` validated with loopback listeners on port 0 and only the variables in `env`.
+pub fn config_with_env(toml: &str, env: &[(&str, &str)]) -> Config {
+    RawConfig::parse(toml)
+        .expect("test toml parses")
+        .validate(
+            &Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                admin_listen: Some("127.0.0.1:0".into()),
+                ..Overrides::default()
+            },
+            None,
+            &|n| {
+                env.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| (*v).to_owned())
+            },
+        )
+        .expect("test config validates")
+}
+
 pub async fn spawn_gateway(config: Config) -> TestGateway {
     spawn_gateway_logged(config, None).await
 }
