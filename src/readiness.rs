@@ -218,3 +218,61 @@ async fn probe_one(app: &App, slot: &Mutex<Probe>, metrics: &Metrics) {
         })
         .set(i64::from(p.health == KeyHealth::Ok));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::AppId;
+    use crate::config::Config;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers every request with `status` and a body of `content_type`, as a web
+    /// site at the host's root would.
+    async fn site(status: &'static str, content_type: &'static str) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let body = "<html><body>Dify</body></html>";
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn report_for(base: &str) -> Report {
+        let cfg = Config::for_upstream(base, "app-k").unwrap();
+        let app = Arc::new(App::new(AppId(0), &cfg.apps[0], &cfg.upstream).unwrap());
+        let r = Readiness::new(&[app], Duration::from_secs(60));
+        r.probe_all(&Arc::new(Metrics::new())).await;
+        r.report()
+    }
+
+    #[tokio::test]
+    async fn a_web_page_or_a_404_at_the_probe_path_is_not_dify() {
+        for (status, content_type) in [("200 OK", "text/html"), ("404 Not Found", "text/html")] {
+            let base = site(status, content_type).await;
+            let r = report_for(&base).await;
+            assert!(!r.ready, "{status}");
+            let problem = r.apps[0].problem.as_deref().unwrap();
+            assert!(
+                problem.contains(&format!("should end in /v1 (e.g. {base}/v1)")),
+                "{problem}"
+            );
+            assert_eq!(r.apps[0].key, "unknown");
+        }
+        // The same answer under a base ending in /v1 points at the root without the /v1 hint.
+        let base = format!("{}/v1", site("200 OK", "text/html").await);
+        let problem = report_for(&base).await.apps[0].problem.clone().unwrap();
+        assert!(problem.contains("Dify's service API root"), "{problem}");
+        // A JSON 2xx is Dify.
+        let r = report_for(&site("200 OK", "application/json").await).await;
+        assert!(r.ready && r.apps[0].problem.is_none());
+    }
+}
