@@ -51,6 +51,8 @@ pub enum DemoError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the mock Dify on a loopback port: {0}")]
+    Mock(std::io::Error),
     #[error(transparent)]
     Setup(#[from] SetupError),
 }
@@ -62,14 +64,9 @@ pub async fn run(
     access_log: Option<Arc<AccessLog>>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Drain, DemoError> {
-    let mock_addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mock_listener = TcpListener::bind(mock_addr)
+    let mock_listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
         .await
-        .map_err(|source| DemoError::Bind {
-            flag: "(the mock's own port)",
-            addr: mock_addr,
-            source,
-        })?;
+        .map_err(DemoError::Mock)?;
     let mock = MockDify::serve(
         mock_listener,
         DEMO_KEY,
