@@ -132,6 +132,9 @@ impl Admin {
             (&Method::GET, "/admin/cache/stats") => {
                 to_json(StatusCode::OK, &self.gateway.cache_report())
             }
+            (&Method::GET, "/admin/reload") => {
+                to_json(StatusCode::OK, &self.gateway.reloads().report())
+            }
             (&Method::DELETE, "/admin/cache") => {
                 let n = self.gateway.purge_all().await;
                 to_json(StatusCode::OK, &Purged { purged: n })
@@ -154,7 +157,7 @@ impl Admin {
                     None => error(StatusCode::NOT_FOUND, "not_found", "no such app"),
                 }
             }
-            (_, "/metrics" | "/admin/cache/stats") => not_allowed("GET"),
+            (_, "/metrics" | "/admin/cache/stats" | "/admin/reload") => not_allowed("GET"),
             (_, "/admin/cache") => not_allowed("DELETE"),
             (_, p) if p.starts_with("/admin/cache/runs/") => not_allowed("DELETE"),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin route"),

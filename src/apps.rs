@@ -2,18 +2,22 @@
 //!
 //! Invariant: an app's identity in every cache key is its [`AppId`], and its identity across
 //! replicas (the shared tier) is its `tag` — a fingerprint of its upstream URL and key that
-//! reveals neither — so two apps never share a cache entry, whatever their names.
+//! reveals neither — so two apps never share a cache entry, whatever their names. When its key
+//! rotates (reload), the new key and its tag are installed together, as a restart would have
+//! them; a request already in flight finishes with the key it started with.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Uri};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::cache::AppId;
-use crate::config::{AppConfig, UpstreamConfig};
+use crate::config::{AppConfig, KeySource, UpstreamConfig};
 use crate::resilience::CircuitBreaker;
-use crate::upstream::{Upstream, UpstreamSetupError};
+use crate::upstream::{authorization, Upstream, UpstreamSetupError};
 
 /// One configured app.
 #[derive(Debug)]
@@ -23,8 +27,12 @@ pub struct App {
     /// Configured name, for logs, metrics and the admin API.
     pub name: Cow<'static, str>,
     /// Stable cross-replica identity: hex of the first 12 bytes of
-    /// SHA-256("dify-gateway app" ‖ base URL ‖ key).
-    pub tag: Arc<str>,
+    /// SHA-256("dify-gateway app" ‖ base URL ‖ key). Read it once per fetch ([`App::tag`]).
+    tag: ArcSwap<String>,
+    /// The upstream base URL, as configured.
+    pub base_url: Uri,
+    /// Where the key is read from; a reload may re-read it, never move it.
+    pub key_source: KeySource,
     /// The pooled client carrying this app's key.
     pub upstream: Upstream,
     /// Fails fast while this app's upstream keeps failing.
@@ -41,11 +49,45 @@ impl App {
         Ok(App {
             id,
             name: Cow::Owned(app.name.clone()),
-            tag: fingerprint(&app.base_url.to_string(), &app.api_key).into(),
+            tag: ArcSwap::from_pointee(fingerprint(&app.base_url.to_string(), &app.api_key)),
+            base_url: app.base_url.clone(),
+            key_source: app.key_source.clone(),
             upstream: Upstream::new(cfg, app)?,
             breaker: CircuitBreaker::new(cfg.circuit_failure_threshold, cfg.circuit_cooldown),
         })
     }
+
+    /// The current cross-replica identity (see the `tag` field).
+    pub fn tag(&self) -> Arc<String> {
+        self.tag.load_full()
+    }
+
+    /// The key `app` now holds, ready to install, or `None` when it is the key in use. Fails
+    /// before anything changes, so a reload can check every app first.
+    pub fn prepare_key(&self, app: &AppConfig) -> Result<Option<NewKey>, UpstreamSetupError> {
+        let tag = fingerprint(&self.base_url.to_string(), &app.api_key);
+        if *self.tag.load_full() == tag {
+            return Ok(None);
+        }
+        Ok(Some(NewKey {
+            authorization: authorization(&app.api_key)?,
+            tag,
+        }))
+    }
+
+    /// Installs a key from [`App::prepare_key`]: the next exchange carries it.
+    pub fn install_key(&self, key: NewKey) {
+        self.upstream.set_authorization(key.authorization);
+        self.tag.store(Arc::new(key.tag));
+    }
+}
+
+/// A rotated key and its tag, checked and ready to install.
+#[derive(Debug)]
+pub struct NewKey {
+    /// The sensitive `Authorization` value.
+    authorization: HeaderValue,
+    tag: String,
 }
 
 /// The app fingerprint (see [`App::tag`]).

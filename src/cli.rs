@@ -5,9 +5,17 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
-use crate::config::{Config, ConfigError, Overrides, RawConfig};
+use crate::config::{Config, ConfigError, Origins, Overrides, RawConfig};
+
+/// Environment variables that stand in for flags.
+const LISTEN_ENV: &str = "DIFY_GATEWAY_LISTEN";
+const UPSTREAM_ENV: &str = "DIFY_GATEWAY_UPSTREAM";
+const LOG_FORMAT_ENV: &str = "DIFY_GATEWAY_LOG_FORMAT";
+const ADMIN_LISTEN_ENV: &str = "DIFY_GATEWAY_ADMIN_LISTEN";
+const REDIS_URL_ENV: &str = "DIFY_GATEWAY_REDIS_URL";
 
 /// A caching reverse proxy for Dify's workflow run-detail API.
 #[derive(Debug, Parser)]
@@ -16,20 +24,21 @@ pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "DIFY_GATEWAY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address of the public listener [default: 127.0.0.1:8080].
-    #[arg(long, env = "DIFY_GATEWAY_LISTEN", value_name = "ADDR")]
+    /// Address of the public listener: IP:PORT, HOST:PORT or :PORT (all interfaces)
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, env = LISTEN_ENV, value_name = "ADDR")]
     pub listen: Option<String>,
     /// Upstream base URL [default: https://api.dify.ai/v1].
-    #[arg(long, env = "DIFY_GATEWAY_UPSTREAM", value_name = "URL")]
+    #[arg(long, env = UPSTREAM_ENV, value_name = "URL")]
     pub upstream: Option<String>,
     /// Log line format: text or json [default: text].
-    #[arg(long, env = "DIFY_GATEWAY_LOG_FORMAT", value_name = "FORMAT")]
+    #[arg(long, env = LOG_FORMAT_ENV, value_name = "FORMAT")]
     pub log_format: Option<String>,
     /// Address of the admin listener (metrics, readiness, purge) [default: 127.0.0.1:9090].
-    #[arg(long, env = "DIFY_GATEWAY_ADMIN_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = ADMIN_LISTEN_ENV, value_name = "ADDR")]
     pub admin_listen: Option<String>,
     /// Redis/Valkey URL of the shared tier (`redis://`, `rediss://`); overrides `shared.urls`.
-    #[arg(long, env = "DIFY_GATEWAY_REDIS_URL", value_name = "URL")]
+    #[arg(long, env = REDIS_URL_ENV, value_name = "URL")]
     pub redis_url: Option<String>,
     /// Validate the configuration (and the key's presence), print a summary, and exit.
     #[arg(long)]
@@ -40,6 +49,9 @@ pub struct Cli {
     pub health_probe: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Which of the values above came from a variable rather than a flag.
+    #[arg(skip)]
+    pub origins: Origins,
 }
 
 /// Subcommands (without one, the gateway serves).
@@ -54,6 +66,19 @@ pub enum Command {
         /// The app the client may use.
         #[arg(long, default_value = crate::config::DEFAULT_APP)]
         app: String,
+    },
+    /// Try the gateway with no Dify account, key or network: serves it in front of a built-in
+    /// mock Dify on loopback and prints what to try. Reads no configuration.
+    Demo {
+        /// Address of the gateway (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = crate::config::DEFAULT_LISTEN)]
+        listen: String,
+        /// Address of the admin side (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = crate::config::DEFAULT_ADMIN_LISTEN)]
+        admin_listen: String,
+        /// How long each mock run stays `running` before it ends.
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+        running_for: std::time::Duration,
     },
 }
 
@@ -93,6 +118,14 @@ pub fn health_probe(addr: std::net::SocketAddr) -> bool {
 }
 
 impl Cli {
+    /// Parses the process's arguments and environment, noting where each override came from.
+    pub fn from_env() -> Cli {
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        cli.origins = origins(&matches);
+        cli
+    }
+
     /// Loads the file (if any), applies flag overrides and validates against the process
     /// environment.
     pub fn load_config(&self) -> Result<Config, ConfigError> {
@@ -106,9 +139,29 @@ impl Cli {
             log_format: self.log_format.clone(),
             admin_listen: self.admin_listen.clone(),
             redis_url: self.redis_url.clone(),
+            origins: self.origins,
         };
         raw.validate(&overrides, self.config.as_deref(), &|name| {
             std::env::var(name).ok()
         })
+    }
+}
+
+/// The flag's name, or the variable's when the value came from the environment.
+fn origins(m: &ArgMatches) -> Origins {
+    let flags = Origins::default();
+    let pick = |id: &str, flag: &'static str, env: &'static str| {
+        if m.value_source(id) == Some(ValueSource::EnvVariable) {
+            env
+        } else {
+            flag
+        }
+    };
+    Origins {
+        listen: pick("listen", flags.listen, LISTEN_ENV),
+        upstream: pick("upstream", flags.upstream, UPSTREAM_ENV),
+        log_format: pick("log_format", flags.log_format, LOG_FORMAT_ENV),
+        admin_listen: pick("admin_listen", flags.admin_listen, ADMIN_LISTEN_ENV),
+        redis_url: pick("redis_url", flags.redis_url, REDIS_URL_ENV),
     }
 }

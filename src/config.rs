@@ -12,6 +12,14 @@ use http::Uri;
 use secrecy::SecretString;
 use serde::Deserialize;
 
+mod position;
+mod values;
+pub use position::{KeyPositions, TomlError};
+use values::check_terminal_status;
+pub use values::{parse_listen, redact_url};
+#[cfg(test)]
+mod validation_tests;
+
 /// Name of the environment variable that holds the upstream app key.
 pub const API_KEY_ENV: &str = "DIFY_API_KEY";
 
@@ -33,6 +41,12 @@ pub const DEFAULT_MAX_SHARE_PER_CLIENT: f64 = 0.5;
 pub const DEFAULT_TERMINAL_STATUSES: [&str; 4] =
     ["succeeded", "failed", "stopped", "partial-succeeded"];
 
+/// Statuses Dify gives a run that can still change.
+pub const NON_TERMINAL_STATUSES: [&str; 3] = ["running", "paused", "scheduled"];
+
+/// The message of a duration that does not parse; it does not echo the value.
+pub(crate) const NOT_A_DURATION: &str = "not a duration; write e.g. \"1s\" or \"500ms\"";
+
 /// Why a configuration could not be used. Every variant names the key (and file) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -43,8 +57,8 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML or holds unknown keys or wrongly typed values.
-    #[error("invalid config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {error}")]
+    Parse { path: PathBuf, error: TomlError },
     /// A value parsed but is not acceptable.
     #[error("invalid value for `{key}`{}: {message}", file_suffix(.file))]
     Invalid {
@@ -73,13 +87,10 @@ pub struct HumanDuration(pub Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
+        // humantime's error quotes the value, which could be anything pasted by mistake.
         humantime::parse_duration(s.trim())
             .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{s}` is not a duration ({e}); write e.g. \"1s\" or \"500ms\""
-                ))
-            })
+            .map_err(|_| serde::de::Error::custom(NOT_A_DURATION))
     }
 }
 
@@ -102,6 +113,9 @@ pub struct RawConfig {
     #[serde(default)]
     pub clients: Vec<RawClient>,
     pub shared: Option<crate::shared::RawShared>,
+    /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
+    #[serde(skip)]
+    pub positions: KeyPositions,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +220,32 @@ pub struct Overrides {
     pub admin_listen: Option<String>,
     /// A single Redis/Valkey URL for the shared tier (`--redis-url`).
     pub redis_url: Option<String>,
+    /// Which flag or variable gave each value, named in its errors.
+    pub origins: Origins,
+}
+
+/// The flag (`--listen`) or environment variable (`DIFY_GATEWAY_LISTEN`) each override came
+/// from, so an error about it names what the operator wrote rather than a config key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origins {
+    pub listen: &'static str,
+    pub upstream: &'static str,
+    pub log_format: &'static str,
+    pub admin_listen: &'static str,
+    pub redis_url: &'static str,
+}
+
+impl Default for Origins {
+    /// Every value given as a flag.
+    fn default() -> Self {
+        Origins {
+            listen: "--listen",
+            upstream: "--upstream",
+            log_format: "--log-format",
+            admin_listen: "--admin-listen",
+            redis_url: "--redis-url",
+        }
+    }
 }
 
 /// The validated configuration.
@@ -234,6 +274,17 @@ pub struct AppConfig {
     pub name: String,
     pub base_url: Uri,
     pub api_key: SecretString,
+    /// Where the key was read; a reload reads it again from there (key rotation).
+    pub key_source: KeySource,
+}
+
+/// Where an app key is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// An environment variable, by name.
+    Env(String),
+    /// A file (a mounted Secret), trimmed.
+    File(PathBuf),
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -433,40 +484,64 @@ impl RawConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+        Self::parse(&text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            message,
+            error,
         })
     }
 
-    /// Parses TOML text.
+    /// Parses TOML text; the error is [`TomlError`]'s text (position, key, never a value).
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        Self::parse(text).map_err(|e| e.to_string())
+    }
+
+    /// Parses TOML text, remembering where each key sits.
+    pub fn parse(text: &str) -> Result<Self, TomlError> {
+        let mut raw: RawConfig = toml::from_str(text).map_err(|e| TomlError::new(text, &e))?;
+        raw.positions = KeyPositions::of(text);
+        Ok(raw)
     }
 
     /// Checks every value and fills defaults. `env` looks up environment variables (injected so
     /// tests need not touch the process environment); `file` names the source in errors.
     pub fn validate(
-        self,
+        mut self,
         overrides: &Overrides,
         file: Option<&Path>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let file = file.map(Path::to_path_buf);
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        let positions = std::mem::take(&mut self.positions);
+        // `path` is `key` with array indices (`apps[1].base_url`) when known: the error then
+        // points at that value's line and column.
+        let invalid_at = |key: &'static str, path: &str, message: String| ConfigError::Invalid {
             key,
             file: file.clone(),
-            message,
+            message: match positions.find(path) {
+                Some(at) => format!("{at}: {message}"),
+                None => message,
+            },
         };
+        let invalid = |key: &'static str, message: String| invalid_at(key, key, message);
+        // A value from a flag or variable is that flag's or variable's problem, not the file's.
+        let bad = |from: Given, message: String| match from {
+            Given::Override(origin) => ConfigError::Invalid {
+                key: origin,
+                file: None,
+                message,
+            },
+            Given::File(key) => invalid(key, message),
+        };
+        let origins = overrides.origins;
 
-        let listen_s = overrides
-            .listen
-            .clone()
-            .or(self.server.listen)
-            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-        let listen: SocketAddr = listen_s
-            .parse()
-            .map_err(|e| invalid("server.listen", format!("`{listen_s}`: {e}")))?;
+        let (listen_s, from) = given(
+            &overrides.listen,
+            origins.listen,
+            self.server.listen,
+            "server.listen",
+            DEFAULT_LISTEN,
+        );
+        let listen = parse_listen(&listen_s).map_err(|m| bad(from, m))?;
         let max_header_bytes = self.server.max_header_bytes.unwrap_or(16 * 1024);
         if !(8192..=1024 * 1024).contains(&max_header_bytes) {
             return Err(invalid(
@@ -535,12 +610,14 @@ impl RawConfig {
             },
         };
 
-        let base_s = overrides
-            .upstream
-            .clone()
-            .or(self.upstream.base_url)
-            .unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
-        let base_url = parse_base_url(&base_s).map_err(|m| invalid("upstream.base_url", m))?;
+        let (base_s, from) = given(
+            &overrides.upstream,
+            origins.upstream,
+            self.upstream.base_url,
+            "upstream.base_url",
+            DEFAULT_UPSTREAM,
+        );
+        let base_url = parse_base_url(&base_s).map_err(|m| bad(from, m))?;
         let connect_timeout = dur(self.upstream.connect_timeout, Duration::from_secs(5));
         let total_timeout = dur(self.upstream.total_timeout, Duration::from_secs(30));
         if connect_timeout.is_zero() {
@@ -588,20 +665,31 @@ impl RawConfig {
             DEFAULT_MAX_SHARE_PER_CLIENT,
         )?;
         let apps = if self.apps.is_empty() {
-            let key = match &self.upstream.api_key_file {
+            let (key, key_source) = match &self.upstream.api_key_file {
                 Some(path) => {
-                    read_key_file(path).map_err(|m| invalid("upstream.api_key_file", m))?
+                    let key = read_key_file(path)
+                        .and_then(|k| check_key(&k).map(|()| k))
+                        .map_err(|m| invalid("upstream.api_key_file", m))?;
+                    (key, KeySource::File(path.clone()))
                 }
                 None => match env(API_KEY_ENV) {
-                    Some(k) if !k.trim().is_empty() => k.trim().to_owned(),
+                    Some(k) if !k.trim().is_empty() => {
+                        let key = k.trim().to_owned();
+                        check_key(&key).map_err(|m| ConfigError::Invalid {
+                            key: API_KEY_ENV,
+                            file: None,
+                            message: format!("in this environment variable, {m}"),
+                        })?;
+                        (key, KeySource::Env(API_KEY_ENV.to_owned()))
+                    }
                     _ => return Err(ConfigError::MissingKey),
                 },
             };
-            check_key(&key).map_err(|m| invalid("upstream.api_key_file", m))?;
             vec![AppConfig {
                 name: DEFAULT_APP.to_owned(),
                 base_url: base_url.clone(),
                 api_key: SecretString::from(key),
+                key_source,
             }]
         } else {
             if self.upstream.api_key_file.is_some() {
@@ -611,29 +699,41 @@ impl RawConfig {
                 ));
             }
             let mut apps: Vec<AppConfig> = Vec::with_capacity(self.apps.len());
-            for a in self.apps {
-                check_name(&a.name).map_err(|m| invalid("apps.name", m))?;
+            for (i, a) in self.apps.into_iter().enumerate() {
+                let at = |key: &'static str, message: String| {
+                    let field = key.trim_start_matches("apps.");
+                    invalid_at(key, &format!("apps[{i}].{field}"), message)
+                };
+                check_name(&a.name).map_err(|m| at("apps.name", m))?;
                 if apps.iter().any(|x| x.name == a.name) {
-                    return Err(invalid(
-                        "apps.name",
-                        format!("`{}` is defined twice", a.name),
-                    ));
+                    return Err(at("apps.name", format!("`{}` is defined twice", a.name)));
                 }
-                let key = match (&a.api_key_env, &a.api_key_file) {
-                    (Some(var), None) => env(var)
-                        .map(|k| k.trim().to_owned())
-                        .filter(|k| !k.is_empty())
-                        .ok_or_else(|| {
-                            invalid(
-                                "apps.api_key_env",
-                                format!("app `{}`: environment variable {var} is not set", a.name),
-                            )
-                        })?,
-                    (None, Some(path)) => read_key_file(path).map_err(|m| {
-                        invalid("apps.api_key_file", format!("app `{}`: {m}", a.name))
-                    })?,
+                let (key, key_source) = match (&a.api_key_env, &a.api_key_file) {
+                    (Some(var), None) => {
+                        let key = env(var)
+                            .map(|k| k.trim().to_owned())
+                            .filter(|k| !k.is_empty())
+                            .ok_or_else(|| {
+                                format!("app `{}`: environment variable {var} is not set", a.name)
+                            })
+                            .and_then(|k| {
+                                check_key(&k).map(|()| k).map_err(|m| {
+                                    format!("app `{}`: environment variable {var}: {m}", a.name)
+                                })
+                            })
+                            .map_err(|m| at("apps.api_key_env", m))?;
+                        (key, KeySource::Env(var.clone()))
+                    }
+                    (None, Some(path)) => {
+                        let key = read_key_file(path)
+                            .and_then(|k| check_key(&k).map(|()| k))
+                            .map_err(|m| {
+                                at("apps.api_key_file", format!("app `{}`: {m}", a.name))
+                            })?;
+                        (key, KeySource::File(path.clone()))
+                    }
                     _ => {
-                        return Err(invalid(
+                        return Err(at(
                             "apps.api_key_env",
                             format!(
                                 "app `{}`: set exactly one of api_key_env and api_key_file",
@@ -642,22 +742,26 @@ impl RawConfig {
                         ))
                     }
                 };
-                check_key(&key)
-                    .map_err(|m| invalid("apps.api_key_env", format!("app `{}`: {m}", a.name)))?;
                 let base = match &a.base_url {
-                    Some(u) => parse_base_url(u).map_err(|m| invalid("apps.base_url", m))?,
+                    Some(u) => parse_base_url(u).map_err(|m| at("apps.base_url", m))?,
                     None => base_url.clone(),
                 };
                 apps.push(AppConfig {
                     name: a.name,
                     base_url: base,
                     api_key: SecretString::from(key),
+                    key_source,
                 });
             }
             apps
         };
         let mut clients: Vec<ClientConfig> = Vec::with_capacity(self.clients.len());
-        for c in self.clients {
+        for (i, c) in self.clients.into_iter().enumerate() {
+            // Errors point at this client's entry in the file.
+            let invalid = |key: &'static str, message: String| {
+                let field = key.trim_start_matches("clients.");
+                invalid_at(key, &format!("clients[{i}].{field}"), message)
+            };
             check_name(&c.name).map_err(|m| invalid("clients.name", m))?;
             if clients.iter().any(|x| x.name == c.name) {
                 return Err(invalid(
@@ -775,13 +879,14 @@ impl RawConfig {
                 .map(|s| s.to_string())
                 .collect()
         });
-        for s in &terminal_statuses {
-            if s.is_empty() || s == "running" || s == "paused" || s == "scheduled" {
-                return Err(invalid(
+        for (i, s) in terminal_statuses.iter().enumerate() {
+            check_terminal_status(s).map_err(|m| {
+                invalid_at(
                     "cache.terminal_statuses",
-                    format!("`{s}` is not a terminal status"),
-                ));
-            }
+                    &format!("cache.terminal_statuses[{i}]"),
+                    m,
+                )
+            })?;
         }
         let cache = CacheConfig {
             max_bytes,
@@ -798,26 +903,28 @@ impl RawConfig {
             ));
         }
 
-        let format_s = overrides
-            .log_format
-            .clone()
-            .or(self.log.format)
-            .unwrap_or_else(|| "text".into());
+        let (format_s, from) = given(
+            &overrides.log_format,
+            origins.log_format,
+            self.log.format,
+            "log.format",
+            "text",
+        );
         let format = LogFormat::parse(&format_s)
-            .ok_or_else(|| invalid("log.format", format!("`{format_s}`: expected text or json")))?;
+            .ok_or_else(|| bad(from, format!("`{format_s}`: expected text or json")))?;
         let log = LogConfig {
             format,
             access_log: self.log.access_log.unwrap_or(true),
         };
 
-        let admin_s = overrides
-            .admin_listen
-            .clone()
-            .or(self.admin.listen)
-            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_owned());
-        let admin_listen: SocketAddr = admin_s
-            .parse()
-            .map_err(|e| invalid("admin.listen", format!("`{admin_s}`: {e}")))?;
+        let (admin_s, from) = given(
+            &overrides.admin_listen,
+            origins.admin_listen,
+            self.admin.listen,
+            "admin.listen",
+            DEFAULT_ADMIN_LISTEN,
+        );
+        let admin_listen = parse_listen(&admin_s).map_err(|m| bad(from, m))?;
         let token = match &self.admin.token_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
@@ -875,17 +982,19 @@ impl RawConfig {
         let raw_shared = match (&overrides.redis_url, self.shared) {
             (Some(url), raw) => {
                 let mut raw = raw.unwrap_or_default();
-                raw.urls = Some(vec![url.clone()]);
+                raw.urls = Some(crate::shared::Urls(vec![url.clone()]));
                 Some(raw)
             }
             (None, raw) => raw,
         };
         let shared = match raw_shared {
             None => None,
-            Some(raw) => Some(raw.validate().map_err(|e| ConfigError::Invalid {
-                key: e.key,
-                file: file.clone(),
-                message: e.message,
+            Some(raw) => Some(raw.validate().map_err(|e| {
+                if e.key == "shared.urls" && overrides.redis_url.is_some() {
+                    bad(Given::Override(origins.redis_url), e.message)
+                } else {
+                    invalid(e.key, e.message)
+                }
             })?),
         };
 
@@ -899,6 +1008,29 @@ impl RawConfig {
             clients,
             shared,
         })
+    }
+}
+
+/// Where a setting's value came from, for its errors.
+#[derive(Debug, Clone, Copy)]
+enum Given {
+    /// A flag or environment variable, by the name the operator wrote.
+    Override(&'static str),
+    /// The file (or the default), by config key.
+    File(&'static str),
+}
+
+/// The override if given, else the file's value, else `default`; and where it came from.
+fn given(
+    over: &Option<String>,
+    origin: &'static str,
+    file: Option<String>,
+    key: &'static str,
+    default: &str,
+) -> (String, Given) {
+    match over {
+        Some(v) => (v.clone(), Given::Override(origin)),
+        None => (file.unwrap_or_else(|| default.to_owned()), Given::File(key)),
     }
 }
 
@@ -951,21 +1083,27 @@ fn dur(v: Option<HumanDuration>, default: Duration) -> Duration {
     v.map(|d| d.0).unwrap_or(default)
 }
 
+/// A base URL; its errors show it through [`redact_url`] only.
 fn parse_base_url(s: &str) -> Result<Uri, String> {
+    let shown = redact_url(s);
     let trimmed = s.trim_end_matches('/');
-    let uri: Uri = trimmed.parse().map_err(|e| format!("`{s}`: {e}"))?;
+    let uri: Uri = trimmed
+        .parse()
+        .map_err(|e| format!("`{shown}`: not a URL ({e})"))?;
     match uri.scheme_str() {
         Some("https") | Some("http") => {}
-        _ => return Err(format!("`{s}`: the scheme must be https:// or http://")),
+        _ => return Err(format!("`{shown}`: the scheme must be https:// or http://")),
     }
     if uri.authority().is_none() {
-        return Err(format!("`{s}`: no host"));
+        return Err(format!("`{shown}`: no host"));
     }
     if uri.query().is_some() {
-        return Err(format!("`{s}`: a query string is not allowed"));
+        return Err(format!("`{shown}`: a query string is not allowed"));
     }
     if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!("`{s}`: credentials in the URL are not allowed"));
+        return Err(format!(
+            "`{shown}`: credentials in the URL are not allowed (the app key is the credential)"
+        ));
     }
     Ok(uri)
 }

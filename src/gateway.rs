@@ -19,10 +19,10 @@ use serde::Serialize;
 use std::sync::{Mutex, PoisonError};
 
 use crate::access_log::{AccessLine, AccessLog};
-use crate::apps::{fingerprint, App};
+use crate::apps::App;
 use crate::cache::{AppId, Cache, CacheKey, KeptHeaders, Stored};
 use crate::clients::{Client, ClientTable};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::error::GatewayError;
 use crate::flight::{Role, SingleFlight};
 use crate::intake;
@@ -30,6 +30,7 @@ use crate::metrics::{ClassLabel, Metrics, ReasonLabel, RejectReason};
 use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
 use crate::policy::{Decision, EntryClass, Policy};
 use crate::readiness::Readiness;
+use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
 use crate::request_id;
 use crate::resilience::{is_failure, jitter, retry_after, Refused, RetryPolicy};
 use crate::run_id::RunId;
@@ -38,6 +39,7 @@ use crate::shared::{
     WaitOutcome,
 };
 use crate::slots::{client_share_slots, UpstreamSlots};
+use crate::tls::TlsAcceptor;
 use crate::upstream::{UpstreamAnswer, UpstreamSetupError, X_ENV, X_REQUEST_ID, X_VERSION};
 
 /// Path prefix of the run-detail route, as Dify serves it under `/v1`.
@@ -110,6 +112,8 @@ pub struct Gateway {
     readiness: Arc<Readiness>,
     /// Where the one line per request goes; `None` when the access log is off.
     access_log: Option<Arc<AccessLog>>,
+    /// Reloads so far and the settings they cannot change.
+    reloads: ReloadLog,
 }
 
 /// `/admin/cache/stats` body.
@@ -152,6 +156,7 @@ impl Gateway {
             .collect::<Result<Vec<_>, _>>()?;
         let readiness = Arc::new(Readiness::new(&apps, config.admin.ready_max_age));
         let shared = config.shared.clone().map(SharedTier::new).transpose()?;
+        let reloads = ReloadLog::new(config, &metrics);
         Ok(Arc::new(Gateway {
             shared,
             shared_seen: Mutex::new(SharedStats::default()),
@@ -178,40 +183,73 @@ impl Gateway {
             metrics,
             readiness,
             access_log: access_log.filter(|_| config.log.access_log),
+            reloads,
         }))
     }
 
-    /// Replaces the client table from a newly validated config (tokens added, revoked, limits
-    /// changed). Takes effect for the next request. Apps cannot change without a restart: the
-    /// new config's apps must have the same names, in the same order, as the running ones.
-    pub fn reload_clients(&self, config: &Config) -> Result<usize, String> {
-        let same_apps = config.apps.len() == self.apps.len()
-            && config.apps.iter().zip(&self.apps).all(|(c, a)| {
-                c.name == a.name && *fingerprint(&c.base_url.to_string(), &c.api_key) == *a.tag
-            });
-        if !same_apps {
-            return Err(
-                "the apps (names, base URLs or keys) changed; app changes need a restart".into(),
-            );
-        }
+    /// Applies a re-read configuration (SIGHUP): the client table and the app keys (rotated
+    /// keys go upstream from the next exchange), and reloads the TLS certificate when `tls` is
+    /// given; then logs, counts and records the outcome (see [`crate::reload`]). Nothing but
+    /// the certificate changes unless the configuration validates and names the same apps.
+    pub fn reload(
+        &self,
+        loaded: Result<Config, ConfigError>,
+        tls: Option<&TlsAcceptor>,
+    ) -> Result<Applied, ReloadError> {
+        let outcome = loaded
+            .map_err(ReloadError::from)
+            .and_then(|c| self.apply_config(&c));
+        let outcome = crate::reload::with_tls(outcome, tls);
+        self.reloads.record(&outcome, &self.metrics);
+        outcome
+    }
+
+    fn apply_config(&self, config: &Config) -> Result<Applied, ReloadError> {
+        check_apps(&self.apps, &config.apps)?;
         if config.clients.is_empty() && !self.clients.load().is_open() {
-            return Err(
-                "the new configuration has no clients, which would open the gateway to anyone; restart to run open".into(),
-            );
+            return Err(ReloadError::WouldOpen);
+        }
+        // Every key is checked before any is installed.
+        let keys = self
+            .apps
+            .iter()
+            .zip(&config.apps)
+            .map(|(a, c)| {
+                a.prepare_key(c).map_err(|source| ReloadError::Key {
+                    app: a.name.to_string(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut keys_rotated = Vec::new();
+        for (app, key) in self.apps.iter().zip(keys) {
+            if let Some(k) = key {
+                app.install_key(k);
+                keys_rotated.push(app.name.to_string());
+            }
         }
         // The cap is fixed at start-up; the share follows the new number of clients. Each
         // client starts with its whole share free: fetches started before the reload still hold
         // slots of the old one until they end (the global cap holds throughout).
         let share = client_share_slots(&config.upstream, config.clients.len());
         let table = ClientTable::new(&config.clients, share, &self.metrics);
-        let n = table.len();
+        let clients = table.len();
         self.clients.store(Arc::new(table));
-        Ok(n)
+        Ok(Applied {
+            clients,
+            keys_rotated,
+            needs_restart: self.reloads.needs_restart(config),
+        })
+    }
+
+    /// Reloads so far (for `/admin/reload`).
+    pub fn reloads(&self) -> &ReloadLog {
+        &self.reloads
     }
 
     /// The cross-replica identity of app `i` (see [`App::tag`]).
-    pub fn app_tag(&self, i: usize) -> &str {
-        &self.apps[i].tag
+    pub fn app_tag(&self, i: usize) -> String {
+        self.apps[i].tag().to_string()
     }
 
     /// True when no clients are configured (everyone may use the default app).
@@ -408,7 +446,7 @@ impl Gateway {
             }
             self.cache.remove(&key);
             if let Some(shared) = &self.shared {
-                if let Ok(true) = shared.purge(&a.tag, run).await {
+                if let Ok(true) = shared.purge(&a.tag(), run).await {
                     n = n.max(1);
                 }
             }
@@ -538,32 +576,34 @@ impl Gateway {
         let Some(shared) = self.shared.clone() else {
             return self.fetch_upstream(&app, key, &rid, leader).await.0;
         };
-        match shared.get(&app.tag, key.run).await {
+        // One tag for the whole fetch, even if the key rotates meanwhile.
+        let tag = app.tag();
+        match shared.get(&tag, key.run).await {
             Lookup::Hit(stored) => return self.warm_from_shared(key, stored),
             // Redis is not answering: do not spend more timeouts on the lock.
             Lookup::Unavailable => return self.fetch_upstream(&app, key, &rid, leader).await.0,
             Lookup::Miss => {}
         }
-        match shared.try_lock(&app.tag, key.run).await {
+        match shared.try_lock(&tag, key.run).await {
             LockResult::Acquired(token) => {
                 let (value, kept) = self.fetch_upstream(&app, key, &rid, leader).await;
                 let written = match kept {
                     Some(stored) => matches!(
-                        shared.put(&app.tag, key.run, &stored).await,
+                        shared.put(&tag, key.run, &stored).await,
                         PutOutcome::Written
                     ),
                     None => false,
                 };
-                shared.notify_done(&app.tag, key.run, written).await;
+                shared.notify_done(&tag, key.run, written).await;
                 shared.release(token).await;
                 value
             }
             LockResult::Held => {
                 let wait = shared.config().wait_timeout;
                 if let WaitOutcome::Notified { stored: true } =
-                    shared.wait(&app.tag, key.run, wait).await
+                    shared.wait(&tag, key.run, wait).await
                 {
-                    if let Lookup::Hit(stored) = shared.get(&app.tag, key.run).await {
+                    if let Lookup::Hit(stored) = shared.get(&tag, key.run).await {
                         return self.warm_from_shared(key, stored);
                     }
                 }

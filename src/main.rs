@@ -3,16 +3,17 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
 use dify_gateway::access_log::AccessLog;
 use dify_gateway::admin::Admin;
 use dify_gateway::cli::{Cli, Command};
+use dify_gateway::config::LogFormat;
+use dify_gateway::demo::{self, DemoOptions};
 use dify_gateway::server::{self, Drain};
 use dify_gateway::tls::TlsAcceptor;
 use dify_gateway::{telemetry, Config, Gateway};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_env();
     if let Some(addr) = cli.health_probe {
         return if dify_gateway::cli::health_probe(addr) {
             ExitCode::SUCCESS
@@ -28,6 +29,27 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::Demo {
+        listen,
+        admin_listen,
+        running_for,
+    }) = &cli.command
+    {
+        let opts = DemoOptions {
+            listen: listen.clone(),
+            admin_listen: admin_listen.clone(),
+            running_for: *running_for,
+        };
+        return run_in_runtime(LogFormat::Text, |access| async move {
+            match demo::run(&opts, access, shutdown_signal()).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the demo");
+                    ExitCode::FAILURE
+                }
+            }
+        });
     }
     let config = match cli.load_config() {
         Ok(c) => c,
@@ -49,6 +71,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    let format = config.log.format;
+    run_in_runtime(format, |access| serve(cli, config, access))
+}
+
+/// Starts the runtime and logging, runs `main` to its end, then flushes the log.
+fn run_in_runtime<F, Fut>(format: LogFormat, main: F) -> ExitCode
+where
+    F: FnOnce(Option<Arc<AccessLog>>) -> Fut,
+    Fut: std::future::Future<Output = ExitCode>,
+{
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -59,8 +91,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let telemetry = telemetry::init(config.log.format);
-    let code = runtime.block_on(serve(cli, config, telemetry.access.clone()));
+    let telemetry = telemetry::init(format);
+    let code = runtime.block_on(main(telemetry.access.clone()));
     // Requests still running after the drain timeout end here, before the log's last batch.
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     drop(telemetry);
@@ -102,6 +134,10 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
             return ExitCode::FAILURE;
         }
     };
+    // The bound addresses: with port 0 in the config, the port the system picked.
+    let bound = |l: &tokio::net::TcpListener, configured| l.local_addr().unwrap_or(configured);
+    let listen_addr = bound(&listener, config.server.listen);
+    let admin_addr = bound(&admin_listener, config.admin.listen);
     if gateway.is_open() {
         tracing::warn!(
             "NO CLIENTS CONFIGURED: the gateway is open; anyone who can reach {} can read runs with the app key. Add [[clients]] unless only trusted callers can reach it.",
@@ -125,10 +161,14 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
         let rx = stop_rx.clone();
         async move { server::run_admin(admin_listener, admin, &admin_cfg, admin_max, stopped(rx)).await }
     });
-    let reloader = tokio::spawn(reload_on_sighup(cli, gateway.clone(), tls.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(
+        Arc::new(cli),
+        gateway.clone(),
+        tls.clone(),
+    ));
     tracing::info!(
-        listen = %config.server.listen,
-        admin = %config.admin.listen,
+        listen = %listen_addr,
+        admin = %admin_addr,
         tls = config.server.tls.is_some(),
         apps = config.apps.len(),
         clients = config.clients.len(),
@@ -148,9 +188,11 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
     ExitCode::SUCCESS
 }
 
-/// On SIGHUP: re-read the config file, swap in the client list and reload the TLS certificate.
-/// A file that no longer validates changes nothing.
-async fn reload_on_sighup(cli: Cli, gateway: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+/// On SIGHUP: re-read the config file and the app keys, apply what may change while serving
+/// (clients, rotated keys) and reload the TLS certificate. A file that no longer validates, or
+/// that changes the apps, changes nothing; the outcome is logged, counted and shown on
+/// `/admin/reload`.
+async fn reload_on_sighup(cli: Arc<Cli>, gateway: Arc<Gateway>, tls: Option<TlsAcceptor>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -158,21 +200,16 @@ async fn reload_on_sighup(cli: Cli, gateway: Arc<Gateway>, tls: Option<TlsAccept
             return;
         };
         while hup.recv().await.is_some() {
-            match cli.load_config() {
-                Ok(cfg) => match gateway.reload_clients(&cfg) {
-                    Ok(n) => tracing::info!(clients = n, "reloaded the client list"),
-                    Err(e) => tracing::error!(error = %e, "reload refused"),
-                },
-                Err(e) => {
-                    tracing::error!(error = %e, "reload failed; keeping the running configuration")
-                }
-            }
-            if let Some(t) = &tls {
-                match t.reload() {
-                    Ok(()) => tracing::info!("reloaded the TLS certificate"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
-                    }
+            tracing::info!("SIGHUP: reloading the configuration");
+            let c = Arc::clone(&cli);
+            // Reading files and resolving listen host names block.
+            let Ok(loaded) = tokio::task::spawn_blocking(move || c.load_config()).await else {
+                continue;
+            };
+            if let Ok(applied) = gateway.reload(loaded, tls.as_ref()) {
+                if !applied.keys_rotated.is_empty() {
+                    // Key health on /readyz follows the new key now, not at the next probe.
+                    gateway.readiness().probe_all(gateway.metrics()).await;
                 }
             }
         }

@@ -54,6 +54,11 @@ pub struct ClassLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AppLabel {
     pub app: Cow<'static, str>,
 }
@@ -129,6 +134,8 @@ pub struct Metrics {
     pub shared_tier_errors: Family<ReasonLabel, Counter>,
     pub shared_tier_hits: Counter,
     pub app_key_healthy: Family<AppLabel, Gauge>,
+    /// Configuration reloads by result (`ok`, `invalid_config`, `apps_changed`, …).
+    pub reloads: Family<ResultLabel, Counter>,
     pub cache: CacheMetrics,
     /// Pre-resolved handles for the hit path (run detail, 2xx, hit, no client), so a hit does
     /// not hash a label set.
@@ -216,6 +223,12 @@ impl Metrics {
             "1 when the app's last readiness probe was accepted by the upstream",
             app_key_healthy.clone(),
         );
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reloads",
+            "Configuration reloads (SIGHUP) by result",
+            reloads.clone(),
+        );
         let cache = CacheMetrics::default();
         registry.register(
             "cache_entries",
@@ -260,6 +273,7 @@ impl Metrics {
             shared_tier_errors,
             shared_tier_hits,
             app_key_healthy,
+            reloads,
             cache,
             hot_hit,
             hot_hit_latency,

@@ -113,16 +113,21 @@ pub fn run_body(id: &str, status: &str, output_bytes: usize) -> Bytes {
 }
 
 /// Auto mode: every valid run id becomes a run that is `running` for `running_for` after its
-/// first request, then terminal.
+/// first request, then terminal — except ids starting with [`UNKNOWN_RUN_PREFIX`], which are
+/// unknown runs (404).
 #[derive(Debug, Clone, Copy)]
 pub struct AutoRuns {
     pub running_for: Duration,
     pub output_bytes: usize,
 }
 
+/// In auto mode, run ids starting with this are unknown: Dify's 404 `not_found`.
+pub const UNKNOWN_RUN_PREFIX: &str = "00000000-";
+
 #[derive(Default)]
 struct State {
-    key: String,
+    /// Keys accepted (a rotation accepts old and new for a while, then only the new).
+    keys: Mutex<Vec<String>>,
     replies: Mutex<HashMap<String, std::collections::VecDeque<Reply>>>,
     auto: Option<AutoRuns>,
     first_seen: Mutex<HashMap<String, Instant>>,
@@ -156,7 +161,7 @@ impl MockDify {
     pub fn serve(listener: TcpListener, key: &str, auto: Option<AutoRuns>) -> MockDify {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let state = Arc::new(State {
-            key: key.to_owned(),
+            keys: Mutex::new(vec![key.to_owned()]),
             auto,
             stop: Some(stop_tx),
             ..State::default()
@@ -212,6 +217,11 @@ impl MockDify {
     /// Sets replies given in turn, one per request; the last one then repeats.
     pub fn set_sequence(&self, run_id: &str, replies: Vec<Reply>) {
         lock(&self.state.replies).insert(run_id.to_ascii_lowercase(), replies.into());
+    }
+
+    /// Accepts exactly these keys from now on (a key rotation: both, then only the new one).
+    pub fn set_keys(&self, keys: &[&str]) {
+        *lock(&self.state.keys) = keys.iter().map(|k| (*k).to_owned()).collect();
     }
 
     /// Delays every answer by `d`.
@@ -312,13 +322,12 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
 
-    let expected = format!("Bearer {}", st.key);
-    if req
+    let presented = req
         .headers()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        != Some(expected.as_str())
-    {
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !presented.is_some_and(|k| lock(&st.keys).iter().any(|key| key == k)) {
         let mut r = reply_response(Reply::dify_error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -360,6 +369,11 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
     });
     let reply = match (reply, st.auto) {
         (Some(r), _) => r,
+        (None, Some(_)) if canon.starts_with(UNKNOWN_RUN_PREFIX) => Reply::dify_error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "Workflow run not found.",
+        ),
         (None, Some(auto)) => {
             let first = *lock(&st.first_seen)
                 .entry(canon.clone())
@@ -367,11 +381,7 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
             let status = if first.elapsed() < auto.running_for {
                 "\"running\""
             } else {
-                match uuid.as_bytes()[15] % 10 {
-                    0 => "\"failed\"",
-                    1 => "\"partial-succeeded\"",
-                    _ => "\"succeeded\"",
-                }
+                auto_final_status(&uuid)
             };
             Reply::run_sized(&canon, status, auto.output_bytes)
         }
@@ -390,6 +400,16 @@ async fn answer(st: &State, req: Request<Incoming>) -> Response<Body> {
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
+}
+
+/// The status (a JSON literal) an auto-mode run ends in: mostly `"succeeded"`, `"failed"` for
+/// one id in ten and `"partial-succeeded"` for another.
+pub fn auto_final_status(id: &Uuid) -> &'static str {
+    match id.as_bytes()[15] % 10 {
+        0 => "\"failed\"",
+        1 => "\"partial-succeeded\"",
+        _ => "\"succeeded\"",
+    }
 }
 
 /// Seconds since the epoch, for bodies that want a current time.

@@ -10,6 +10,7 @@ use std::error::Error as StdError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING,
@@ -23,7 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::cache::KeptHeaders;
 use crate::config::{AppConfig, UpstreamConfig};
@@ -63,7 +64,9 @@ pub struct Upstream {
     /// `scheme://authority/path` of the base, without a trailing slash.
     base: Arc<str>,
     /// `Bearer <key>`, marked sensitive so it never appears in `Debug` output or HPACK tables.
-    authorization: HeaderValue,
+    /// Swapped whole when the key rotates; an exchange copies it once, so a request in flight
+    /// finishes with the key it started with.
+    authorization: Arc<ArcSwap<HeaderValue>>,
     user_agent: HeaderValue,
     total_timeout: Duration,
     max_body_bytes: usize,
@@ -87,7 +90,7 @@ impl Upstream {
     /// Builds the client for one app: web PKI roots plus the optional CA file, HTTP/1.1 and
     /// HTTP/2 by ALPN, the app's key in a sensitive header value.
     pub fn new(cfg: &UpstreamConfig, app: &AppConfig) -> Result<Upstream, UpstreamSetupError> {
-        let key = &app.api_key;
+        let authorization = authorization(&app.api_key)?;
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &cfg.ca_file {
@@ -128,13 +131,10 @@ impl Upstream {
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
             .build(connector);
 
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
-            .map_err(|_| UpstreamSetupError::BadKey)?;
-        authorization.set_sensitive(true);
         Ok(Upstream {
             client,
             base: app.base_url.to_string().trim_end_matches('/').into(),
-            authorization,
+            authorization: Arc::new(ArcSwap::from_pointee(authorization)),
             user_agent: HeaderValue::from_static(concat!(
                 "dify-gateway/",
                 env!("CARGO_PKG_VERSION")
@@ -142,6 +142,11 @@ impl Upstream {
             total_timeout: cfg.total_timeout,
             max_body_bytes: cfg.max_body_bytes,
         })
+    }
+
+    /// From now on, exchanges carry `authorization` (see [`authorization`]).
+    pub fn set_authorization(&self, authorization: HeaderValue) {
+        self.authorization.store(Arc::new(authorization));
     }
 
     /// The run-detail URL for `run`.
@@ -203,7 +208,10 @@ impl Upstream {
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = uri;
         let h = req.headers_mut();
-        h.insert(AUTHORIZATION, self.authorization.clone());
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::clone(&self.authorization.load()),
+        );
         h.insert(ACCEPT, HeaderValue::from_static("application/json"));
         // Bodies are cached and served as received, to clients that negotiated nothing.
         h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
@@ -266,6 +274,14 @@ impl Upstream {
             body,
         })
     }
+}
+
+/// The `Authorization` value for `key`, marked sensitive.
+pub fn authorization(key: &SecretString) -> Result<HeaderValue, UpstreamSetupError> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
+        .map_err(|_| UpstreamSetupError::BadKey)?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// The first content or transfer coding of an answer that is not the identity (or chunked

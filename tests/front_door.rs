@@ -38,22 +38,13 @@ fn two_app_config(a: &MockDify, b: &MockDify, clients: &str) -> dify_gateway::Co
         a.base_url(),
         b.base_url()
     );
-    RawConfig::from_toml(&toml)
-        .unwrap()
-        .validate(
-            &Overrides {
-                listen: Some("127.0.0.1:0".into()),
-                admin_listen: Some("127.0.0.1:0".into()),
-                ..Overrides::default()
-            },
-            None,
-            &|n| match n {
-                "KEY_ALPHA" => Some("app-alpha-key-111".into()),
-                "KEY_BETA" => Some("app-beta-key-222".into()),
-                _ => None,
-            },
-        )
-        .unwrap()
+    config_with_env(
+        &toml,
+        &[
+            ("KEY_ALPHA", "app-alpha-key-111"),
+            ("KEY_BETA", "app-beta-key-222"),
+        ],
+    )
 }
 
 #[tokio::test]
@@ -286,8 +277,9 @@ async fn a_revoked_token_stops_working_at_once_after_reload() {
     }
     let n = gw
         .gateway
-        .reload_clients(&config(&up, &keep.entry))
-        .unwrap();
+        .reload(Ok(config(&up, &keep.entry)), None)
+        .unwrap()
+        .clients;
     assert_eq!(n, 1);
     let gone = request(
         &c,

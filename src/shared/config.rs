@@ -44,7 +44,7 @@ const CLUSTER_SCHEMES: [&str; 4] = ["redis", "rediss", "valkey", "valkeys"];
 #[serde(deny_unknown_fields)]
 pub struct RawShared {
     /// Server URL(s): one for a standalone server, one or more seed nodes with `cluster = true`.
-    pub urls: Option<Vec<String>>,
+    pub urls: Option<Urls>,
     /// Talk the Redis Cluster protocol.
     pub cluster: Option<bool>,
     /// Per-call timeout.
@@ -57,6 +57,19 @@ pub struct RawShared {
     pub wait_timeout: Option<HumanDuration>,
     /// Prefix of every key and channel.
     pub key_prefix: Option<String>,
+}
+
+/// Redis/Valkey URLs as written (they may hold a password); `Debug` shows them redacted.
+#[derive(Default, Deserialize)]
+#[serde(transparent)]
+pub struct Urls(pub Vec<String>);
+
+impl fmt::Debug for Urls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|u| redact(u)))
+            .finish()
+    }
 }
 
 /// A `[shared]` value that cannot be used. `key` is the full TOML key (`shared.urls`, …), so the
@@ -119,38 +132,30 @@ impl SharedConfig {
     /// A standalone configuration for `url` with every default (for tests and tools).
     pub fn for_url(url: &str) -> Result<SharedConfig, SharedConfigError> {
         RawShared {
-            urls: Some(vec![url.to_owned()]),
+            urls: Some(Urls(vec![url.to_owned()])),
             ..RawShared::default()
         }
         .validate()
     }
 }
 
-/// `url` without its password; a URL that does not parse is hidden entirely.
+/// `url` without its userinfo and query (see [`crate::config::redact_url`]); a URL that does not
+/// parse is hidden entirely.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                // Cannot fail for URLs that have a password (they have a host).
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable URL>".to_owned(),
-    }
+    crate::config::redact_url(url)
 }
 
 impl RawShared {
     /// Parses a `[shared]` table on its own (tests, tools).
     pub fn from_toml(text: &str) -> Result<RawShared, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        toml::from_str(text).map_err(|e| crate::config::TomlError::new(text, &e).to_string())
     }
 
     /// Checks every value and fills the defaults.
     pub fn validate(self) -> Result<SharedConfig, SharedConfigError> {
         let invalid = |key: &'static str, message: String| SharedConfigError { key, message };
         let cluster = self.cluster.unwrap_or(false);
-        let urls = self.urls.unwrap_or_default();
+        let urls = self.urls.unwrap_or_default().0;
         if urls.is_empty() {
             return Err(invalid(
                 "shared.urls",
@@ -361,6 +366,12 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2secret"), "{dbg}");
         assert!(dbg.contains("cache:6379"), "{dbg}");
+        let raw = RawShared::from_toml("urls = [\"redis://user:hunter2secret@cache:6379/0\"]");
+        let dbg = format!("{:?}", raw.unwrap());
+        assert!(
+            !dbg.contains("hunter2secret") && dbg.contains("cache:6379"),
+            "{dbg}"
+        );
         let e = parse("urls = [\"ftp://user:hunter2secret@cache\"]").unwrap_err();
         assert!(!e.to_string().contains("hunter2secret"), "{e}");
     }

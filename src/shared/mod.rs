@@ -39,7 +39,7 @@ use crate::run_id::RunId;
 
 pub use codec::{decode, decode_at, encode, unix_ms_now, DecodeError, EncodeError};
 pub use config::{
-    redact, RawShared, SharedConfig, SharedConfigError, DEFAULT_CONNECT_TIMEOUT,
+    redact, RawShared, SharedConfig, SharedConfigError, Urls, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_KEY_PREFIX, DEFAULT_LOCK_TTL, DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
 };
 pub use errors::{SharedError, SharedStats};

@@ -2,6 +2,8 @@
 //! small HTTP client.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,6 +93,26 @@ pub fn config_for(base_url: &str, toml: &str) -> Config {
         &|n| (n == API_KEY_ENV).then(|| KEY.to_owned()),
     )
     .expect("test config validates")
+}
+
+/// `toml` validated with loopback listeners on port 0 and only the variables in `env`.
+pub fn config_with_env(toml: &str, env: &[(&str, &str)]) -> Config {
+    RawConfig::parse(toml)
+        .expect("test toml parses")
+        .validate(
+            &Overrides {
+                listen: Some("127.0.0.1:0".into()),
+                admin_listen: Some("127.0.0.1:0".into()),
+                ..Overrides::default()
+            },
+            None,
+            &|n| {
+                env.iter()
+                    .find(|(k, _)| *k == n)
+                    .map(|(_, v)| (*v).to_owned())
+            },
+        )
+        .expect("test config validates")
 }
 
 pub async fn spawn_gateway(config: Config) -> TestGateway {

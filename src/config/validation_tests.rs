@@ -1,0 +1,170 @@
+//! Values that are valid TOML but wrong, and where their errors point.
+
+use super::*;
+
+fn key_env(name: &str) -> Option<String> {
+    (name == API_KEY_ENV).then(|| "app-secretkey123".to_owned())
+}
+
+fn validate(toml: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    RawConfig::parse(toml)
+        .unwrap()
+        .validate(overrides, Some(Path::new("gw.toml")), &key_env)
+}
+
+#[test]
+fn terminal_statuses_must_be_dify_terminal_words() {
+    let e = validate(
+        "[cache]\nterminal_statuses = [\"succeeded\", \"succeded\"]\n",
+        &Overrides::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`succeded` is not a Dify run status"), "{e}");
+    assert!(
+        e.contains("succeeded, failed, stopped, partial-succeeded"),
+        "the known statuses are listed: {e}"
+    );
+    assert!(e.contains("line 2, column 35"), "{e}");
+    for word in NON_TERMINAL_STATUSES {
+        let e = validate(
+            &format!("[cache]\nterminal_statuses = [\"{word}\"]\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&format!("`{word}` is not terminal")), "{e}");
+    }
+    let ok = validate(
+        "[cache]\nterminal_statuses = [\"succeeded\", \"stopped\"]\n",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(ok.cache.terminal_statuses, ["succeeded", "stopped"]);
+}
+
+#[test]
+fn listen_addresses_take_names_and_bare_ports() {
+    assert_eq!(
+        parse_listen(":8080").unwrap(),
+        "0.0.0.0:8080".parse().unwrap()
+    );
+    assert_eq!(
+        parse_listen("localhost:8080").unwrap(),
+        "127.0.0.1:8080".parse().unwrap()
+    );
+    assert_eq!(
+        parse_listen("[::1]:80").unwrap(),
+        "[::1]:80".parse().unwrap()
+    );
+    assert!(parse_listen("8080").unwrap_err().contains("no port"));
+    assert!(parse_listen("::1:80").unwrap_err().contains("brackets"));
+    assert!(parse_listen("host:http")
+        .unwrap_err()
+        .contains("not a port"));
+}
+
+#[test]
+fn an_overridden_value_is_blamed_on_its_flag_or_variable() {
+    let mut overrides = Overrides {
+        listen: Some("nowhere".into()),
+        ..Overrides::default()
+    };
+    let e = validate("[server]\nlisten = \"127.0.0.1:1\"\n", &overrides).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ConfigError::Invalid {
+                key: "--listen",
+                file: None,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    overrides.origins.listen = "DIFY_GATEWAY_LISTEN";
+    let e = validate("", &overrides).unwrap_err().to_string();
+    assert!(
+        e.starts_with("invalid value for `DIFY_GATEWAY_LISTEN`:"),
+        "{e}"
+    );
+    // The same value in the file is the file's.
+    let e = validate("[server]\nlisten = \"nowhere\"\n", &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`server.listen` in gw.toml: line 2, column 10"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_key_with_whitespace_is_blamed_on_where_it_came_from() {
+    let spaced = |name: &str| (name == API_KEY_ENV).then(|| "app-abc def".to_owned());
+    let e = RawConfig::default()
+        .validate(&Overrides::default(), Some(Path::new("gw.toml")), &spaced)
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ConfigError::Invalid {
+                key: API_KEY_ENV,
+                file: None,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "app-abc def\n").unwrap();
+    let e = validate(
+        &format!("[upstream]\napi_key_file = \"{}\"\n", key.display()),
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ConfigError::Invalid {
+                key: "upstream.api_key_file",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!e.to_string().contains("abc def"), "{e}");
+}
+
+#[test]
+fn apps_remember_where_their_key_comes_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "app-from-file").unwrap();
+    let c = RawConfig::parse(&format!(
+        "[[apps]]\nname = \"a\"\napi_key_env = \"A_KEY\"\n[[apps]]\nname = \"b\"\napi_key_file = \"{}\"\n\
+         [[clients]]\nname = \"c\"\ntoken_sha256 = \"{}\"\napp = \"a\"\n",
+        key.display(),
+        "0".repeat(64)
+    ))
+    .unwrap()
+    .validate(&Overrides::default(), None, &|n| {
+        (n == "A_KEY").then(|| "app-from-env".to_owned())
+    })
+    .unwrap();
+    assert_eq!(c.apps[0].key_source, KeySource::Env("A_KEY".into()));
+    assert_eq!(c.apps[1].key_source, KeySource::File(key));
+}
+
+#[test]
+fn redacted_urls_keep_neither_userinfo_nor_query() {
+    assert_eq!(
+        redact_url("https://user:pw@dify.example:8443/v1?token=t#f"),
+        "https://***@dify.example:8443/v1"
+    );
+    assert_eq!(
+        redact_url("redis://:pw@cache:6379/0"),
+        "redis://***@cache:6379/0"
+    );
+    assert_eq!(redact_url("app-not-a-url"), "<not a URL>");
+}
