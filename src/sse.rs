@@ -76,12 +76,18 @@ pub enum DifyEvent {
 /// A `workflow_finished` event: its run's outcome and the event's data as received.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkflowFinished {
+    /// The finished run.
     pub workflow_run_id: Box<str>,
+    /// The streaming task that ran it.
     pub task_id: Option<Box<str>>,
-    /// `data.status` (`succeeded`, `failed`, `stopped`, `partial-succeeded`, …).
+    /// `data.status` (`succeeded`, `failed`, `stopped`, `partial-succeeded`, …); absent when
+    /// missing or not a string. Members of the wrong type read as absent, like this one.
     pub status: Option<Box<str>>,
+    /// `data.total_tokens`.
     pub total_tokens: Option<u64>,
+    /// `data.total_steps`.
     pub total_steps: Option<u64>,
+    /// `data.elapsed_time`, in seconds.
     pub elapsed_time: Option<f64>,
     /// The event's whole data (the JSON object), as received.
     raw: Bytes,
@@ -108,14 +114,15 @@ impl Event {
             Data::Dify(DifyEvent::WorkflowStarted { .. }) => Some("workflow_started"),
             Data::Dify(DifyEvent::WorkflowFinished(_)) => Some("workflow_finished"),
             Data::Dify(DifyEvent::Other { name }) => Some(name.as_ref()),
-            Data::Oversized { name: Some(name), .. } => Some(name.as_ref()),
+            Data::Oversized {
+                name: Some(name), ..
+            } => Some(name.as_ref()),
             _ => self.field.as_deref(),
         }
     }
 }
 
 /// The incremental parser of one stream.
-#[derive(Debug)]
 pub struct Observer {
     /// Most bytes of `data` plus `event` buffered for one event.
     cap: usize,
@@ -142,6 +149,18 @@ pub struct Observer {
     oversized: bool,
 }
 
+/// Shows where the parser is, never the stream's bytes.
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observer")
+            .field("cap", &self.cap)
+            .field("line", &self.line)
+            .field("buffered", &(self.data.len() + self.event.len()))
+            .field("oversized", &self.oversized)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Where in a line the parser is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Line {
@@ -163,7 +182,8 @@ enum Field {
 }
 
 impl Observer {
-    /// An observer that buffers at most `max_event_bytes` of one event's fields.
+    /// An observer that buffers at most `max_event_bytes` of one event's fields (and, of an
+    /// event past that, the first 4 KiB of its `data` and `event` to name it).
     pub fn new(max_event_bytes: usize) -> Observer {
         Observer {
             cap: max_event_bytes,
@@ -212,11 +232,31 @@ impl Observer {
 
     fn scan(&mut self, mut chunk: &[u8], out: &mut Vec<Event>) {
         while let Some((&b, rest)) = chunk.split_first() {
-            if std::mem::take(&mut self.after_cr) && b == b'\n' {
+            let after_cr = std::mem::take(&mut self.after_cr);
+            if b == b'\r' || b == b'\n' {
                 chunk = rest;
+                // The LF of a CRLF ends nothing more.
+                if !(after_cr && b == b'\n') {
+                    self.after_cr = b == b'\r';
+                    self.end_line(out);
+                }
                 continue;
             }
             match self.line {
+                Line::Start | Line::Name => {
+                    chunk = rest;
+                    match b {
+                        b':' if self.line == Line::Start => self.line = Line::Skip,
+                        b':' => self.begin_value(),
+                        _ => {
+                            if let Some(slot) = self.name.get_mut(self.name_len) {
+                                *slot = b;
+                            }
+                            self.name_len = (self.name_len + 1).min(self.name.len() + 1);
+                            self.line = Line::Name;
+                        }
+                    }
+                }
                 Line::Value(_) | Line::Skip => {
                     if std::mem::take(&mut self.value_start) && b == b' ' {
                         chunk = rest;
@@ -228,39 +268,19 @@ impl Observer {
                     }
                     chunk = &chunk[end..];
                 }
-                Line::Start | Line::Name => {
-                    chunk = rest;
-                    match b {
-                        b'\r' | b'\n' => self.after_cr = b == b'\r',
-                        b':' if self.line == Line::Start => self.line = Line::Skip,
-                        b':' => self.begin_value(),
-                        _ => {
-                            if let Some(slot) = self.name.get_mut(self.name_len) {
-                                *slot = b;
-                            }
-                            self.name_len = (self.name_len + 1).min(self.name.len() + 1);
-                            self.line = Line::Name;
-                        }
-                    }
-                    if !matches!(b, b'\r' | b'\n') {
-                        continue;
-                    }
-                    // A line ending at its start dispatches; a name alone has an empty value.
-                    match self.line {
-                        Line::Start => out.extend(self.dispatch()),
-                        Line::Name => self.begin_value(),
-                        _ => {}
-                    }
-                    self.line = Line::Start;
-                    continue;
-                }
-            }
-            if let Some((&end @ (b'\r' | b'\n'), rest)) = chunk.split_first() {
-                self.after_cr = end == b'\r';
-                self.line = Line::Start;
-                chunk = rest;
             }
         }
+    }
+
+    /// A line ended: at its start that dispatches the event; a name alone is its field with
+    /// an empty value.
+    fn end_line(&mut self, out: &mut Vec<Event>) {
+        match self.line {
+            Line::Start => out.extend(self.dispatch()),
+            Line::Name => self.begin_value(),
+            Line::Value(_) | Line::Skip => {}
+        }
+        self.line = Line::Start;
     }
 
     /// The field name is complete: start its value.
@@ -419,12 +439,10 @@ fn read(data: &[u8]) -> Data {
     let task_id = value::<Box<str>>(top.task_id);
     let run_id = value::<Box<str>>(top.workflow_run_id);
     let event = match (&*name, task_id, run_id) {
-        ("workflow_started", Some(task_id), Some(workflow_run_id)) => {
-            DifyEvent::WorkflowStarted {
-                task_id,
-                workflow_run_id,
-            }
-        }
+        ("workflow_started", Some(task_id), Some(workflow_run_id)) => DifyEvent::WorkflowStarted {
+            task_id,
+            workflow_run_id,
+        },
         ("workflow_finished", task_id, Some(workflow_run_id)) => {
             let run: Run = top
                 .data

@@ -56,9 +56,21 @@ fn data_only(events: &[Event]) -> Vec<Data> {
 fn a_dify_stream_yields_one_summary_per_event() {
     let events = whole(&dify_stream());
     assert_eq!(events.len(), 5);
-    assert_eq!(events[0], Event { field: None, data: started() });
+    assert_eq!(
+        events[0],
+        Event {
+            field: None,
+            data: started()
+        }
+    );
     assert_eq!(events[1].data, other("node_started"));
-    assert_eq!(events[2], Event { field: Some("ping".into()), data: Data::Empty });
+    assert_eq!(
+        events[2],
+        Event {
+            field: Some("ping".into()),
+            data: Data::Empty
+        }
+    );
     assert_eq!(events[2].name(), Some("ping"));
     assert_eq!(events[3].data, other("text_chunk"));
     let Data::Dify(DifyEvent::WorkflowFinished(finished)) = &events[4].data else {
@@ -69,12 +81,22 @@ fn a_dify_stream_yields_one_summary_per_event() {
     assert_eq!(finished.task_id.as_deref(), Some(TASK));
     assert_eq!(finished.status.as_deref(), Some("succeeded"));
     assert_eq!(
-        (finished.total_tokens, finished.total_steps, finished.elapsed_time),
+        (
+            finished.total_tokens,
+            finished.total_steps,
+            finished.elapsed_time
+        ),
         (Some(42), Some(3), Some(1.25))
     );
     let frame = dify_stream();
-    let line = frame.lines().find(|l| l.contains("workflow_finished")).unwrap();
-    assert_eq!(finished.raw(), line.strip_prefix("data: ").unwrap().as_bytes());
+    let line = frame
+        .lines()
+        .find(|l| l.contains("workflow_finished"))
+        .unwrap();
+    assert_eq!(
+        finished.raw(),
+        line.strip_prefix("data: ").unwrap().as_bytes()
+    );
     let run = finished.run_data().unwrap();
     assert!(run.starts_with(b"{\"id\"") && run.ends_with(b"1700000002}"));
     assert!(line.contains(std::str::from_utf8(&run).unwrap()));
@@ -94,7 +116,11 @@ fn every_split_point_gives_the_same_events() {
     let b = stream.as_bytes();
     let want = whole(&stream);
     for cut in 0..=b.len() {
-        assert_eq!(feed_all(&[&b[..cut], &b[cut..]], 1 << 20), want, "cut at {cut}");
+        assert_eq!(
+            feed_all(&[&b[..cut], &b[cut..]], 1 << 20),
+            want,
+            "cut at {cut}"
+        );
     }
     let bytes: Vec<&[u8]> = b.chunks(1).collect();
     assert_eq!(feed_all(&bytes, 1 << 20), want);
@@ -107,14 +133,33 @@ fn fields_follow_the_sse_rules() {
     let stream = "event: a\nevent:  b\nid: 7\nretry: 10\nfoo: bar\ndata\ndata:{\"event\":\"x\"}\n\n: only a comment\n\nid: 8\n\n";
     let events = whole(stream);
     // The two data lines join with LF, so the data is `\n{"event":"x"}`: still JSON.
-    assert_eq!(events, vec![Event { field: Some(" b".into()), data: other("x") }]);
+    assert_eq!(
+        events,
+        vec![Event {
+            field: Some(" b".into()),
+            data: other("x")
+        }]
+    );
     let events = whole("event\ndata: {\"event\":\"y\"}\ndataa: z\n\n");
-    assert_eq!(events, vec![Event { field: Some("".into()), data: other("y") }]);
+    assert_eq!(
+        events,
+        vec![Event {
+            field: Some("".into()),
+            data: other("y")
+        }]
+    );
 }
 
 #[test]
 fn data_that_is_not_a_named_json_object_is_opaque() {
-    for data in ["[DONE]", "hello", "{\"no_event\":1}", "{\"event\":5}", "{\"event\":\"x\"", ""] {
+    for data in [
+        "[DONE]",
+        "hello",
+        "{\"no_event\":1}",
+        "{\"event\":5}",
+        "{\"event\":\"x\"",
+        "",
+    ] {
         let events = whole(&format!("data: {data}\n\n"));
         assert_eq!(data_only(&events), vec![Data::Opaque], "{data}");
     }
@@ -136,7 +181,10 @@ fn finished_fields_of_the_wrong_type_are_absent() {
     let Data::Dify(DifyEvent::WorkflowFinished(f)) = &events[0].data else {
         panic!("{events:?}");
     };
-    assert_eq!((&f.status, f.total_tokens, f.elapsed_time), (&None, None, None));
+    assert_eq!(
+        (&f.status, f.total_tokens, f.elapsed_time),
+        (&None, None, None)
+    );
     assert_eq!(f.task_id, None);
     let none = whole("data: {\"event\":\"workflow_finished\",\"workflow_run_id\":\"r\"}\n\n");
     let Data::Dify(DifyEvent::WorkflowFinished(f)) = &none[0].data else {
@@ -156,7 +204,11 @@ fn an_oversized_event_is_skipped_but_named_and_the_next_one_read() {
     let mut events = Vec::new();
     for chunk in stream.as_bytes().chunks(7) {
         events.extend(observer.feed(chunk));
-        assert!(observer.data.capacity() <= 2 * HEAD_BYTES, "{}", observer.data.capacity());
+        assert!(
+            observer.data.capacity() <= 2 * HEAD_BYTES,
+            "{}",
+            observer.data.capacity()
+        );
     }
     assert_eq!(
         data_only(&events),
@@ -184,7 +236,13 @@ fn a_bom_at_the_start_is_skipped_even_split() {
     assert_eq!(feed_all(&[b], 1 << 20), want);
     assert_eq!(feed_all(&[&b[..1], &b[1..2], &b[2..]], 1 << 20), want);
     // Not a BOM: the bytes are part of the first field name, which is then unknown.
-    let events = feed_all(&[b"\xEF\xBB", b"data: {\"event\":\"a\"}\n\ndata: {\"event\":\"b\"}\n\n"], 1 << 20);
+    let events = feed_all(
+        &[
+            b"\xEF\xBB",
+            b"data: {\"event\":\"a\"}\n\ndata: {\"event\":\"b\"}\n\n",
+        ],
+        1 << 20,
+    );
     assert_eq!(data_only(&events), vec![other("b")]);
 }
 

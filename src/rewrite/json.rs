@@ -193,8 +193,15 @@ mod tests {
 
     #[test]
     fn a_user_that_is_not_a_string_is_refused() {
-        for body in [r#"{"user":123}"#, r#"{"user":null}"#, r#"{"user":"a","user":["b"]}"#] {
-            assert!(matches!(rewrite(body), Err(JsonError::UserNotString)), "{body}");
+        for body in [
+            r#"{"user":123}"#,
+            r#"{"user":null}"#,
+            r#"{"user":"a","user":["b"]}"#,
+        ] {
+            assert!(
+                matches!(rewrite(body), Err(JsonError::UserNotString)),
+                "{body}"
+            );
         }
     }
 
@@ -209,7 +216,10 @@ mod tests {
             r#"{"user":NaN}"#,
             "[1,",
         ] {
-            assert!(matches!(rewrite(body), Err(JsonError::Invalid(_))), "{body:?}");
+            assert!(
+                matches!(rewrite(body), Err(JsonError::Invalid(_))),
+                "{body:?}"
+            );
         }
     }
 

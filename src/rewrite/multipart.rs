@@ -45,8 +45,8 @@ pub enum MultipartError {
 }
 
 /// A streaming rewriter for one multipart body: [`push`](Rewriter::push) each chunk as it
-/// arrives and forward what it returns, then call [`finish`](Rewriter::finish).
-#[derive(Debug)]
+/// arrives and forward what it returns, then call [`finish`](Rewriter::finish). After an error
+/// the body is refused and the rewriter is done.
 pub struct Rewriter {
     /// `--boundary`, the start of every delimiter line.
     finder: memmem::Finder<'static>,
@@ -61,6 +61,16 @@ pub struct Rewriter {
     held: BytesMut,
     /// How many bytes of `held` were already searched for a header block's end.
     scanned: usize,
+}
+
+/// Shows where the parser is, never the body's bytes.
+impl std::fmt::Debug for Rewriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rewriter")
+            .field("state", &self.state)
+            .field("held", &self.held.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where in the body the parser is.
@@ -245,19 +255,25 @@ enum Scan {
 
 /// The boundary of a `multipart/form-data` Content-Type.
 fn boundary(content_type: &str) -> Result<&str, MultipartError> {
-    let (mime, params) = parse_header_value(content_type.as_bytes())
-        .map_err(|_| MultipartError::ContentType)?;
-    if !mime.trim_ascii().eq_ignore_ascii_case(b"multipart/form-data") {
+    let (mime, params) =
+        parse_header_value(content_type.as_bytes()).map_err(|_| MultipartError::ContentType)?;
+    if !mime
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"multipart/form-data")
+    {
         return Err(MultipartError::ContentType);
     }
-    let mut found = params.iter().filter(|p| p.key.eq_ignore_ascii_case(b"boundary"));
+    let mut found = params
+        .iter()
+        .filter(|p| p.key.eq_ignore_ascii_case(b"boundary"));
     let (Some(param), None) = (found.next(), found.next()) else {
         return Err(MultipartError::ContentType);
     };
     let ok = (1..=MAX_BOUNDARY_LEN).contains(&param.value.len())
-        && param.value.iter().all(|&b| {
-            b.is_ascii_alphanumeric() || b"'()+_,-./:=?".contains(&b)
-        });
+        && param
+            .value
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"'()+_,-./:=?".contains(&b));
     if !ok {
         return Err(MultipartError::ContentType);
     }
@@ -337,7 +353,9 @@ fn parse_header_value(value: &[u8]) -> Result<(&[u8], Vec<Param<'_>>), ()> {
         }
         let key_len = rest.iter().take_while(|&&b| is_tchar(b)).count();
         let (key, tail) = rest.split_at(key_len);
-        let [b'=', tail @ ..] = tail else { return Err(()) };
+        let [b'=', tail @ ..] = tail else {
+            return Err(());
+        };
         if key.is_empty() {
             return Err(());
         }
@@ -353,14 +371,28 @@ fn parse_header_value(value: &[u8]) -> Result<(&[u8], Vec<Param<'_>>), ()> {
                     }
                 }
                 let value = quoted.get(..i).ok_or(())?;
-                (Param { key, value, quoted: true }, &quoted[i + 1..])
+                (
+                    Param {
+                        key,
+                        value,
+                        quoted: true,
+                    },
+                    &quoted[i + 1..],
+                )
             }
             _ => {
                 let n = tail.iter().take_while(|&&b| is_tchar(b)).count();
                 if n == 0 {
                     return Err(());
                 }
-                (Param { key, value: &tail[..n], quoted: false }, &tail[n..])
+                (
+                    Param {
+                        key,
+                        value: &tail[..n],
+                        quoted: false,
+                    },
+                    &tail[n..],
+                )
             }
         };
         params.push(param);

@@ -73,7 +73,11 @@ fn every_split_point_gives_the_same_output() {
     let body = form(&[(&field("x"), b"\r\n-\r\n--XyZ12"), (&field("user"), b"")]);
     let want = whole(&body).unwrap();
     for cut in 0..=body.len() {
-        assert_eq!(run_split(&body, &[cut], DEFAULT_HEADER_CAP).unwrap(), want, "cut at {cut}");
+        assert_eq!(
+            run_split(&body, &[cut], DEFAULT_HEADER_CAP).unwrap(),
+            want,
+            "cut at {cut}"
+        );
     }
 }
 
@@ -141,28 +145,84 @@ fn bodies_the_upstream_could_read_differently_are_refused() {
         (form(&[(&field("a"), b"x\r\n--XyZ123x")]), StrayBoundary),
         (form(&[(&field("a"), b"x\r\n--XyZ123 \n")]), StrayBoundary),
         (form(&[(&field("a"), b"x\r\n--XyZ123-\r\n")]), StrayBoundary),
-        ([b"pre--XyZ123\r\n".as_slice(), &part(&field("user"))].concat(), StrayBoundary),
-        ([b"pre\n".as_slice(), &part(&field("user"))].concat(), StrayBoundary),
+        (
+            [b"pre--XyZ123\r\n".as_slice(), &part(&field("user"))].concat(),
+            StrayBoundary,
+        ),
+        (
+            [b"pre\n".as_slice(), &part(&field("user"))].concat(),
+            StrayBoundary,
+        ),
         (part("Content-Type: text/plain"), PartHeaders),
         (part(""), PartHeaders),
-        (part(&format!("{}\r\n{}", field("x"), field("user"))), PartHeaders),
-        (part("Content-Disposition: form-data;\r\n name=\"user\""), PartHeaders),
-        (part("Content-Type: a\nContent-Disposition: form-data; name=user"), PartHeaders),
-        (part("Content-Disposition: form-data; name=x\r"), PartHeaders),
-        (part("Content-Disposition: form-data; name*=utf-8''user"), PartHeaders),
-        (part("Content-Disposition: form-data; name*0=user"), PartHeaders),
-        (part("Content-Disposition: form-data; name=\"us\\er\""), PartHeaders),
-        (part("Content-Disposition: form-data; name=\"a\"; name=\"user\""), PartHeaders),
-        (part("Content-Disposition: form-data; name = \"user\""), PartHeaders),
-        (part("Content-Disposition: form-data; junk name=user"), PartHeaders),
-        (part("Content-Disposition: form-data; name=\"user"), PartHeaders),
-        (part("Content-Disposition: form-data; name=\"user\"x"), PartHeaders),
-        (part("X-Note\r\nContent-Disposition: form-data; name=user"), PartHeaders),
-        (part("\u{1c}Content-Disposition: form-data; name=user"), PartHeaders),
-        (part("\u{a0}Content-Disposition: form-data; name=user"), PartHeaders),
+        (
+            part(&format!("{}\r\n{}", field("x"), field("user"))),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data;\r\n name=\"user\""),
+            PartHeaders,
+        ),
+        (
+            part("Content-Type: a\nContent-Disposition: form-data; name=user"),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name=x\r"),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name*=utf-8''user"),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name*0=user"),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name=\"us\\er\""),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name=\"a\"; name=\"user\""),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name = \"user\""),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; junk name=user"),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name=\"user"),
+            PartHeaders,
+        ),
+        (
+            part("Content-Disposition: form-data; name=\"user\"x"),
+            PartHeaders,
+        ),
+        (
+            part("X-Note\r\nContent-Disposition: form-data; name=user"),
+            PartHeaders,
+        ),
+        (
+            part("\u{1c}Content-Disposition: form-data; name=user"),
+            PartHeaders,
+        ),
+        (
+            part("\u{a0}Content-Disposition: form-data; name=user"),
+            PartHeaders,
+        ),
     ];
     for (body, want) in cases {
-        assert_eq!(rewrite(&body), Err(want), "{:?}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            rewrite(&body),
+            Err(want),
+            "{:?}",
+            String::from_utf8_lossy(&body)
+        );
     }
 }
 
@@ -170,7 +230,11 @@ fn bodies_the_upstream_could_read_differently_are_refused() {
 fn bodies_without_their_closing_delimiter_are_refused() {
     let body = form(&[(&field("user"), b"bob")]);
     for end in [0, 5, body.len() - 5, body.len() - 3] {
-        assert_eq!(rewrite(&body[..end]), Err(MultipartError::Truncated), "{end}");
+        assert_eq!(
+            rewrite(&body[..end]),
+            Err(MultipartError::Truncated),
+            "{end}"
+        );
     }
 }
 
@@ -192,8 +256,14 @@ fn header_blocks_are_capped() {
 fn the_boundary_comes_from_a_form_data_content_type() {
     for (ct, want) in [
         ("multipart/form-data; boundary=abc", "abc"),
-        ("Multipart/Form-Data;BOUNDARY=\"----WebKitFormBoundary7MA4\"", "----WebKitFormBoundary7MA4"),
-        ("multipart/form-data; charset=utf-8; boundary=\"a'()+_,-./:=?\"", "a'()+_,-./:=?"),
+        (
+            "Multipart/Form-Data;BOUNDARY=\"----WebKitFormBoundary7MA4\"",
+            "----WebKitFormBoundary7MA4",
+        ),
+        (
+            "multipart/form-data; charset=utf-8; boundary=\"a'()+_,-./:=?\"",
+            "a'()+_,-./:=?",
+        ),
     ] {
         assert_eq!(boundary(ct), Ok(want), "{ct}");
     }
@@ -244,14 +314,23 @@ fn a_large_file_streams_with_bounded_memory_and_no_copies() {
         assert!(rw.held() <= "\r\n--XyZ123".len(), "held {}", rw.held());
     }
     rw.finish().unwrap();
-    assert_eq!(out, form(&[(&field("user"), b"team-a:bob"), (file, &content)]));
+    assert_eq!(
+        out,
+        form(&[(&field("user"), b"team-a:bob"), (file, &content)])
+    );
     // Held tails are rare: almost every byte goes out as a slice of the chunk it came in.
-    assert!(borrowed > body.len() * 9 / 10, "{borrowed} of {}", body.len());
+    assert!(
+        borrowed > body.len() * 9 / 10,
+        "{borrowed} of {}",
+        body.len()
+    );
 }
 
 /// Fields as a real multipart parser reads them: (name, file name, content).
 fn oracle(body: Vec<u8>) -> Vec<(String, Option<String>, Vec<u8>)> {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let input = Ok::<_, std::convert::Infallible>(Bytes::from(body));
         let mut parts = multer::Multipart::new(futures_util::stream::iter([input]), BOUNDARY);

@@ -78,7 +78,10 @@ mod tests {
     #[test]
     fn names_are_compared_decoded() {
         assert_eq!(rewrite("us%65r=x"), "us%65r=team-a%3Ax");
-        assert_eq!(rewrite("%75ser=x&User=y&user+=z"), "%75ser=team-a%3Ax&User=y&user+=z");
+        assert_eq!(
+            rewrite("%75ser=x&User=y&user+=z"),
+            "%75ser=team-a%3Ax&User=y&user+=z"
+        );
     }
 
     #[test]
@@ -89,8 +92,18 @@ mod tests {
 
     #[test]
     fn queries_without_end_users_are_borrowed_unchanged() {
-        for q in ["", "&&", "page=1&limit=20", "=user", "username=x", "a=b;user=c"] {
-            assert!(matches!(prefix_user(q, &UserPrefix::new("p:").unwrap()), Cow::Borrowed(_)));
+        for q in [
+            "",
+            "&&",
+            "page=1&limit=20",
+            "=user",
+            "username=x",
+            "a=b;user=c",
+        ] {
+            assert!(matches!(
+                prefix_user(q, &UserPrefix::new("p:").unwrap()),
+                Cow::Borrowed(_)
+            ));
         }
     }
 
