@@ -22,6 +22,10 @@
 #     gateway vs nginx (cache bypassed) vs the mock directly, and the gateway on CPU 1 too
 #   memory: 100,000 terminal runs of ~2 KB cached, RSS before and after
 #
+# BASELINE=path/to/an/older/dify-gateway adds that binary to scenarios 1 and 5 as
+# `gateway-baseline`, run alternately with the current build, to compare two versions side by
+# side in one run (e.g. before and after a change: build the older commit, copy its binary).
+#
 # Writes bench-results/e2e-<date>.md (and the raw .tsv beside it) and prints the report.
 
 set -euo pipefail
@@ -193,13 +197,13 @@ start_mock() {
     wait_http "http://127.0.0.1:$STATS_PORT/"
 }
 
-# start_gateway NAME PORT [CONFIG] : the release binary on CPU 0, stdout (the access log) to a
-# file.
+# start_gateway NAME PORT [CONFIG [BINARY]] : the release binary (or BINARY) on CPU 0, stdout
+# (the access log) to a file.
 start_gateway() {
-    local name=$1 port=$2 cfg=${3:-}
+    local name=$1 port=$2 cfg=${3:-} bin=${4:-$GATEWAY}
     local args=(--listen "127.0.0.1:$port" --admin-listen 127.0.0.1:0 --upstream "http://127.0.0.1:$MOCK_PORT/v1")
     [ -n "$cfg" ] && args+=(--config "$cfg")
-    start "$name" "$SERVER_CPU" "$GATEWAY" "${args[@]}"
+    start "$name" "$SERVER_CPU" "$bin" "${args[@]}"
     wait_http "http://127.0.0.1:$port/healthz"
 }
 
@@ -278,11 +282,12 @@ record meta clk_tck "$CLK_TCK"
 hit_scenario() {
     local scenario=$1 servers=$2
     shift 2
-    local gw_port nolog_port ng_port ng_miss_port bare_port like_port distinct_port
-    read -r gw_port nolog_port ng_port ng_miss_port bare_port like_port distinct_port \
-        < <(free_ports 7)
+    local gw_port nolog_port ng_port ng_miss_port bare_port like_port distinct_port base_port
+    read -r gw_port nolog_port ng_port ng_miss_port bare_port like_port distinct_port base_port \
+        < <(free_ports 8)
     start_mock 0 --output-bytes "$OUTPUT_BYTES"
     start_gateway gateway "$gw_port"
+    [[ $servers == *gateway-baseline* ]] && start_gateway gateway-baseline "$base_port" "" "$BASELINE"
     [[ $servers == *gateway-nolog* ]] && start_gateway gateway-nolog "$nolog_port" "$NOLOG_CFG"
     start_nginx "$ng_port" "$ng_miss_port"
     start bare "$SERVER_CPU" "$BARE" "127.0.0.1:$bare_port" "$OUTPUT_BYTES"
@@ -298,7 +303,7 @@ hit_scenario() {
         wait_http "http://127.0.0.1:$distinct_port/"
     fi
     declare -A port=([gateway]=$gw_port [gateway-nolog]=$nolog_port [nginx]=$ng_port
-        [bare]=$bare_port [bare-gateway-like]=$like_port [bare-distinct-bodies]=$distinct_port)
+        [gateway-baseline]=$base_port [bare]=$bare_port [bare-gateway-like]=$like_port [bare-distinct-bodies]=$distinct_port)
     "$@" # warm-up hook, sees ${port[...]}
     local run s
     for run in $(seq "$RUNS"); do
@@ -316,7 +321,7 @@ hit_scenario() {
 
 warm_hot() {
     local s
-    for s in gateway gateway-nolog nginx; do
+    for s in gateway gateway-nolog gateway-baseline nginx; do
         [ -n "${port[$s]:-}" ] || continue
         curl -s -o /dev/null "http://127.0.0.1:${port[$s]}$URL_PATH"
         curl -s -o /dev/null "http://127.0.0.1:${port[$s]}$URL_PATH"
@@ -334,7 +339,7 @@ warm_random() {
 scenario_1() {
     log "scenario 1: one hot terminal run"
     URL_PATH=$(run_path 1 1) WRK_ENV="" \
-        hit_scenario "1-hot-run" "gateway gateway-nolog nginx bare bare-gateway-like" warm_hot
+        hit_scenario "1-hot-run" "gateway ${BASELINE:+gateway-baseline }gateway-nolog nginx bare bare-gateway-like" warm_hot
 }
 
 scenario_2() {
@@ -431,24 +436,26 @@ scenario_4() {
 
 scenario_5() {
     log "scenario 5: miss path, one connection, one running run"
-    local gw_port ng_port ng_miss_port same_port miss_path run s
-    read -r gw_port ng_port ng_miss_port same_port < <(free_ports 4)
+    local gw_port ng_port ng_miss_port same_port base_port miss_path run s servers
+    read -r gw_port ng_port ng_miss_port same_port base_port < <(free_ports 5)
     start_mock 1000000 --output-bytes "$OUTPUT_BYTES"
     PIDS[mock-direct]=${PIDS[mock]}
     start_gateway gateway "$gw_port" "$MISS_CFG"
+    [ -n "${BASELINE:-}" ] && start_gateway gateway-baseline "$base_port" "$MISS_CFG" "$BASELINE"
+    servers="gateway ${BASELINE:+gateway-baseline }nginx mock-direct gateway-on-load-cpu"
     # The same gateway on the load generator's CPU: every hop is then a switch on one CPU
     # instead of a wake-up of the other (idle) one, which shows what the placement costs.
     SERVER_CPU=$LOAD_CPU start_gateway gateway-on-load-cpu "$same_port" "$MISS_CFG"
     start_nginx "$ng_port" "$ng_miss_port"
     miss_path=$(run_path 5 1)
     declare -A miss_port=([gateway]=$gw_port [nginx]=$ng_miss_port [mock-direct]=$MOCK_PORT
-        [gateway-on-load-cpu]=$same_port)
-    for s in gateway nginx mock-direct gateway-on-load-cpu; do
+        [gateway-on-load-cpu]=$same_port [gateway-baseline]=$base_port)
+    for s in $servers; do
         curl -s -o /dev/null -H "Authorization: Bearer $KEY" \
             "http://127.0.0.1:${miss_port[$s]}$miss_path"
     done
     for run in $(seq "$RUNS"); do
-        for s in gateway nginx mock-direct gateway-on-load-cpu; do
+        for s in $servers; do
             # Every request carries the key, which only the mock needs: the proxies replace it.
             run_wrk "5-miss-path" "$s" "$run" 1 "http://127.0.0.1:${miss_port[$s]}$miss_path" \
                 "WRK_AUTH=Bearer $KEY"
@@ -459,6 +466,7 @@ scenario_5() {
     unset "PIDS[mock-direct]"
     stop gateway
     stop gateway-on-load-cpu
+    [ -n "${BASELINE:-}" ] && stop gateway-baseline
     stop nginx
     stop mock
 }
