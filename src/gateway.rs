@@ -174,7 +174,7 @@ impl Gateway {
                 config.cache.stale_if_error,
                 metrics.cache.clone(),
             ),
-            retry: config.upstream.retry,
+            retry: RetryPolicy::new(&config.upstream.retry),
             total_timeout: config.upstream.total_timeout,
             body_read_timeout: config.server.header_read_timeout,
             max_bytes: config.cache.max_bytes,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
+use crate::config::RetrySettings;
 use crate::error::GatewayError;
 use crate::upstream::UpstreamAnswer;
 
@@ -26,6 +27,16 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The policy the `[upstream]` retry settings describe.
+    pub fn new(settings: &RetrySettings) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: settings.max_attempts,
+            base_delay: settings.base_delay,
+            max_delay: settings.max_delay,
+            retry_after_cap: settings.retry_after_cap,
+        }
+    }
+
     /// Should this outcome be tried again?
     pub fn retryable(r: &Result<UpstreamAnswer, GatewayError>) -> bool {
         match r {

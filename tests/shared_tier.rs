@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dify_gateway::cache::{KeptHeaders, Stored};
+use dify_gateway::config::{Context, RawShared, SharedConfig};
 use dify_gateway::policy::EntryClass;
 use dify_gateway::run_id::RunId;
 use dify_gateway::shared::{
-    self, LockResult, LockToken, Lookup, NotifyOutcome, PutOutcome, RawShared, ReleaseOutcome,
-    SharedConfig, SharedError, SharedTier, WaitOutcome,
+    self, LockResult, LockToken, Lookup, NotifyOutcome, PutOutcome, ReleaseOutcome, SharedError,
+    SharedTier, WaitOutcome,
 };
 use http::{HeaderValue, StatusCode};
 use redis::Commands;
@@ -33,7 +34,7 @@ fn config(urls: Vec<String>, cluster: bool, extra: &str) -> SharedConfig {
         .join(", ");
     RawShared::from_toml(&format!("urls = [{list}]\ncluster = {cluster}\n{extra}"))
         .expect("test toml parses")
-        .validate()
+        .validate(&Context::standalone())
         .expect("test config validates")
 }
 
@@ -716,7 +717,8 @@ fn shared_section(toml_text: &str) -> SharedConfig {
         .expect("the deployment config has a [shared] table")
         .clone();
     let raw: RawShared = shared.try_into().expect("[shared] has only known keys");
-    raw.validate().expect("[shared] validates")
+    raw.validate(&Context::standalone())
+        .expect("[shared] validates")
 }
 
 #[test]

@@ -115,7 +115,7 @@ fn safe_message(m: &str) -> String {
         return format!("unknown variant, expected {expected}");
     }
     // Messages of this crate's own deserializers, written never to echo.
-    if m == super::NOT_A_DURATION {
+    if m == super::values::NOT_A_DURATION {
         return m.to_owned();
     }
     "invalid value".to_owned()

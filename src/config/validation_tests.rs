@@ -1,10 +1,7 @@
 //! Values that are valid TOML but wrong, and where their errors point.
 
+use super::tests::key_env;
 use super::*;
-
-fn key_env(name: &str) -> Option<String> {
-    (name == API_KEY_ENV).then(|| "app-secretkey123".to_owned())
-}
 
 fn validate(toml: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
     RawConfig::parse(toml)

@@ -13,7 +13,18 @@ use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
 use redis::{Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
-use super::config::{SharedConfig, SharedConfigError};
+use crate::config::SharedConfig;
+
+/// The Redis client refused to set up connections from validated settings (validation already
+/// refuses the URLs it cannot use, so this is not expected). `key` is the TOML key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value for `{key}`: {message}")]
+pub struct SharedConfigError {
+    /// The TOML key at fault.
+    pub key: &'static str,
+    /// What is wrong; never contains a password.
+    pub message: String,
+}
 
 /// Longest pause between two reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(1);

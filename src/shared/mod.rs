@@ -18,7 +18,6 @@
 //! ```
 
 mod codec;
-mod config;
 mod conn;
 mod errors;
 mod keys;
@@ -35,13 +34,11 @@ use redis::Value;
 use tokio::task::JoinHandle;
 
 use crate::cache::Stored;
+use crate::config::SharedConfig;
 use crate::run_id::RunId;
 
 pub use codec::{decode, decode_at, encode, unix_ms_now, DecodeError, EncodeError};
-pub use config::{
-    redact, RawShared, SharedConfig, SharedConfigError, Urls, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_KEY_PREFIX, DEFAULT_LOCK_TTL, DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT,
-};
+pub use conn::SharedConfigError;
 pub use errors::{SharedError, SharedStats};
 pub use keys::{valid_app_tag, MAX_APP_TAG};
 pub use lock::{LockResult, LockToken, ReleaseOutcome};

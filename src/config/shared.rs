@@ -1,4 +1,5 @@
-//! Settings of the shared tier: the raw `[shared]` TOML table and its validated form.
+//! `[shared]`: settings of the Redis/Valkey tier shared by replicas, the raw table and its
+//! validated form.
 //!
 //! Invariant: a [`SharedConfig`] only exists validated — at least one parseable Redis/Valkey URL
 //! (exactly one unless `cluster`), every timeout above zero, `wait_timeout <= lock_ttl`, and a key
@@ -10,16 +11,25 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::HumanDuration;
+use super::context::{ConfigError, Context, Given};
+use super::position::TomlError;
+use super::values::{redact_url, HumanDuration};
 
 /// Default per-call timeout: a healthy Redis on the same network answers in about a millisecond,
 /// so this only bounds how long a request waits on a sick one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest accepted per-call timeout: the tier is an optimisation, and a request held longer
+/// than this by it is worse than a fetch of its own.
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time to open one connection (TCP and, for `rediss://`, TLS) in the background.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Default lifetime of a fleet-wide fetch lock.
+/// Default lifetime of a fleet-wide fetch lock: longer than a normal upstream fetch, short
+/// enough that a crashed holder blocks the fleet only briefly.
 pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(10);
-/// Default longest wait for another gateway's fetch.
+/// Shortest lock lifetime: Redis expiries are in milliseconds.
+pub(crate) const MIN_LOCK_TTL: Duration = Duration::from_millis(1);
+/// Default longest wait for another gateway's fetch: half the lock's lifetime, so a waiter
+/// fetches itself well before a stuck lock would free.
 pub const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default prefix of every key and channel name.
 pub const DEFAULT_KEY_PREFIX: &str = "dify-gateway:";
@@ -67,20 +77,9 @@ pub struct Urls(pub Vec<String>);
 impl fmt::Debug for Urls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.0.iter().map(|u| redact(u)))
+            .entries(self.0.iter().map(|u| redact_url(u)))
             .finish()
     }
-}
-
-/// A `[shared]` value that cannot be used. `key` is the full TOML key (`shared.urls`, …), so the
-/// caller can report it together with the file name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid value for `{key}`: {message}")]
-pub struct SharedConfigError {
-    /// The TOML key at fault.
-    pub key: &'static str,
-    /// What is wrong; never contains a password.
-    pub message: String,
 }
 
 /// The validated shared-tier settings.
@@ -126,50 +125,64 @@ impl fmt::Debug for SharedConfig {
 impl SharedConfig {
     /// The urls with any password replaced by `***`, for summaries and logs.
     pub fn redacted_urls(&self) -> Vec<String> {
-        self.urls.iter().map(|u| redact(u)).collect()
+        self.urls.iter().map(|u| redact_url(u)).collect()
     }
 
     /// A standalone configuration for `url` with every default (for tests and tools).
-    pub fn for_url(url: &str) -> Result<SharedConfig, SharedConfigError> {
+    pub fn for_url(url: &str) -> Result<SharedConfig, ConfigError> {
         RawShared {
             urls: Some(Urls(vec![url.to_owned()])),
             ..RawShared::default()
         }
-        .validate()
+        .validate(&Context::standalone())
     }
 }
 
-/// `url` without its userinfo and query (see [`crate::config::redact_url`]); a URL that does not
-/// parse is hidden entirely.
-pub fn redact(url: &str) -> String {
-    crate::config::redact_url(url)
+/// The shared tier, when `[shared]` or `--redis-url` (or its variable) turns it on; the flag's
+/// URL replaces `shared.urls`, and the other settings still come from the file.
+pub(super) fn validate(
+    raw: Option<RawShared>,
+    ctx: &Context<'_>,
+) -> Result<Option<SharedConfig>, ConfigError> {
+    let raw = match (&ctx.overrides().redis_url, raw) {
+        (Some(url), raw) => {
+            let mut raw = raw.unwrap_or_default();
+            raw.urls = Some(Urls(vec![url.clone()]));
+            Some(raw)
+        }
+        (None, raw) => raw,
+    };
+    raw.map(|r| r.validate(ctx)).transpose()
 }
 
 impl RawShared {
     /// Parses a `[shared]` table on its own (tests, tools).
     pub fn from_toml(text: &str) -> Result<RawShared, String> {
-        toml::from_str(text).map_err(|e| crate::config::TomlError::new(text, &e).to_string())
+        toml::from_str(text).map_err(|e| TomlError::new(text, &e).to_string())
     }
 
-    /// Checks every value and fills the defaults.
-    pub fn validate(self) -> Result<SharedConfig, SharedConfigError> {
-        let invalid = |key: &'static str, message: String| SharedConfigError { key, message };
+    /// Checks every value and fills the defaults. A bad URL given by `--redis-url` (or its
+    /// variable) is that flag's problem, not the file's.
+    pub fn validate(self, ctx: &Context<'_>) -> Result<SharedConfig, ConfigError> {
+        let invalid = |key: &'static str, message: String| ctx.invalid(key, message);
+        let o = ctx.overrides();
+        let urls_from = match o.redis_url {
+            Some(_) => Given::Override(o.origins.redis_url),
+            None => Given::File("shared.urls"),
+        };
+        let bad_urls = |message: String| ctx.blame(urls_from, message);
         let cluster = self.cluster.unwrap_or(false);
         let urls = self.urls.unwrap_or_default().0;
         if urls.is_empty() {
-            return Err(invalid(
-                "shared.urls",
+            return Err(bad_urls(
                 "at least one URL is required, e.g. [\"redis://127.0.0.1:6379\"]".into(),
             ));
         }
         if !cluster && urls.len() > 1 {
-            return Err(invalid(
-                "shared.urls",
-                format!(
-                    "{} URLs given: a standalone server takes one (set `shared.cluster = true` for cluster seed nodes)",
-                    urls.len()
-                ),
-            ));
+            return Err(bad_urls(format!(
+                "{} URLs given: a standalone server takes one (set `shared.cluster = true` for cluster seed nodes)",
+                urls.len()
+            )));
         }
         let schemes: &[&str] = if cluster {
             &CLUSTER_SCHEMES
@@ -178,7 +191,7 @@ impl RawShared {
         };
         for (i, u) in urls.iter().enumerate() {
             check_url(u, schemes)
-                .map_err(|m| invalid("shared.urls", format!("entry {i} ({}): {m}", redact(u))))?;
+                .map_err(|m| bad_urls(format!("entry {i} ({}): {m}", redact_url(u))))?;
         }
 
         let positive = |key: &'static str, v: Option<HumanDuration>, default: Duration| {
@@ -201,7 +214,7 @@ impl RawShared {
             self.wait_timeout,
             DEFAULT_WAIT_TIMEOUT,
         )?;
-        if lock_ttl < Duration::from_millis(1) {
+        if lock_ttl < MIN_LOCK_TTL {
             return Err(invalid(
                 "shared.lock_ttl",
                 "must be at least 1ms (Redis expiries are in milliseconds)".into(),
@@ -215,11 +228,11 @@ impl RawShared {
                 ),
             ));
         }
-        if timeout > Duration::from_secs(10) {
+        if timeout > MAX_TIMEOUT {
             return Err(invalid(
                 "shared.timeout",
                 format!(
-                    "{timeout:?} is above 10s; the shared tier must never hold requests that long"
+                    "{timeout:?} is above {MAX_TIMEOUT:?}; the shared tier must never hold requests that long"
                 ),
             ));
         }
@@ -274,10 +287,16 @@ fn check_url(u: &str, schemes: &[&str]) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::path::Path;
 
-    fn parse(text: &str) -> Result<SharedConfig, SharedConfigError> {
-        RawShared::from_toml(text).expect("toml parses").validate()
+    use super::*;
+    use crate::config::tests::key_env;
+    use crate::config::{Overrides, RawConfig};
+
+    fn parse(text: &str) -> Result<SharedConfig, ConfigError> {
+        RawShared::from_toml(text)
+            .expect("toml parses")
+            .validate(&Context::standalone())
     }
 
     #[test]
@@ -356,7 +375,10 @@ mod tests {
             ),
         ] {
             let e = parse(text).unwrap_err();
-            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(
+                matches!(e, ConfigError::Invalid { key: k, .. } if k == key),
+                "{text}: {e}"
+            );
         }
     }
 
@@ -374,5 +396,64 @@ mod tests {
         );
         let e = parse("urls = [\"ftp://user:hunter2secret@cache\"]").unwrap_err();
         assert!(!e.to_string().contains("hunter2secret"), "{e}");
+    }
+
+    #[test]
+    fn a_redis_url_override_replaces_the_urls_and_takes_the_blame() {
+        let file = "[shared]\nurls = [\"redis://a:6379\"]\nkey_prefix = \"gw:\"\n";
+        let gw = Some(Path::new("gw.toml"));
+        let over = |url: &str| Overrides {
+            redis_url: Some(url.to_owned()),
+            ..Overrides::default()
+        };
+        let c = RawConfig::parse(file)
+            .unwrap()
+            .validate(&over("redis://b:6380"), gw, &key_env)
+            .unwrap()
+            .shared
+            .expect("the tier is on");
+        assert_eq!(c.urls, ["redis://b:6380"]);
+        assert_eq!(c.key_prefix, "gw:", "the file's other settings still apply");
+        // Without a [shared] table the flag alone turns the tier on.
+        let c = RawConfig::default()
+            .validate(&over("redis://b:6380"), None, &key_env)
+            .unwrap();
+        assert_eq!(c.shared.expect("the tier is on").urls, ["redis://b:6380"]);
+
+        // A bad URL from the variable is the variable's, not the file's.
+        let mut o = over("http://b:6380");
+        o.origins.redis_url = "DIFY_GATEWAY_REDIS_URL";
+        let e = RawConfig::parse(file)
+            .unwrap()
+            .validate(&o, gw, &key_env)
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                ConfigError::Invalid {
+                    key: "DIFY_GATEWAY_REDIS_URL",
+                    file: None,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // The same URL in the file is the file's, at its line and column.
+        let e = RawConfig::parse("[shared]\nurls = [\"http://b:6380\"]\n")
+            .unwrap()
+            .validate(&Overrides::default(), gw, &key_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`shared.urls` in gw.toml: line 2, column 8"),
+            "{e}"
+        );
+        // Other `[shared]` keys stay the file's even with the flag given.
+        let e = RawConfig::parse("[shared]\ntimeout = \"0s\"\n")
+            .unwrap()
+            .validate(&over("redis://b:6380"), gw, &key_env)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`shared.timeout` in gw.toml: line 2"), "{e}");
     }
 }

@@ -1,0 +1,148 @@
+//! `[[clients]]`: who may use the gateway, how each proves it, which app it reaches and at what
+//! rate.
+//!
+//! Invariant: names and token digests are unique, every client names a configured app, and a
+//! token itself is never stored — only its SHA-256.
+
+use std::num::NonZeroU32;
+
+use serde::Deserialize;
+
+use super::apps::AppConfig;
+use super::context::{ConfigError, Context};
+use super::values::check_name;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClient {
+    pub name: String,
+    pub token_sha256: String,
+    pub app: String,
+    pub rate_per_second: Option<u32>,
+    pub burst: Option<u32>,
+}
+
+/// One client: who it is, how it proves it, what it may use.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    pub name: String,
+    /// SHA-256 of the client's bearer token; the token itself is never stored.
+    pub token_sha256: [u8; 32],
+    /// Index into [`Config::apps`](super::Config::apps).
+    pub app: usize,
+    pub rate: Option<RateLimit>,
+}
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+/// The clients allowed in; empty means the gateway runs open, which is refused when several
+/// apps leave a request no other way to its app.
+pub(super) fn validate(
+    raw: Vec<RawClient>,
+    apps: &[AppConfig],
+    ctx: &Context<'_>,
+) -> Result<Vec<ClientConfig>, ConfigError> {
+    let mut clients: Vec<ClientConfig> = Vec::with_capacity(raw.len());
+    for (i, c) in raw.into_iter().enumerate() {
+        let client = c.validate(i, &clients, apps, ctx)?;
+        clients.push(client);
+    }
+    if clients.is_empty() && apps.len() > 1 {
+        return Err(ctx.invalid(
+            "clients",
+            "several apps are configured but no clients: each request must map to an app through its client".into(),
+        ));
+    }
+    Ok(clients)
+}
+
+impl RawClient {
+    /// Checks entry `i` of `[[clients]]` against the entries before it and the apps.
+    fn validate(
+        self,
+        i: usize,
+        earlier: &[ClientConfig],
+        apps: &[AppConfig],
+        ctx: &Context<'_>,
+    ) -> Result<ClientConfig, ConfigError> {
+        // Errors point at this client's entry in the file.
+        let invalid = |key: &'static str, message: String| ctx.invalid_entry(key, i, message);
+        let name = &self.name;
+        check_name(name).map_err(|m| invalid("clients.name", m))?;
+        if earlier.iter().any(|x| &x.name == name) {
+            return Err(invalid(
+                "clients.name",
+                format!("`{name}` is defined twice"),
+            ));
+        }
+        let token_sha256 = parse_sha256(&self.token_sha256).ok_or_else(|| {
+            invalid(
+                "clients.token_sha256",
+                format!("client `{name}`: expected 64 hex digits"),
+            )
+        })?;
+        if earlier.iter().any(|x| x.token_sha256 == token_sha256) {
+            return Err(invalid(
+                "clients.token_sha256",
+                format!("client `{name}` shares its token with another client"),
+            ));
+        }
+        let app = apps
+            .iter()
+            .position(|a| a.name == self.app)
+            .ok_or_else(|| {
+                invalid(
+                    "clients.app",
+                    format!("client `{name}`: no app named `{}`", self.app),
+                )
+            })?;
+        let rate = match (self.rate_per_second, self.burst) {
+            (None, None) => None,
+            (Some(r), b) => {
+                let per_second = NonZeroU32::new(r).ok_or_else(|| {
+                    invalid(
+                        "clients.rate_per_second",
+                        format!("client `{name}`: must be at least 1"),
+                    )
+                })?;
+                let burst = NonZeroU32::new(b.unwrap_or(r)).ok_or_else(|| {
+                    invalid(
+                        "clients.burst",
+                        format!("client `{name}`: must be at least 1"),
+                    )
+                })?;
+                Some(RateLimit { per_second, burst })
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "clients.burst",
+                    format!("client `{name}`: burst needs rate_per_second"),
+                ))
+            }
+        };
+        Ok(ClientConfig {
+            name: self.name,
+            token_sha256,
+            app,
+            rate,
+        })
+    }
+}
+
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
