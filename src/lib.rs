@@ -38,4 +38,4 @@ pub mod upstream;
 
 pub use config::Config;
 pub use gateway::Gateway;
-pub use run::{run, Listeners, Prepared, Reload, RunError, RunOptions};
+pub use run::{run, warn_if_exposed, Listeners, Prepared, Reload, RunError, RunOptions};

@@ -120,6 +120,7 @@ async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> 
             return ExitCode::FAILURE;
         }
     };
+    dify_gateway::warn_if_exposed(&config);
     let options = RunOptions {
         access_log,
         reload: sighups().map(|requests| Reload {

@@ -149,7 +149,6 @@ impl Prepared {
             reload,
             probes,
         } = self;
-        warn_if_exposed(&config, &gateway);
         let probes = probes.then(|| {
             gateway
                 .readiness()
@@ -187,9 +186,10 @@ impl Prepared {
     }
 }
 
-/// Says loudly when the configuration lets anyone in.
-fn warn_if_exposed(config: &Config, gateway: &Gateway) {
-    if gateway.is_open() {
+/// Says loudly when `config` lets anyone in: the binary's start-up warnings (the demo is open
+/// and on loopback by design, and says so itself).
+pub fn warn_if_exposed(config: &Config) {
+    if config.clients.is_empty() {
         tracing::warn!(
             "NO CLIENTS CONFIGURED: the gateway is open; anyone who can reach {} can read runs with the app key. Add [[clients]] unless only trusted callers can reach it.",
             config.server.listen
