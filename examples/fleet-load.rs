@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dify_gateway::config::{Overrides, RawConfig, API_KEY_ENV};
 use dify_gateway::mock::{AutoRuns, MockDify, Reply};
-use dify_gateway::server;
-use dify_gateway::Gateway;
+use dify_gateway::{Listeners, RunOptions};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -90,12 +89,24 @@ async fn replica(mock: &MockDify, redis: Option<&str>) -> SocketAddr {
             &|n| (n == API_KEY_ENV).then(|| KEY.to_owned()),
         )
         .expect("config");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let gw = Gateway::new(&config).expect("gateway");
-    tokio::spawn(async move {
-        server::run(listener, gw, &config.server, None, std::future::pending()).await
-    });
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    let listeners = Listeners {
+        public: bind().await.expect("bind"),
+        admin: bind().await.expect("bind"),
+    };
+    let addr = listeners.public.local_addr().expect("addr");
+    let options = RunOptions {
+        access_log: None,
+        reload: None,
+        // The upstream requests counted are the workload's alone.
+        probes: false,
+    };
+    tokio::spawn(dify_gateway::run(
+        listeners,
+        config,
+        options,
+        std::future::pending(),
+    ));
     addr
 }
 

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use prometheus_client::metrics::counter::Counter;
 
 use crate::config::ClientConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{ClientLabel, Metrics};
 
 /// One configured client.
 pub struct Client {
@@ -50,6 +50,14 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// Its label and hit counter, for the request counters.
+    pub fn label(&self) -> ClientLabel<'_> {
+        ClientLabel {
+            name: &self.name,
+            hits: &self.hit_requests,
+        }
+    }
+
     /// `Ok` when the request may proceed; otherwise how long until it may.
     pub fn check_rate(&self) -> Result<(), Duration> {
         match &self.limiter {

@@ -12,11 +12,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::access_log::AccessLog;
-use crate::admin::Admin;
 use crate::config::{ConfigError, Overrides, RawConfig, API_KEY_ENV};
-use crate::gateway::{Gateway, SetupError};
 use crate::mock::{auto_final_status, AutoRuns, MockDify, UNKNOWN_RUN_PREFIX};
-use crate::server::{self, Drain};
+use crate::run::{Listeners, Prepared, RunError, RunOptions};
+use crate::server::Drain;
 
 /// The key the mock expects and the gateway sends; not a Dify key.
 const DEMO_KEY: &str = "app-demo-key-of-the-built-in-mock";
@@ -54,7 +53,7 @@ pub enum DemoError {
     #[error("cannot start the mock Dify on a loopback port: {0}")]
     Mock(std::io::Error),
     #[error(transparent)]
-    Setup(#[from] SetupError),
+    Setup(#[from] RunError),
 }
 
 /// Starts the mock and the gateway in front of it, prints what to try, and serves until
@@ -93,37 +92,26 @@ pub async fn run(
             .await
             .map_err(|source| DemoError::Bind { flag, addr, source })
     };
-    let listener = bind("--listen", config.server.listen).await?;
-    let admin_listener = bind("--admin-listen", config.admin.listen).await?;
-    let local = |l: &TcpListener, configured| l.local_addr().unwrap_or(configured);
-    let (addr, admin_addr) = (
-        local(&listener, config.server.listen),
-        local(&admin_listener, config.admin.listen),
-    );
-    let gateway = Gateway::with_access_log(&config, access_log)?;
-    let probes = gateway
-        .readiness()
-        .spawn(gateway.metrics().clone(), config.admin.probe_interval);
-    let admin = Admin::new(Arc::clone(&gateway), None);
-    let admin_cfg = config.server.clone();
-    let admin_max = config.admin.max_connections;
-    let admin_task = tokio::spawn(async move {
-        server::run_admin(
-            admin_listener,
-            admin,
-            &admin_cfg,
-            admin_max,
-            std::future::pending(),
-        )
-        .await
-    });
+    let listeners = Listeners {
+        public: bind("--listen", config.server.listen).await?,
+        admin: bind("--admin-listen", config.admin.listen).await?,
+    };
+    let options = RunOptions {
+        access_log,
+        reload: None,
+        probes: true,
+    };
+    let prepared = Prepared::new(listeners, config, options)?;
     println!(
         "{}",
-        instructions(addr, admin_addr, &mock, opts.running_for)
+        instructions(
+            prepared.addr(),
+            prepared.admin_addr(),
+            &mock,
+            opts.running_for
+        )
     );
-    let drain = server::run(listener, gateway, &config.server, None, shutdown).await;
-    probes.abort();
-    admin_task.abort();
+    let drain = prepared.serve(shutdown).await;
     mock.stop();
     Ok(drain)
 }

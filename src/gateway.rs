@@ -308,7 +308,7 @@ impl Gateway {
             info.route,
             resp.status().as_u16(),
             info.cache,
-            client.as_deref(),
+            client.as_deref().map(Client::label),
             elapsed,
         );
         if let Some(r) = info.rejected {

@@ -1,7 +1,8 @@
 //! dify-gateway: a caching reverse proxy for Dify's workflow run-detail API.
 //!
 //! The binary is a thin shell over this library: [`cli`] parses arguments, [`config`] validates
-//! them, [`gateway::Gateway`] answers requests and [`server::run`] serves it on a listener.
+//! them, and [`run()`] serves them on the listeners the caller bound until the caller says stop;
+//! the integration tests call the same [`run()`] (or its two steps, [`Prepared`]).
 
 pub mod access_log;
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod reload;
 pub mod request_id;
 pub mod resilience;
 pub mod rewrite;
+mod run;
 pub mod run_id;
 pub mod server;
 pub mod shared;
@@ -36,3 +38,4 @@ pub mod upstream;
 
 pub use config::Config;
 pub use gateway::Gateway;
+pub use run::{run, warn_if_exposed, Listeners, Prepared, Reload, RunError, RunOptions};

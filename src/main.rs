@@ -1,16 +1,18 @@
-//! The binary: parse arguments, load config, start logging, bind, serve until a signal.
+//! The binary: parse arguments, load config, start logging, bind, and [`dify_gateway::run`]
+//! until a signal.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use dify_gateway::access_log::AccessLog;
-use dify_gateway::admin::Admin;
 use dify_gateway::cli::{Cli, Command};
 use dify_gateway::config::LogFormat;
 use dify_gateway::demo::{self, DemoOptions};
-use dify_gateway::server::{self, Drain};
-use dify_gateway::tls::TlsAcceptor;
-use dify_gateway::{telemetry, Config, Gateway};
+use dify_gateway::server::Drain;
+use dify_gateway::{telemetry, Config, Listeners, Reload, RunError, RunOptions};
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use tokio::net::TcpListener;
 
 fn main() -> ExitCode {
     let cli = Cli::from_env();
@@ -102,122 +104,69 @@ where
 /// How long tasks still running at exit get to finish before the last log lines are written.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Binds both listeners and serves `config` on them until SIGINT or SIGTERM; SIGHUP reloads.
 async fn serve(cli: Cli, config: Config, access_log: Option<Arc<AccessLog>>) -> ExitCode {
-    let gateway = match Gateway::with_access_log(&config, access_log) {
-        Ok(g) => g,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot set up the gateway");
-            return ExitCode::FAILURE;
-        }
-    };
-    let tls = match &config.server.tls {
-        None => None,
-        Some(t) => match TlsAcceptor::new(t) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot set up TLS");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+    let public = match TcpListener::bind(config.server.listen).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(listen = %config.server.listen, error = %e, "cannot bind");
             return ExitCode::FAILURE;
         }
     };
-    let admin_listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
+    let admin = match TcpListener::bind(config.admin.listen).await {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(listen = %config.admin.listen, error = %e, "cannot bind the admin listener");
             return ExitCode::FAILURE;
         }
     };
-    // The bound addresses: with port 0 in the config, the port the system picked.
-    let bound = |l: &tokio::net::TcpListener, configured| l.local_addr().unwrap_or(configured);
-    let listen_addr = bound(&listener, config.server.listen);
-    let admin_addr = bound(&admin_listener, config.admin.listen);
-    if gateway.is_open() {
-        tracing::warn!(
-            "NO CLIENTS CONFIGURED: the gateway is open; anyone who can reach {} can read runs with the app key. Add [[clients]] unless only trusted callers can reach it.",
-            config.server.listen
-        );
-    }
-    if config.admin.token.is_none() && !config.admin.listen.ip().is_loopback() {
-        tracing::warn!(listen = %config.admin.listen, "admin listener is not on loopback and has no admin token: anyone who can reach it can purge the cache");
-    }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
+    dify_gateway::warn_if_exposed(&config);
+    let options = RunOptions {
+        access_log,
+        reload: sighups().map(|requests| Reload {
+            requests,
+            load: Arc::new(move || cli.load_config()),
+        }),
+        probes: true,
     };
-    let probes = gateway
-        .readiness()
-        .spawn(gateway.metrics().clone(), config.admin.probe_interval);
-    let admin = Admin::new(gateway.clone(), config.admin.token.as_ref());
-    let admin_cfg = config.server.clone();
-    let admin_max = config.admin.max_connections;
-    let admin_task = tokio::spawn({
-        let rx = stop_rx.clone();
-        async move { server::run_admin(admin_listener, admin, &admin_cfg, admin_max, stopped(rx)).await }
-    });
-    let reloader = tokio::spawn(reload_on_sighup(
-        Arc::new(cli),
-        gateway.clone(),
-        tls.clone(),
-    ));
-    tracing::info!(
-        listen = %listen_addr,
-        admin = %admin_addr,
-        tls = config.server.tls.is_some(),
-        apps = config.apps.len(),
-        clients = config.clients.len(),
-        "dify-gateway serving"
-    );
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    match server::run(listener, gateway, &config.server, tls, stopped(stop_rx)).await {
-        Drain::Complete => tracing::info!("drained; exiting"),
-        Drain::TimedOut => tracing::warn!("drain timeout passed; dropping remaining connections"),
+    let listeners = Listeners { public, admin };
+    match dify_gateway::run(listeners, config, options, shutdown_signal()).await {
+        Ok(Drain::Complete) => tracing::info!("drained; exiting"),
+        Ok(Drain::TimedOut) => {
+            tracing::warn!("drain timeout passed; dropping remaining connections")
+        }
+        Err(RunError::Gateway(e)) => {
+            tracing::error!(error = %e, "cannot set up the gateway");
+            return ExitCode::FAILURE;
+        }
+        Err(RunError::Tls(e)) => {
+            tracing::error!(error = %e, "cannot set up TLS");
+            return ExitCode::FAILURE;
+        }
     }
-    probes.abort();
-    reloader.abort();
-    let _ = admin_task.await;
     ExitCode::SUCCESS
 }
 
-/// On SIGHUP: re-read the config file and the app keys, apply what may change while serving
-/// (clients, rotated keys) and reload the TLS certificate. A file that no longer validates, or
-/// that changes the apps, changes nothing; the outcome is logged, counted and shown on
-/// `/admin/reload`.
-async fn reload_on_sighup(cli: Arc<Cli>, gateway: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+/// One item per SIGHUP (re-read the config file and the app keys, reload the TLS certificate);
+/// `None` where there is no SIGHUP. The handler is in place before the gateway serves, so a
+/// SIGHUP never ends the process.
+fn sighups() -> Option<BoxStream<'static, ()>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading the configuration");
-            let c = Arc::clone(&cli);
-            // Reading files and resolving listen host names block.
-            let Ok(loaded) = tokio::task::spawn_blocking(move || c.load_config()).await else {
-                continue;
-            };
-            if let Ok(applied) = gateway.reload(loaded, tls.as_ref()) {
-                if !applied.keys_rotated.is_empty() {
-                    // Key health on /readyz follows the new key now, not at the next probe.
-                    gateway.readiness().probe_all(gateway.metrics()).await;
-                }
-            }
-        }
+        let hup = signal(SignalKind::hangup()).ok()?;
+        Some(
+            futures_util::stream::unfold(hup, |mut hup| async move {
+                hup.recv().await?;
+                tracing::info!("SIGHUP: reloading the configuration");
+                Some(((), hup))
+            })
+            .boxed(),
+        )
     }
     #[cfg(not(unix))]
     {
-        let _ = (cli, gateway, tls);
-        std::future::pending::<()>().await;
+        None
     }
 }
 

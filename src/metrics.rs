@@ -14,7 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::clients::Client;
 use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
 
 /// Labels of `dify_gateway_requests_total`.
@@ -24,6 +23,16 @@ pub struct RequestLabels {
     pub status_class: &'static str,
     pub cache: &'static str,
     pub client: Cow<'static, str>,
+}
+
+/// A client as the request counters see it: its label and its hit counter, resolved once (see
+/// [`Metrics::client_hit_counter`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientLabel<'a> {
+    /// The `client` label: the configured name.
+    pub name: &'a Cow<'static, str>,
+    /// Its run-detail cache hits.
+    pub hits: &'a Counter,
 }
 
 /// Labels of the request latency histogram.
@@ -286,14 +295,14 @@ impl Metrics {
         route: Route,
         status: u16,
         cache: Option<CacheOutcome>,
-        client: Option<&Client>,
+        client: Option<ClientLabel<'_>>,
         elapsed: Duration,
     ) {
         let class = status_class(status);
         if route == Route::RunDetail && class == "2xx" && cache == Some(CacheOutcome::Hit) {
             match client {
                 None => self.hot_hit.inc(),
-                Some(c) => c.hit_requests.inc(),
+                Some(c) => c.hits.inc(),
             };
             self.hot_hit_latency.observe(elapsed.as_secs_f64());
             self.upstream_saved.inc();

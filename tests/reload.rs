@@ -235,3 +235,77 @@ async fn a_changed_app_list_is_refused_counted_and_changes_nothing() {
         "{error}"
     );
 }
+
+/// A reload asked for through [`dify_gateway::Reload`] re-reads the file as the binary does on
+/// SIGHUP: a rotated key is probed at once (no periodic probes run here), and a file that no
+/// longer loads is refused and recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_requests_reread_the_file_and_probe_a_rotated_key_at_once() {
+    use dify_gateway::config::Overrides;
+    use dify_gateway::{Reload, RunOptions};
+    use futures_util::StreamExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("dify-key");
+    std::fs::write(&key_file, format!("{OLD_KEY}\n")).unwrap();
+    let file = dir.path().join("gw.toml");
+    let up = MockDify::start(OLD_KEY).await.unwrap();
+    std::fs::write(&file, app_toml(&up, &key_file, "")).unwrap();
+    let load = {
+        let file = file.clone();
+        move || {
+            RawConfig::from_file(&file)?.validate(
+                &Overrides {
+                    listen: Some("127.0.0.1:0".into()),
+                    admin_listen: Some("127.0.0.1:0".into()),
+                    ..Overrides::default()
+                },
+                Some(&file),
+                &|_| None,
+            )
+        }
+    };
+    let (ask, asked) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let requests =
+        futures_util::stream::unfold(
+            asked,
+            |mut rx| async move { rx.recv().await.map(|()| ((), rx)) },
+        )
+        .boxed();
+    let gw = spawn_gateway_with(
+        load().expect("the file validates"),
+        RunOptions {
+            access_log: None,
+            reload: Some(Reload {
+                requests,
+                load: std::sync::Arc::new(load),
+            }),
+            probes: false,
+        },
+    )
+    .await;
+    let key_health = || gw.gateway.readiness().report().apps[0].key;
+    assert_eq!(key_health(), "unknown");
+
+    std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
+    up.set_keys(&[NEW_KEY]);
+    ask.send(()).unwrap();
+    eventually("the rotated key to be probed", || key_health() == "ok").await;
+    assert_eq!(sent_key(&up), format!("Bearer {NEW_KEY}"));
+    let report = gw.gateway.reloads().report();
+    assert_eq!(report.reloads, 1);
+    assert_eq!(report.last.unwrap().applied.unwrap().keys_rotated, ["main"]);
+
+    std::fs::write(&file, "[cache]\nrunning_ttl = \"soon\"\n").unwrap();
+    ask.send(()).unwrap();
+    eventually("the second reload", || {
+        gw.gateway.reloads().report().reloads == 2
+    })
+    .await;
+    let last = gw.gateway.reloads().report().last.unwrap();
+    assert_eq!(last.result, "invalid_config");
+    assert!(last.error.unwrap().contains("gw.toml"));
+    let c = client();
+    assert_eq!(reloads_counted(&c, &gw, "invalid_config").await, "1");
+    assert_eq!(reloads_counted(&c, &gw, "ok").await, "1");
+}

@@ -10,12 +10,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dify_gateway::access_log::AccessLog;
-use dify_gateway::admin::Admin;
 use dify_gateway::config::{Config, Overrides, RawConfig, API_KEY_ENV};
 use dify_gateway::mock::MockDify;
-use dify_gateway::server::{self, Drain};
+use dify_gateway::server::Drain;
 use dify_gateway::tls::TlsAcceptor;
-use dify_gateway::Gateway;
+use dify_gateway::{Gateway, Listeners, Prepared, RunOptions};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -124,46 +123,36 @@ pub async fn spawn_gateway_logged(
     config: Config,
     access_log: Option<Arc<AccessLog>>,
 ) -> TestGateway {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let gateway = Gateway::with_access_log(&config, access_log).expect("gateway builds");
+    spawn_gateway_with(
+        config,
+        RunOptions {
+            access_log,
+            reload: None,
+            // Tests count upstream requests: they probe by hand.
+            probes: false,
+        },
+    )
+    .await
+}
+
+/// A gateway served by [`dify_gateway::Prepared`], as the binary serves one, on loopback
+/// listeners on port 0; it stops (both listeners) on [`TestGateway::shutdown`] or when dropped.
+pub async fn spawn_gateway_with(config: Config, options: RunOptions) -> TestGateway {
+    let listeners = Listeners {
+        public: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let prepared = Prepared::new(listeners, config, options).expect("gateway builds");
     let (tx, rx) = oneshot::channel();
-    let gw = Arc::clone(&gateway);
-    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin_addr = admin_listener.local_addr().unwrap();
-    let admin = Admin::new(Arc::clone(&gateway), config.admin.token.as_ref());
-    let admin_cfg = config.server.clone();
-    let admin_max = config.admin.max_connections;
-    // The admin listener lives until the test's runtime ends.
-    tokio::spawn(async move {
-        server::run_admin(
-            admin_listener,
-            admin,
-            &admin_cfg,
-            admin_max,
-            std::future::pending(),
-        )
-        .await
-    });
-    let tls = config
-        .server
-        .tls
-        .as_ref()
-        .map(|t| TlsAcceptor::new(t).expect("test TLS material loads"));
-    let tls_handle = tls.clone();
-    let task = tokio::spawn(async move {
-        server::run(listener, gw, &config.server, tls, async {
-            let _ = rx.await;
-        })
-        .await
-    });
     TestGateway {
-        addr,
-        admin_addr,
-        gateway,
-        tls: tls_handle,
+        addr: prepared.addr(),
+        admin_addr: prepared.admin_addr(),
+        gateway: Arc::clone(prepared.gateway()),
+        tls: prepared.tls().cloned(),
         stop: Some(tx),
-        task,
+        task: tokio::spawn(prepared.serve(async {
+            let _ = rx.await;
+        })),
     }
 }
 
