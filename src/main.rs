@@ -7,6 +7,7 @@ use dify_gateway::access_log::AccessLog;
 use dify_gateway::admin::Admin;
 use dify_gateway::cli::{Cli, Command};
 use dify_gateway::config::LogFormat;
+#[cfg(feature = "mock")]
 use dify_gateway::demo::{self, DemoOptions};
 use dify_gateway::server::{self, Drain};
 use dify_gateway::tls::TlsAcceptor;
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
             }
         };
     }
+    #[cfg(feature = "mock")]
     if let Some(Command::Demo {
         listen,
         admin_listen,
