@@ -79,13 +79,13 @@ pub(super) async fn answer(st: &State, id: &str) -> Response<Body> {
     }
     if let Some(run) = st.runs.get(&canon) {
         if run.started.elapsed() < st.runs.row_delay() {
-            return reply::not_found("Workflow run");
+            return reply::not_found("Workflow run").answer();
         }
         return reply::ok(events::detail(&run));
     }
     let reply = match st.detail.auto {
         Some(_) if canon.starts_with(UNKNOWN_RUN_PREFIX) => {
-            return reply::not_found("Workflow run");
+            return reply::not_found("Workflow run").answer();
         }
         Some(auto) => {
             let first = *lock(&st.detail.first_seen)
@@ -98,7 +98,7 @@ pub(super) async fn answer(st: &State, id: &str) -> Response<Body> {
             };
             Reply::run_sized(&canon, status, auto.output_bytes)
         }
-        None => return reply::not_found("Workflow run"),
+        None => return reply::not_found("Workflow run").answer(),
     };
     reply::respond(reply).await
 }

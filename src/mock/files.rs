@@ -18,7 +18,7 @@ use hyper::body::{Frame, Incoming};
 
 use super::json::Obj;
 use super::record::UploadRecord;
-use super::reply::{self, Reply};
+use super::reply::{self, Refusal, Reply};
 use super::{lock, Answer, Call, MockDify, State};
 
 /// Dify's default upload limit for documents (`UPLOAD_FILE_SIZE_LIMIT`, 15 MB).
@@ -161,11 +161,11 @@ async fn scan(limit: u64, headers: &HeaderMap, body: Incoming) -> Result<Scanned
     Ok(out)
 }
 
-fn malformed() -> Response<super::Body> {
+fn malformed() -> Refusal {
     reply::invalid_param("The multipart body could not be read.")
 }
 
-fn too_many_files() -> Response<super::Body> {
+fn too_many_files() -> Refusal {
     reply::error(
         StatusCode::BAD_REQUEST,
         "too_many_files",
@@ -190,7 +190,7 @@ pub(super) async fn upload(st: &State, path: &str, call: Call) -> Answer {
             ScanError::TooLarge => reply::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "file_too_large",
-                &format!("File size exceeded. {limit} bytes at most."),
+                format!("File size exceeded. {limit} bytes at most."),
             ),
             ScanError::TooManyFiles => too_many_files(),
             ScanError::Malformed => malformed(),
@@ -320,7 +320,7 @@ pub(super) async fn audio_to_text(st: &State, path: &str, call: Call) -> Answer 
             ScanError::TooLarge => reply::error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "audio_too_large",
-                &format!("Audio size exceeded. {limit} bytes at most."),
+                format!("Audio size exceeded. {limit} bytes at most."),
             ),
             ScanError::TooManyFiles => too_many_files(),
             ScanError::Malformed => malformed(),

@@ -55,7 +55,7 @@ use route::Route;
 type Body = BoxBody<Bytes, std::io::Error>;
 
 /// A route's answer; `Err` is Dify's refusal, answered as is.
-type Answer = Result<Response<Body>, Response<Body>>;
+type Answer = Result<Response<Body>, reply::Refusal>;
 
 /// The largest JSON body the mock reads (Dify's nginx allows 100 MB; nothing sent to a JSON route
 /// comes near).
@@ -229,7 +229,7 @@ struct Call {
 
 impl Call {
     /// The JSON body as an object, or Dify's answer for a body that is not one.
-    fn object(&self) -> Result<serde_json::Map<String, serde_json::Value>, Response<Body>> {
+    fn object(&self) -> Result<serde_json::Map<String, serde_json::Value>, reply::Refusal> {
         let Some(bytes) = &self.json else {
             return Err(reply::error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -259,7 +259,7 @@ impl Call {
 /// The required `user` of a JSON body, or Dify's 400.
 fn required_user(
     body: &serde_json::Map<String, serde_json::Value>,
-) -> Result<String, Response<Body>> {
+) -> Result<String, reply::Refusal> {
     match body.get("user").and_then(|u| u.as_str()) {
         Some(u) if !u.is_empty() => Ok(u.to_owned()),
         _ => Err(reply::invalid_param("Arg user must be provided.")),
@@ -299,14 +299,22 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "Access token is invalid",
-        );
+        )
+        .answer();
         r.headers_mut().insert(
             WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"api\""),
         );
         return r;
     }
+    match dispatch(&st, &path, seq, req).await {
+        Ok(r) => r,
+        Err(refused) => refused.answer(),
+    }
+}
 
+/// Reads a JSON body, then answers with an injected reply or the route.
+async fn dispatch(st: &Arc<State>, path: &str, seq: u64, req: Request<Incoming>) -> Answer {
     let (parts, body) = req.into_parts();
     let mut call = Call {
         method: parts.method,
@@ -317,56 +325,53 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     };
     if is_json(&call.headers) {
         let read = Limited::new(&mut call.body, JSON_BODY_MAX).collect().await;
-        match read {
-            Ok(b) => {
-                let b = b.to_bytes();
-                st.record.body(seq, b.clone());
-                call.json = Some(b);
-            }
+        let b = match read {
+            Ok(b) => b.to_bytes(),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return reply::error(
+                return Err(reply::error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "request_too_large",
                     "The request body is too large.",
-                );
+                ));
             }
-            Err(_) => return reply::invalid_param("The request body could not be read."),
-        }
+            Err(_) => return Err(reply::invalid_param("The request body could not be read.")),
+        };
+        st.record.body(seq, b.clone());
+        call.json = Some(b);
     }
 
     let injected = lock(&st.injected)
-        .get_mut(&path)
+        .get_mut(path)
         .and_then(VecDeque::pop_front);
     if let Some(r) = injected {
-        return reply::respond(r).await;
+        return Ok(reply::respond(r).await);
     }
 
-    let route = Route::parse(&path);
+    let route = Route::parse(path);
     if !route.allows(&call.method) {
-        return reply::error(
+        return Err(reply::error(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "The method is not allowed for the requested URL.",
-        );
+        ));
     }
-    let answered = match route {
-        Route::RunDetail(id) => Ok(detail::answer(&st, id).await),
-        Route::RunStart(workflow) => workflow::start(&st, workflow, call).await,
-        Route::Stop(task) => workflow::stop(&st, task, &call),
-        Route::Events(run) => workflow::events(&st, run, &call),
-        Route::Logs => workflow::logs(&st, &call),
-        Route::Upload => files::upload(&st, &path, call).await,
-        Route::Preview(file) => files::preview(&st, file, &call),
-        Route::AudioToText => files::audio_to_text(&st, &path, call).await,
+    match route {
+        Route::RunDetail(id) => Ok(detail::answer(st, id).await),
+        Route::RunStart(workflow) => workflow::start(st, workflow, call).await,
+        Route::Stop(task) => workflow::stop(st, task, &call),
+        Route::Events(run) => workflow::events(st, run, &call),
+        Route::Logs => workflow::logs(st, &call),
+        Route::Upload => files::upload(st, path, call).await,
+        Route::Preview(file) => files::preview(st, file, &call),
+        Route::AudioToText => files::audio_to_text(st, path, call).await,
         Route::AppMeta(which) => Ok(app::meta(which)),
-        Route::EndUser(id) => app::end_user(&st, id),
-        Route::TextToAudio => app::text_to_audio(&st, &call),
-        Route::HumanInput(_) => app::human_input(&st, &call),
+        Route::EndUser(id) => app::end_user(st, id),
+        Route::TextToAudio => app::text_to_audio(st, &call),
+        Route::HumanInput(_) => app::human_input(st, &call),
         Route::Unknown => Err(reply::error(
             StatusCode::NOT_FOUND,
             "not_found",
             "The requested URL was not found on the server.",
         )),
-    };
-    answered.unwrap_or_else(|refused| refused)
+    }
 }

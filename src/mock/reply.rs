@@ -4,6 +4,7 @@
 //! Invariant: every answer the mock writes goes through here, so each one carries Dify's
 //! `X-Version`/`X-Env` headers and its error shape `{"code", "message", "status"}`.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -141,22 +142,44 @@ pub(super) fn ok(body: impl Into<Bytes>) -> Response<Body> {
     reply_response(Reply::ok_json(body))
 }
 
-/// Dify's error answer.
-pub(super) fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
-    reply_response(Reply::dify_error(status, code, message))
+/// Dify's refusal of a request, answered in its error shape `{"code", "message", "status"}`.
+#[derive(Debug, Clone)]
+pub(super) struct Refusal {
+    status: StatusCode,
+    code: &'static str,
+    message: Cow<'static, str>,
+}
+
+impl Refusal {
+    pub(super) fn answer(&self) -> Response<Body> {
+        reply_response(Reply::dify_error(self.status, self.code, &self.message))
+    }
+}
+
+/// Dify's refusal with `status`, `code` and `message`.
+pub(super) fn error(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<Cow<'static, str>>,
+) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message: message.into(),
+    }
 }
 
 /// Dify's 400 `invalid_param`.
-pub(super) fn invalid_param(message: &str) -> Response<Body> {
+pub(super) fn invalid_param(message: impl Into<Cow<'static, str>>) -> Refusal {
     error(StatusCode::BAD_REQUEST, "invalid_param", message)
 }
 
 /// Dify's 404 `not_found` for `what` (`"Workflow run"`, `"End user"`, ...).
-pub(super) fn not_found(what: &str) -> Response<Body> {
+pub(super) fn not_found(what: &str) -> Refusal {
     error(
         StatusCode::NOT_FOUND,
         "not_found",
-        &format!("{what} not found."),
+        format!("{what} not found."),
     )
 }
 

@@ -9,6 +9,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http_body_util::channel::Sender;
 use http_body_util::Channel;
 use serde_json::Value;
 use uuid::Uuid;
@@ -79,27 +80,27 @@ pub(super) fn events(st: &State, run_id: &str, call: &Call) -> Answer {
         .filter(|r| call.param("user").as_deref() == Some(r.user.as_str()))
         .ok_or_else(|| reply::not_found("Workflow run"))?;
     let snapshot = call.param("include_state_snapshot").as_deref() == Some("true");
+    // Where the stream starts is fixed now, before the answer leaves: a test that sees the
+    // answer's head knows every later event will follow.
+    let from = match run.progress().finished_at {
+        Some(_) => None,
+        None if snapshot => Some(0),
+        None => Some(run.produced.borrow().0),
+    };
     let (tx, body) = Channel::new(1);
     let resp = stream::sse(&st.streams, StreamKind::Resume, &run.id, body);
-    tokio::spawn(follow(run, tx, snapshot));
+    tokio::spawn(follow(run, tx, from));
     Ok(resp)
 }
 
-async fn follow(
-    run: Arc<Run>,
-    mut tx: http_body_util::channel::Sender<Bytes, std::io::Error>,
-    snapshot: bool,
-) {
-    if run.progress().finished_at.is_some() {
+/// Sends `run`'s frames from index `from` on as they are produced, until it produces no more;
+/// a finished run's (`None`) is its `workflow_finished` alone.
+async fn follow(run: Arc<Run>, mut tx: Sender<Bytes, std::io::Error>, from: Option<usize>) {
+    let Some(mut next) = from else {
         let _ = tx.send_data(events::finished(&run)).await;
         return;
-    }
-    let mut rx = run.produced.subscribe();
-    let mut next = if snapshot {
-        0
-    } else {
-        rx.borrow_and_update().0
     };
+    let mut rx = run.produced.subscribe();
     loop {
         let (count, done) = *rx.borrow_and_update();
         let frames: Vec<Bytes> = lock(&run.frames)[next..count].to_vec();
@@ -171,7 +172,7 @@ fn int_param(
     name: &str,
     default: u64,
     range: RangeInclusive<u64>,
-) -> Result<u64, http::Response<super::Body>> {
+) -> Result<u64, reply::Refusal> {
     match call.param(name) {
         None => Ok(default),
         Some(v) => v
@@ -179,7 +180,7 @@ fn int_param(
             .ok()
             .filter(|n| range.contains(n))
             .ok_or_else(|| {
-                reply::invalid_param(&format!(
+                reply::invalid_param(format!(
                     "{name} must be an integer from {} to {}",
                     range.start(),
                     range.end()
