@@ -6,7 +6,7 @@
 //! any size costs the mock one chunk of memory; past the upload limit the answer is Dify's 413
 //! at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -34,12 +34,16 @@ const FIELD_MAX: usize = 4096;
 /// The `user` Dify files an upload under when the form has none.
 const DEFAULT_USER: &str = "DEFAULT-USER";
 
+/// Files kept for previews, and upload records kept; the oldest go first.
+const FILES_MAX: usize = 1024;
+
 /// Files received and stored.
 pub(super) struct Files {
     /// Bytes a file part may have.
     limit: AtomicU64,
-    stored: Mutex<HashMap<String, Stored>>,
-    uploads: Mutex<Vec<UploadRecord>>,
+    /// Stored files by id, and their ids in the order they came.
+    stored: Mutex<(HashMap<String, Stored>, VecDeque<String>)>,
+    uploads: Mutex<VecDeque<UploadRecord>>,
 }
 
 impl Default for Files {
@@ -49,6 +53,16 @@ impl Default for Files {
             stored: Mutex::default(),
             uploads: Mutex::default(),
         }
+    }
+}
+
+impl Files {
+    fn record(&self, upload: UploadRecord) {
+        let mut uploads = lock(&self.uploads);
+        if uploads.len() == FILES_MAX {
+            uploads.pop_front();
+        }
+        uploads.push_back(upload);
     }
 }
 
@@ -70,7 +84,7 @@ impl MockDify {
 
     /// The files received (uploads and audio), oldest first.
     pub fn uploads(&self) -> Vec<UploadRecord> {
-        lock(&self.state.files.uploads).clone()
+        lock(&self.state.files.uploads).iter().cloned().collect()
     }
 }
 
@@ -221,7 +235,7 @@ pub(super) async fn upload(st: &State, path: &str, call: Call) -> Answer {
         .str("created_by", &created_by)
         .int("created_at", super::now_epoch())
         .done();
-    lock(&st.files.uploads).push(UploadRecord {
+    st.files.record(UploadRecord {
         path: path.to_owned(),
         user: scanned.user,
         name: file.name.clone(),
@@ -229,7 +243,14 @@ pub(super) async fn upload(st: &State, path: &str, call: Call) -> Answer {
         size: file.size,
         file_id: Some(id.clone()),
     });
-    lock(&st.files.stored).insert(
+    let mut stored = lock(&st.files.stored);
+    if stored.1.len() == FILES_MAX {
+        if let Some(old) = stored.1.pop_front() {
+            stored.0.remove(&old);
+        }
+    }
+    stored.1.push_back(id.clone());
+    stored.0.insert(
         id,
         Stored {
             name: file.name,
@@ -238,6 +259,7 @@ pub(super) async fn upload(st: &State, path: &str, call: Call) -> Answer {
             content: file.content,
         },
     );
+    drop(stored);
     Ok(reply::reply_response(Reply::json(
         StatusCode::CREATED,
         body,
@@ -248,6 +270,7 @@ pub(super) async fn upload(st: &State, path: &str, call: Call) -> Answer {
 pub(super) fn preview(st: &State, file_id: &str, call: &Call) -> Answer {
     let stored = lock(&st.files.stored);
     let file = stored
+        .0
         .get(file_id)
         .ok_or_else(|| reply::error(StatusCode::NOT_FOUND, "file_not_found", "File not found."))?;
     let body = match &file.content {
@@ -329,7 +352,7 @@ pub(super) async fn audio_to_text(st: &State, path: &str, call: Call) -> Answer 
     if let Some(u) = &scanned.user {
         st.users.meet(u);
     }
-    lock(&st.files.uploads).push(UploadRecord {
+    st.files.record(UploadRecord {
         path: path.to_owned(),
         user: scanned.user,
         name: file.name,

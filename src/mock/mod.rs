@@ -7,10 +7,11 @@
 //! path, or by its run script), checks the app key on every route, and records every request
 //! it receives, so tests can assert what reached the upstream.
 //!
-//! Routes (under `/v1`): run detail ([`detail`]); run starts, stop, event resume and logs
-//! ([`workflow`], with runs in [`runs`], frames in [`events`], streams in [`stream`]); files and
-//! audio ([`files`]); the app's descriptions, end users, speech and human-input forms
-//! ([`app`]).
+//! Routes (under `/v1`, parsed in `route`): run detail (`detail`); run starts, stop, event
+//! resume and logs (`workflow`, with runs in `runs`, frames in `events`, streams in `stream`);
+//! files and audio (`files`); the app's descriptions, end users, speech and human-input forms
+//! (`app`). Bodies are written as Python's `json.dumps` writes them (`json`); canned replies
+//! and Dify's error shape are in `reply`, the request log in `record`.
 
 mod app;
 mod detail;
@@ -71,8 +72,6 @@ struct State {
     total: AtomicU64,
     /// Requests received per path (exact text).
     per_path: Mutex<HashMap<String, u64>>,
-    /// Headers of the last request, unmasked.
-    last_headers: Mutex<Option<HeaderMap>>,
     /// Replies to give, in turn, to the next requests for a path, ahead of its route.
     injected: Mutex<HashMap<String, VecDeque<Reply>>>,
     /// The request log.
@@ -118,7 +117,6 @@ impl MockDify {
             delay_ms: AtomicU64::new(0),
             total: AtomicU64::new(0),
             per_path: Mutex::default(),
-            last_headers: Mutex::default(),
             injected: Mutex::default(),
             record: record::Log::default(),
             detail: detail::Details::new(auto),
@@ -212,7 +210,7 @@ impl MockDify {
 
     /// Headers of the last request received.
     pub fn last_headers(&self) -> Option<HeaderMap> {
-        lock(&self.state.last_headers).clone()
+        self.last_request().map(|r| r.headers)
     }
 }
 
@@ -287,7 +285,6 @@ async fn answer(st: Arc<State>, req: Request<Incoming>) -> Response<Body> {
     st.total.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_owned();
     *lock(&st.per_path).entry(path.clone()).or_default() += 1;
-    *lock(&st.last_headers) = Some(req.headers().clone());
     let seq = st.record.head(&req);
     let delay = st.delay_ms.load(Ordering::SeqCst);
     if delay > 0 {

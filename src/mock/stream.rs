@@ -52,7 +52,10 @@ pub(super) struct Slot {
     end: watch::Sender<StreamEnd>,
 }
 
-/// Every stream served, in order.
+/// Streams kept for tests to look at; the oldest go first.
+const STREAMS_MAX: usize = 10_000;
+
+/// The streams served, in order.
 #[derive(Default)]
 pub(super) struct Streams(Mutex<Vec<Arc<Slot>>>);
 
@@ -63,7 +66,11 @@ impl Streams {
             run_id: run_id.to_owned(),
             end: watch::channel(StreamEnd::Open).0,
         });
-        lock(&self.0).push(Arc::clone(&slot));
+        let mut all = lock(&self.0);
+        if all.len() == STREAMS_MAX {
+            all.remove(0);
+        }
+        all.push(Arc::clone(&slot));
         slot
     }
 }

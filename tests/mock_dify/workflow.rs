@@ -281,10 +281,23 @@ async fn a_stream_resumes_for_its_creator_only() {
     up.release_events(1);
     assert_eq!(event_name(&frames.next().await.unwrap()), "node_started");
     assert_eq!(event_name(&resumed.next().await.unwrap()), "node_started");
+    // With the state snapshot, the events so far come first.
+    let (_, mut snapshot) = http
+        .stream(
+            &format!("{path}?user=alice&include_state_snapshot=true"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        event_name(&snapshot.next().await.unwrap()),
+        "workflow_started"
+    );
+    assert_eq!(event_name(&snapshot.next().await.unwrap()), "node_started");
     up.free_events();
     let original = frames.rest().await;
     let followed = resumed.rest().await;
     assert_eq!(followed, original, "the resumed stream follows the run");
+    assert_eq!(snapshot.rest().await, original);
     // A finished run resumes as its workflow_finished alone.
     let (_, mut again) = http.stream(&format!("{path}?user=alice"), None).await;
     let last = again.rest().await;
@@ -293,7 +306,12 @@ async fn a_stream_resumes_for_its_creator_only() {
     let kinds: Vec<StreamKind> = up.streams().iter().map(|s| s.kind).collect();
     assert_eq!(
         kinds,
-        [StreamKind::Run, StreamKind::Resume, StreamKind::Resume]
+        [
+            StreamKind::Run,
+            StreamKind::Resume,
+            StreamKind::Resume,
+            StreamKind::Resume
+        ]
     );
 }
 
@@ -355,4 +373,40 @@ async fn logs_page_filter_and_record_their_query() {
         assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{q}");
     }
     assert_eq!(up.queries("/v1/workflows/logs"), queries);
+}
+
+#[tokio::test]
+async fn an_unfinished_stream_ends_without_workflow_finished() {
+    let (up, http) = mock().await;
+    up.set_run_script(RunScript {
+        end: RunEnd::Unfinished,
+        ping: false,
+        ..RunScript::chunks(1)
+    });
+    let (_, mut frames) = http.stream("/v1/workflows/run", Some(START)).await;
+    let all = frames.rest().await;
+    let names: Vec<String> = all.iter().map(|f| event_name(f)).collect();
+    assert_eq!(
+        names,
+        [
+            "workflow_started",
+            "node_started",
+            "node_finished",
+            "node_started",
+            "text_chunk",
+            "node_finished",
+            "node_started",
+            "node_finished"
+        ]
+    );
+    let run_id = event(&all[0])["workflow_run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        within(up.stream_end(&run_id)).await,
+        Some(StreamEnd::Delivered)
+    );
+    let detail = http.get(&format!("/v1/workflows/run/{run_id}")).await;
+    assert_eq!(detail.json()["status"], "running");
 }
