@@ -69,6 +69,7 @@ pub enum Command {
     },
     /// Try the gateway with no Dify account, key or network: serves it in front of a built-in
     /// mock Dify on loopback and prints what to try. Reads no configuration.
+    #[cfg(feature = "mock")]
     Demo {
         /// Address of the gateway (loopback only).
         #[arg(long, value_name = "ADDR", default_value = crate::config::DEFAULT_LISTEN)]

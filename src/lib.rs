@@ -12,12 +12,14 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 mod connections;
+#[cfg(feature = "mock")]
 pub mod demo;
 pub mod error;
 pub mod flight;
 pub mod gateway;
 pub mod intake;
 pub mod metrics;
+#[cfg(feature = "mock")]
 pub mod mock;
 pub mod outcome;
 pub mod policy;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use dify_gateway::access_log::AccessLog;
 use dify_gateway::cli::{Cli, Command};
 use dify_gateway::config::LogFormat;
+#[cfg(feature = "mock")]
 use dify_gateway::demo::{self, DemoOptions};
 use dify_gateway::server::Drain;
 use dify_gateway::{telemetry, Config, Listeners, Reload, RunError, RunOptions};
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
             }
         };
     }
+    #[cfg(feature = "mock")]
     if let Some(Command::Demo {
         listen,
         admin_listen,

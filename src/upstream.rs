@@ -469,6 +469,7 @@ mod tests {
         assert_eq!(cause, ConnectCause::Dns, "{detail}");
     }
 
+    #[cfg(feature = "mock")]
     #[tokio::test]
     async fn https_to_a_plain_http_server_is_a_tls_protocol_failure() {
         let mock = crate::mock::MockDify::start(KEY).await.unwrap();
