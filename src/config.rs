@@ -424,7 +424,7 @@ pub struct UpstreamConfig {
     /// whose request started it.
     pub max_share_per_client: f64,
     /// Retries of the idempotent GET after transient failures.
-    pub retry: crate::resilience::RetryPolicy,
+    pub retry: crate::upstream::RetryPolicy,
     /// Consecutive upstream failures (connect errors, timeouts, 5xx) that open an app's circuit;
     /// 0 disables the breaker.
     pub circuit_failure_threshold: u32,
@@ -836,7 +836,7 @@ impl RawConfig {
             queue_timeout: dur(self.upstream.queue_timeout, Duration::from_secs(1)),
             max_share_per_app,
             max_share_per_client,
-            retry: crate::resilience::RetryPolicy {
+            retry: crate::upstream::RetryPolicy {
                 max_attempts: self.upstream.retry_attempts.unwrap_or(3),
                 base_delay: dur(self.upstream.retry_base_delay, Duration::from_millis(100)),
                 max_delay: dur(self.upstream.retry_max_delay, Duration::from_secs(1)),

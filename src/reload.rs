@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::apps::App;
+use crate::upstream::App;
 use crate::config::{AppConfig, Config, ConfigError, KeySource};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::tls::TlsAcceptor;
