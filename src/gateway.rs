@@ -283,7 +283,10 @@ impl Gateway {
         let rid = request_id::for_request(&req.headers);
         let mut info = RequestInfo::default();
         let mut client = None;
-        let mut resp = match self.dispatch(&req, body, &rid, &mut info, &mut client).await {
+        let mut resp = match self
+            .dispatch(&req, body, &rid, &mut info, &mut client)
+            .await
+        {
             Ok(resp) => resp,
             Err(r) => {
                 info.rejected = Some(r.reason);
@@ -348,26 +351,21 @@ impl Gateway {
         if !route.takes_body() {
             intake::discard_body(body, self.body_read_timeout).await?;
         }
+        if route.needs_token() {
+            // Let in before anything else is looked at: an outsider learns nothing.
+            *client = self.authenticate(req, rid)?;
+            if let Some(c) = client.as_deref() {
+                check_rate(c)?;
+            }
+        }
         match route {
             Route::Health => Ok(health::answer()),
             Route::RunDetail => {
-                // Authenticate before looking at the id: an outsider learns nothing.
-                *client = self.authenticate(req, rid)?;
-                if let Some(c) = client.as_deref() {
-                    c.check_rate().map_err(|wait| {
-                        let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                        let e = GatewayError::RateLimited { retry_after_secs };
-                        Refused::new(RejectReason::RateLimit, e)
-                    })?;
-                }
                 let run = RunId::parse(param)
                     .map_err(|_| Refused::new(RejectReason::BadId, GatewayError::InvalidRunId))?;
                 let app = self.app_of(client.as_deref());
                 info.app = Some(app.id);
-                let (resp, served) = self
-                    .run_detail
-                    .serve(app, run, rid, client.as_ref())
-                    .await;
+                let (resp, served) = self.run_detail.serve(app, run, rid, client.as_ref()).await;
                 info.cache = Some(served.cache);
                 info.error = served.error;
                 info.upstream_status = served.upstream_status;
@@ -377,12 +375,8 @@ impl Gateway {
         }
     }
 
-    /// The client the request's token names, under its rate limit; `None` in open mode.
-    fn authenticate(
-        &self,
-        req: &Parts,
-        rid: &HeaderValue,
-    ) -> Result<Option<Arc<Client>>, Refused> {
+    /// The client the request's token names; `None` in open mode.
+    fn authenticate(&self, req: &Parts, rid: &HeaderValue) -> Result<Option<Arc<Client>>, Refused> {
         let table = self.clients.load();
         if table.is_open() {
             return Ok(None);
@@ -441,4 +435,15 @@ impl Gateway {
             fetches_in_flight: self.run_detail.fetch().in_flight(),
         }
     }
+}
+
+/// Refuses a request over `client`'s rate limit.
+fn check_rate(client: &Client) -> Result<(), Refused> {
+    client.check_rate().map_err(|wait| {
+        let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        Refused::new(
+            RejectReason::RateLimit,
+            GatewayError::RateLimited { retry_after_secs },
+        )
+    })
 }

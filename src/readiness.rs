@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::upstream::App;
 use crate::metrics::{AppLabel, Metrics};
+use crate::upstream::App;
 
 /// What the last probe of an app found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,10 @@
 //! The routes: which of the gateway's answers a request asks for, read from its method and path.
 //!
 //! Invariant: a request is routed on its path with repeated `/` merged and nothing else changed
-//! (percent-encoded bytes stay as sent); each route says which methods it serves and whether it
-//! takes a request body, and its `as_str()` is the `route` word of logs and metrics. Adding a
-//! route is a variant here and a file beside this one for its handler.
+//! (percent-encoded bytes stay as sent); each route says which methods it serves, whether it
+//! takes a request body and whether it is only for clients, and its `as_str()` is the `route`
+//! word of logs and metrics. Adding a route is a variant here and a file beside this one for its
+//! handler.
 
 pub mod health;
 pub mod run_detail;
@@ -79,6 +80,15 @@ impl Route {
         }
     }
 
+    /// Is the route only for clients (a token, when clients are configured, under the
+    /// client's rate limit)? Routes that are not answer anyone.
+    pub fn needs_token(self) -> bool {
+        match self {
+            Route::RunDetail => true,
+            Route::Health => false,
+        }
+    }
+
     /// The `route` word of logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -124,7 +134,10 @@ mod tests {
         let get = Method::GET;
         let run = format!("{RUN_DETAIL_PREFIX}{ID}");
         assert_eq!(Route::parse(&get, &run), Ok((Route::RunDetail, ID)));
-        assert_eq!(Route::parse(&Method::HEAD, &run), Ok((Route::RunDetail, ID)));
+        assert_eq!(
+            Route::parse(&Method::HEAD, &run),
+            Ok((Route::RunDetail, ID))
+        );
         // The id is checked by its handler, after the client is let in.
         assert_eq!(
             Route::parse(&get, "/v1/workflows/run/not-a-uuid"),
@@ -170,6 +183,7 @@ mod tests {
         assert_eq!(Misroute::Method(Route::Health).route(), Some(Route::Health));
         assert_eq!(Misroute::NotFound.route(), None);
         assert!(!Route::RunDetail.takes_body() && !Route::Health.takes_body());
+        assert!(Route::RunDetail.needs_token() && !Route::Health.needs_token());
     }
 
     #[test]

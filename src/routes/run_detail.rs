@@ -86,7 +86,10 @@ impl RunDetail {
         let key = CacheKey { app: app.id, run };
         let stale = match self.cache.lookup(&key) {
             Some(found) if found.fresh => {
-                return (answer(found.stored, CacheOutcome::Hit), Served::by(CacheOutcome::Hit))
+                return (
+                    answer(found.stored, CacheOutcome::Hit),
+                    Served::by(CacheOutcome::Hit),
+                )
             }
             Some(found) => Some(found.stored),
             None => None,
@@ -94,7 +97,10 @@ impl RunDetail {
         let (fetched, role) = match self.fetch.run(app, run, rid, client).await {
             Ok((FlightValue::Fetched(f), role)) => (f, role),
             Ok((FlightValue::Cached(hit), _)) => {
-                return (answer(hit, CacheOutcome::Hit), Served::by(CacheOutcome::Hit))
+                return (
+                    answer(hit, CacheOutcome::Hit),
+                    Served::by(CacheOutcome::Hit),
+                )
             }
             Err(_) => {
                 let e = GatewayError::Internal;

@@ -229,7 +229,11 @@ mod tests {
         let h = Health::exported_to(family.clone());
         h.fail("test", SharedError::Connection, &"x");
         h.fail("test", SharedError::Connection, &"x");
-        let count = |e: SharedError| family.get_or_create(&ReasonLabel { reason: e.as_str() }).get();
+        let count = |e: SharedError| {
+            family
+                .get_or_create(&ReasonLabel { reason: e.as_str() })
+                .get()
+        };
         assert_eq!(count(SharedError::Connection), 2);
         assert_eq!(count(SharedError::Timeout), 0);
         assert_eq!(h.stats().connection, 2);

@@ -1,4 +1,4 @@
-//! Why a connection to the upstream could not be opened, in one word for the log.
+//! Why a connection to the upstream could not be opened, found in the client's error chain.
 //!
 //! Invariant: a connect failure is logged once, here, with its cause and the text of the
 //! innermost error that says which — never the key, which is not sent before the connection is
@@ -6,70 +6,7 @@
 
 use std::error::Error as StdError;
 
-use super::error::UpstreamError;
-
-/// Why a connection to the upstream could not be opened, as one word for the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnectCause {
-    /// The host name did not resolve.
-    Dns,
-    /// Nothing listens on the port.
-    Refused,
-    /// The connection (TCP or TLS) was not up within `upstream.connect_timeout`.
-    Timeout,
-    /// No route to the host or its network.
-    Unreachable,
-    /// The peer reset or dropped the connection while it was being set up.
-    Reset,
-    /// The upstream's certificate was refused (unknown issuer, expired, wrong name, …).
-    TlsCertificate,
-    /// The upstream ended the handshake with a TLS alert.
-    TlsAlert,
-    /// The peer does not speak TLS (an `https://` URL on a plain-HTTP port, say) or broke the
-    /// handshake.
-    TlsProtocol,
-    /// No TLS version, cipher suite or key exchange in common.
-    TlsIncompatible,
-    /// Another TLS failure.
-    TlsOther,
-    /// None of the above.
-    Other,
-}
-
-impl ConnectCause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConnectCause::Dns => "dns",
-            ConnectCause::Refused => "refused",
-            ConnectCause::Timeout => "timeout",
-            ConnectCause::Unreachable => "unreachable",
-            ConnectCause::Reset => "reset",
-            ConnectCause::TlsCertificate => "tls_certificate",
-            ConnectCause::TlsAlert => "tls_alert",
-            ConnectCause::TlsProtocol => "tls_protocol",
-            ConnectCause::TlsIncompatible => "tls_incompatible",
-            ConnectCause::TlsOther => "tls_other",
-            ConnectCause::Other => "other",
-        }
-    }
-
-    fn of_tls(e: &rustls::Error) -> ConnectCause {
-        use rustls::Error as E;
-        match e {
-            E::InvalidCertificate(_) | E::InvalidCertRevocationList(_) => {
-                ConnectCause::TlsCertificate
-            }
-            E::AlertReceived(_) => ConnectCause::TlsAlert,
-            E::InvalidMessage(_)
-            | E::InappropriateMessage { .. }
-            | E::InappropriateHandshakeMessage { .. }
-            | E::PeerMisbehaved(_)
-            | E::DecryptError => ConnectCause::TlsProtocol,
-            E::PeerIncompatible(_) => ConnectCause::TlsIncompatible,
-            _ => ConnectCause::TlsOther,
-        }
-    }
-}
+use super::error::{ConnectCause, UpstreamError};
 
 /// The cause of a failed connect and the text of the innermost error that says which (a
 /// resolver, socket or TLS message; none of them holds the key, which is not sent before the

@@ -9,8 +9,6 @@ use std::time::Duration;
 use crate::error::GatewayError;
 use crate::outcome::UpstreamOutcome;
 
-use super::connect::ConnectCause;
-
 /// Why an upstream exchange (or the attempt at one) gave no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
@@ -74,6 +72,69 @@ impl UpstreamError {
             | UpstreamError::BadResponse
             | UpstreamError::Url
             | UpstreamError::Overloaded => UpstreamOutcome::BadResponse,
+        }
+    }
+}
+
+/// Why a connection to the upstream could not be opened, as one word for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectCause {
+    /// The host name did not resolve.
+    Dns,
+    /// Nothing listens on the port.
+    Refused,
+    /// The connection (TCP or TLS) was not up within `upstream.connect_timeout`.
+    Timeout,
+    /// No route to the host or its network.
+    Unreachable,
+    /// The peer reset or dropped the connection while it was being set up.
+    Reset,
+    /// The upstream's certificate was refused (unknown issuer, expired, wrong name, …).
+    TlsCertificate,
+    /// The upstream ended the handshake with a TLS alert.
+    TlsAlert,
+    /// The peer does not speak TLS (an `https://` URL on a plain-HTTP port, say) or broke the
+    /// handshake.
+    TlsProtocol,
+    /// No TLS version, cipher suite or key exchange in common.
+    TlsIncompatible,
+    /// Another TLS failure.
+    TlsOther,
+    /// None of the above.
+    Other,
+}
+
+impl ConnectCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectCause::Dns => "dns",
+            ConnectCause::Refused => "refused",
+            ConnectCause::Timeout => "timeout",
+            ConnectCause::Unreachable => "unreachable",
+            ConnectCause::Reset => "reset",
+            ConnectCause::TlsCertificate => "tls_certificate",
+            ConnectCause::TlsAlert => "tls_alert",
+            ConnectCause::TlsProtocol => "tls_protocol",
+            ConnectCause::TlsIncompatible => "tls_incompatible",
+            ConnectCause::TlsOther => "tls_other",
+            ConnectCause::Other => "other",
+        }
+    }
+
+    pub(super) fn of_tls(e: &rustls::Error) -> ConnectCause {
+        use rustls::Error as E;
+        match e {
+            E::InvalidCertificate(_) | E::InvalidCertRevocationList(_) => {
+                ConnectCause::TlsCertificate
+            }
+            E::AlertReceived(_) => ConnectCause::TlsAlert,
+            E::InvalidMessage(_)
+            | E::InappropriateMessage { .. }
+            | E::InappropriateHandshakeMessage { .. }
+            | E::PeerMisbehaved(_)
+            | E::DecryptError => ConnectCause::TlsProtocol,
+            E::PeerIncompatible(_) => ConnectCause::TlsIncompatible,
+            _ => ConnectCause::TlsOther,
         }
     }
 }

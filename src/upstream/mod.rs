@@ -43,8 +43,7 @@ use crate::run_id::RunId;
 
 pub use app::{fingerprint, App, AppId, NewKey};
 pub use breaker::{CircuitBreaker, Refused};
-pub use connect::ConnectCause;
-pub use error::UpstreamError;
+pub use error::{ConnectCause, UpstreamError};
 pub use retry::{jitter, retry_after, RetryPolicy};
 pub(crate) use slots::client_share_slots;
 

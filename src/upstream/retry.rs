@@ -170,7 +170,8 @@ mod tests {
     fn retry_after_is_read_in_seconds() {
         let mut a = answer(503).unwrap();
         assert_eq!(retry_after(&a), None);
-        a.headers.insert(RETRY_AFTER, HeaderValue::from_static(" 7 "));
+        a.headers
+            .insert(RETRY_AFTER, HeaderValue::from_static(" 7 "));
         assert_eq!(retry_after(&a), Some(Duration::from_secs(7)));
         a.headers.insert(
             RETRY_AFTER,
