@@ -143,18 +143,9 @@ impl CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use http::{HeaderMap, StatusCode};
 
+    use crate::upstream::tests::answer;
     use crate::upstream::ConnectCause;
-
-    fn answer(code: u16) -> Result<UpstreamAnswer, UpstreamError> {
-        Ok(UpstreamAnswer {
-            status: StatusCode::from_u16(code).unwrap(),
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-        })
-    }
 
     const CONNECT: UpstreamError = UpstreamError::Connect {
         cause: ConnectCause::Refused,

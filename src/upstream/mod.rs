@@ -381,6 +381,15 @@ fn unasked_coding(h: &HeaderMap) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// An answer of status `code`, no headers and no body.
+    pub(super) fn answer(code: u16) -> Result<UpstreamAnswer, UpstreamError> {
+        Ok(UpstreamAnswer {
+            status: StatusCode::from_u16(code).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        })
+    }
+
     #[test]
     fn only_the_identity_and_chunked_framing_are_accepted() {
         let mut h = HeaderMap::new();

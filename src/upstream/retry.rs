@@ -139,18 +139,9 @@ impl Upstreams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use http::{HeaderMap, StatusCode};
 
+    use crate::upstream::tests::answer;
     use crate::upstream::ConnectCause;
-
-    fn answer(code: u16) -> Result<UpstreamAnswer, UpstreamError> {
-        Ok(UpstreamAnswer {
-            status: StatusCode::from_u16(code).unwrap(),
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-        })
-    }
 
     #[test]
     fn only_transient_failures_are_retried() {
