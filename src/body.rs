@@ -66,12 +66,14 @@ impl HttpBody for Body {
     type Data = Bytes;
     type Error = BodyError;
 
+    #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         match this {
+            Body::Full(b) if b.is_empty() => Poll::Ready(None),
             Body::Full(b) => Poll::Ready(data(std::mem::take(b))),
             // The entry is lent to the bytes (no count is touched) and the body left empty.
             Body::Entry(_) => match std::mem::replace(this, Body::empty()) {
@@ -83,6 +85,7 @@ impl HttpBody for Body {
         }
     }
 
+    #[inline]
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Full(b) => b.is_empty(),
@@ -92,6 +95,7 @@ impl HttpBody for Body {
         }
     }
 
+    #[inline]
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Full(b) => SizeHint::with_exact(b.len() as u64),
@@ -103,6 +107,7 @@ impl HttpBody for Body {
 }
 
 /// A data frame of `b`; none for no bytes (an empty frame would end nothing and say nothing).
+#[inline]
 fn data(b: Bytes) -> Option<Result<Frame<Bytes>, BodyError>> {
     (!b.is_empty()).then(|| Ok(Frame::data(b)))
 }

@@ -376,6 +376,7 @@ impl Gateway {
     }
 
     /// The client the request's token names; `None` in open mode.
+    #[inline]
     fn authenticate(&self, req: &Parts, rid: &HeaderValue) -> Result<Option<Arc<Client>>, Refused> {
         let table = self.clients.load();
         if table.is_open() {

@@ -53,6 +53,7 @@ impl Misroute {
 impl Route {
     /// The route `method` and `path` (repeated `/` merged, see [`merge_slashes`]) ask for, with
     /// the path's parameter as sent (the run id; empty for routes without one).
+    #[inline]
     pub fn parse<'p>(method: &Method, path: &'p str) -> Result<(Route, &'p str), Misroute> {
         let (route, param) = match path.strip_prefix(RUN_DETAIL_PREFIX) {
             Some(id) if !id.contains('/') => (Route::RunDetail, id),
@@ -66,6 +67,7 @@ impl Route {
     }
 
     /// Does the route serve `method`?
+    #[inline]
     pub fn allows(self, method: &Method) -> bool {
         match self {
             Route::RunDetail | Route::Health => method == Method::GET || method == Method::HEAD,
