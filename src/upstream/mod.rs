@@ -4,7 +4,7 @@
 //!
 //! Invariant: the app keys are read here and nowhere else — from [`AppConfig`] into the
 //! `Authorization` header of an upstream request, marked sensitive, and into the app's
-//! fingerprint ([`app`]); nothing from the client's request except the validated run id (and a
+//! [`fingerprint`]; nothing from the client's request except the validated run id (and a
 //! validated request id) is sent upstream. Only an answer the gateway can read as sent is
 //! accepted: a final status (never 1xx) and no content coding (`Accept-Encoding: identity` is
 //! asked for); anything else is [`UpstreamError::BadResponse`]. This module knows no client
