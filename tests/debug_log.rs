@@ -3,52 +3,22 @@
 //! shared tier's lock, write, notification and release went.
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 #[path = "common/redis.rs"]
 mod redis_server;
-
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use common::*;
 use dify_gateway::clients::token_sha256_hex;
 use dify_gateway::mock::Reply;
 use http::{Method, StatusCode};
+use logs::Captured;
 use redis_server::RedisServer;
-
-/// Collects every log line written, at DEBUG level.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// The first line holding every one of `words`.
-    fn line_with(&self, words: &[&str]) -> Option<String> {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        text.lines()
-            .find(|l| words.iter().all(|w| l.contains(w)))
-            .map(str::to_owned)
-    }
-}
 
 /// One test in this binary: the subscriber is global.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reasons_and_shared_tier_outcomes_are_logged_at_debug() {
-    let logs = Captured::default();
-    let sink = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .init();
+    let logs = Captured::install(tracing::Level::DEBUG);
 
     let redis = RedisServer::start();
     let up = spawn_upstream().await;
