@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Besides criterion's timings it prints the heap allocations one `Gateway::handle` hit makes,
-//! with and without the access log, counted by a wrapping global allocator.
+//! with and without the access log, and with its body sent (polled to its end, as the server
+//! does), counted by a wrapping global allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -29,7 +30,7 @@ use dify_gateway::policy::{EntryClass, Policy};
 use dify_gateway::run_id::RunId;
 use dify_gateway::Gateway;
 use http::{HeaderValue, Request, StatusCode};
-use http_body_util::Empty;
+use http_body_util::{BodyExt, Empty};
 use tokio::runtime::Runtime;
 
 /// Counts every allocation, so the benchmark can report allocations per request.
@@ -225,6 +226,37 @@ fn drained_access_log() -> Arc<AccessLog> {
     log
 }
 
+/// `gw.handle` of `req` with the answer's body polled to its end, as the server sends it.
+async fn handle_and_send(gw: &Arc<Gateway>, req: Request<Empty<Bytes>>) {
+    let mut body = gw.handle(req).await.into_body();
+    while let Some(frame) = body.frame().await {
+        black_box(frame.ok());
+    }
+}
+
+/// Time of `iters` hits with their bodies sent, request building included.
+fn handle_and_send_many(rt: &Runtime, gw: &Arc<Gateway>, iters: u64) -> Duration {
+    rt.block_on(async {
+        let t = Instant::now();
+        for _ in 0..iters {
+            handle_and_send(gw, request()).await;
+        }
+        t.elapsed()
+    })
+}
+
+/// Heap allocations per hit with its body sent, averaged over many calls.
+fn allocations_per_sent_hit(rt: &Runtime, gw: &Arc<Gateway>) -> f64 {
+    const N: u64 = 10_000;
+    rt.block_on(async {
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        for _ in 0..N {
+            handle_and_send(gw, request()).await;
+        }
+        (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64
+    })
+}
+
 /// Heap allocations per `handle` hit, averaged over many calls.
 fn allocations_per_hit(rt: &Runtime, gw: &Arc<Gateway>) -> f64 {
     const N: u64 = 10_000;
@@ -262,6 +294,11 @@ fn gateway(c: &mut Criterion) {
         allocations_per_hit(&rt, &logged)
     );
 
+    println!(
+        "allocations per hit with its body sent, access log off: {:.1}",
+        allocations_per_sent_hit(&rt, &quiet)
+    );
+
     let mut g = c.benchmark_group("gateway_hit");
     g.bench_function("build_request_only", |b| b.iter(request));
     g.bench_function("handle_access_log_off", |b| {
@@ -269,6 +306,9 @@ fn gateway(c: &mut Criterion) {
     });
     g.bench_function("handle_access_log_on_text", |b| {
         b.iter_custom(|iters| handle_many(&rt, &logged, request, iters))
+    });
+    g.bench_function("handle_and_send_body_access_log_off", |b| {
+        b.iter_custom(|iters| handle_and_send_many(&rt, &quiet, iters))
     });
     g.bench_function("handle_bad_id_400", |b| {
         b.iter_custom(|iters| handle_many(&rt, &quiet, bad_id_request, iters))

@@ -3,8 +3,8 @@
 //! as the cache does, then reports resident memory per kept body beyond its length.
 //!
 //! Invariant: the only difference between the two modes is what is kept — `as-received` keeps
-//! the `Bytes` the client returned (what `gateway.rs` stores today), `copied` keeps an exact-size
-//! copy — so the difference in RSS per body is what the received `Bytes` pin beyond their length.
+//! the `Bytes` the client returned, `copied` keeps an exact-size copy (what `cache/fetch.rs`
+//! keeps) — so the difference in RSS per body is what the received `Bytes` pin beyond their length.
 //!
 //! A third mode, `cache`, skips the network: it inserts exact-size bodies of the same length
 //! into the gateway's [`Cache`] as terminal entries and reports RSS per entry beyond the body —

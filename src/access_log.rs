@@ -45,7 +45,7 @@ pub struct AccessLine<'a> {
     pub path: &'a str,
     /// The answer's status.
     pub status: u16,
-    /// [`crate::outcome::Route::as_str`].
+    /// [`crate::routes::Route::label`].
     pub route: &'static str,
     /// [`crate::outcome::CacheOutcome::as_str`], `none` outside the cache.
     pub cache: &'static str,

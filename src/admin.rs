@@ -9,12 +9,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::body::Body;
 use crate::clients::bearer_token;
 use crate::error::dify_error_body;
 use crate::gateway::Gateway;
@@ -31,19 +31,19 @@ fn digest(s: &[u8]) -> [u8; 32] {
     Sha256::digest(s).into()
 }
 
-fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::Full(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     json(status, dify_error_body(code, message, status))
 }
 
-fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+fn not_allowed(allow: &'static str) -> Response<Body> {
     let mut r = error(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -54,7 +54,7 @@ fn not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
     r
 }
 
-fn to_json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
+fn to_json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
     match serde_json::to_vec(v) {
         Ok(b) => json(status, b),
         Err(_) => error(
@@ -88,7 +88,7 @@ impl Admin {
     }
 
     /// Answers one admin request.
-    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Full<Bytes>> {
+    pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Body> {
         let path = req.uri().path();
         let method = req.method();
         match (method, path) {
@@ -120,7 +120,7 @@ impl Admin {
         }
         match (method, path) {
             (&Method::GET, "/metrics") => {
-                let mut r = Response::new(Full::new(Bytes::from(self.gateway.metrics_text())));
+                let mut r = Response::new(Body::from(Bytes::from(self.gateway.metrics_text())));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static(

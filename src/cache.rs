@@ -17,24 +17,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
 use crate::metrics::{CacheMetrics, CauseLabel, ClassLabel};
 use crate::policy::EntryClass;
 use crate::run_id::RunId;
+use crate::upstream::{X_ENV, X_VERSION};
 
+pub mod fetch;
 mod terminal;
 mod transient;
 
 use terminal::TerminalStore;
 use transient::TransientStore;
 
-/// Which configured app an entry belongs to. Dify scopes runs to the key's app, so the app is
-/// part of every cache key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AppId(pub u32);
+/// Which configured app an entry belongs to (see [`crate::upstream::AppId`]).
+pub use crate::upstream::AppId;
 
 /// Identity of a cache entry: (app, canonical run id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +76,17 @@ pub struct KeptHeaders {
 }
 
 impl KeptHeaders {
+    /// The headers of an upstream answer the gateway keeps.
+    pub fn keep(h: &HeaderMap) -> KeptHeaders {
+        let keep = |name: &HeaderName| h.get(name).cloned();
+        KeptHeaders {
+            content_type: keep(&CONTENT_TYPE),
+            x_version: keep(&X_VERSION),
+            x_env: keep(&X_ENV),
+            retry_after: keep(&RETRY_AFTER),
+        }
+    }
+
     fn len(&self) -> usize {
         [
             &self.content_type,

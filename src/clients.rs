@@ -78,6 +78,16 @@ pub enum AuthFailure {
     Unknown,
 }
 
+impl AuthFailure {
+    /// Label for logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing_token",
+            AuthFailure::Unknown => "unknown_token",
+        }
+    }
+}
+
 /// The clients, looked up by token digest.
 #[derive(Debug, Default)]
 pub struct ClientTable {

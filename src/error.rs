@@ -8,7 +8,6 @@
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
-use http_body_util::Full;
 use serde::Serialize;
 
 /// A failure answered by the gateway itself (upstream error answers are passed through as
@@ -124,9 +123,9 @@ impl GatewayError {
         dify_error_body(self.as_str(), &self.to_string(), self.status())
     }
 
-    /// The full response.
-    pub fn to_response(&self) -> Response<Full<Bytes>> {
-        let mut resp = Response::new(Full::new(self.body()));
+    /// The full response, its body whole (the caller picks the body type that carries it).
+    pub fn to_response(&self) -> Response<Bytes> {
+        let mut resp = Response::new(self.body());
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

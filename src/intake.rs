@@ -1,12 +1,11 @@
-//! What of a request is settled before it is routed or let in: its path with repeated `/`
-//! merged, its framing, and the small body some clients send with a GET.
+//! What of a request is settled before it is served or let in: its framing, and the small body
+//! some clients send with a GET (its path is the router's, [`crate::routes`]).
 //!
 //! Invariant: a request body is read only to be dropped — it never reaches the upstream — and
 //! never past [`MAX_BODY_BYTES`] or its deadline; a request announcing `Transfer-Encoding` is
 //! refused without reading any of it, since hyper hides a `Content-Length` sent beside it and
 //! the two shapes cannot be told apart.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use bytes::Buf;
@@ -100,68 +99,12 @@ where
         .unwrap_or(Err(Refusal::TooSlow))
 }
 
-/// `path` with every run of `/` merged into one, as Dify's nginx does (`merge_slashes`), so a
-/// client that joins a base URL ending in `/` with `/workflows/...` is still routed. Only the
-/// byte `/` is touched: `%2F` and every other percent-encoded byte stay as sent.
-pub fn merge_slashes(path: &str) -> Cow<'_, str> {
-    if !path.contains("//") {
-        return Cow::Borrowed(path);
-    }
-    let mut merged = String::with_capacity(path.len());
-    let mut after_slash = false;
-    for c in path.chars() {
-        if c == '/' && after_slash {
-            continue;
-        }
-        after_slash = c == '/';
-        merged.push(c);
-    }
-    Cow::Owned(merged)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
     use http_body_util::{Full, StreamBody};
     use hyper::body::Frame;
-    use proptest::prelude::*;
-
-    #[test]
-    fn repeated_slashes_merge_and_nothing_else_changes() {
-        for (sent, routed) in [
-            ("/v1//workflows/run/x", "/v1/workflows/run/x"),
-            ("//v1///workflows//run//x", "/v1/workflows/run/x"),
-            ("/v1/workflows/run/x", "/v1/workflows/run/x"),
-            ("/", "/"),
-            ("//", "/"),
-            ("/v1/workflows/run/a%2F%2Fb", "/v1/workflows/run/a%2F%2Fb"),
-            ("/v1//a%2f/%2F//b", "/v1/a%2f/%2F/b"),
-            ("/%2e%2e//%2e%2e/x", "/%2e%2e/%2e%2e/x"),
-        ] {
-            assert_eq!(merge_slashes(sent), routed, "{sent}");
-        }
-        assert!(matches!(
-            merge_slashes("/v1/workflows/run/x"),
-            Cow::Borrowed(_)
-        ));
-    }
-
-    proptest! {
-        #[test]
-        fn merging_only_drops_repeated_slashes(path in "[/a-z%2F.]{0,40}") {
-            let merged = merge_slashes(&path);
-            prop_assert!(!merged.contains("//"));
-            // Same bytes once every `/` is taken out: nothing but slashes was dropped, so
-            // percent-encoded bytes (`%2F` included) are untouched.
-            prop_assert_eq!(merged.replace('/', ""), path.replace('/', ""));
-            // The same non-empty segments, in order.
-            let segments = |p: &str| p.split('/').filter(|s| !s.is_empty()).map(str::to_owned).collect::<Vec<_>>();
-            prop_assert_eq!(segments(&merged), segments(&path));
-            prop_assert_eq!(merged.starts_with('/'), path.starts_with('/'));
-            prop_assert_eq!(merge_slashes(&merged), merged.clone());
-        }
-    }
 
     #[test]
     fn transfer_encoding_is_refused_content_length_is_not() {

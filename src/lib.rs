@@ -6,7 +6,7 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod apps;
+pub mod body;
 pub mod cache;
 pub mod cli;
 pub mod clients;
@@ -26,13 +26,12 @@ pub mod policy;
 pub mod readiness;
 pub mod reload;
 pub mod request_id;
-pub mod resilience;
 pub mod rewrite;
+pub mod routes;
 mod run;
 pub mod run_id;
 pub mod server;
 pub mod shared;
-pub(crate) mod slots;
 pub mod sse;
 pub mod telemetry;
 pub mod tls;

@@ -14,7 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::outcome::{CacheOutcome, Route, UpstreamOutcome};
+use crate::outcome::{CacheOutcome, UpstreamOutcome};
+use crate::routes::Route;
 
 /// Labels of `dify_gateway_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -289,17 +290,17 @@ impl Metrics {
         }
     }
 
-    /// Counts one answered request.
+    /// Counts one answered request; `route` is `None` when no route had its path.
     pub fn request(
         &self,
-        route: Route,
+        route: Option<Route>,
         status: u16,
         cache: Option<CacheOutcome>,
         client: Option<ClientLabel<'_>>,
         elapsed: Duration,
     ) {
         let class = status_class(status);
-        if route == Route::RunDetail && class == "2xx" && cache == Some(CacheOutcome::Hit) {
+        if route == Some(Route::RunDetail) && class == "2xx" && cache == Some(CacheOutcome::Hit) {
             match client {
                 None => self.hot_hit.inc(),
                 Some(c) => c.hits.inc(),
@@ -310,7 +311,7 @@ impl Metrics {
         }
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.as_str(),
+                route: Route::label(route),
                 status_class: class,
                 cache: cache.map_or("none", CacheOutcome::as_str),
                 client: client.map_or(Cow::Borrowed("none"), |c| c.name.clone()),
@@ -391,7 +392,7 @@ mod tests {
     fn names_follow_conventions() {
         let m = Metrics::new();
         m.request(
-            Route::RunDetail,
+            Some(Route::RunDetail),
             200,
             Some(CacheOutcome::Hit),
             None,

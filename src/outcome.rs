@@ -39,24 +39,6 @@ impl CacheOutcome {
     }
 }
 
-/// Which route a request took (a bounded label for logs and metrics).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Route {
-    RunDetail,
-    Health,
-    Unknown,
-}
-
-impl Route {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::RunDetail => "run_detail",
-            Route::Health => "healthz",
-            Route::Unknown => "unknown",
-        }
-    }
-}
-
 /// What one upstream exchange came to (a bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum UpstreamOutcome {
@@ -101,16 +83,6 @@ impl UpstreamOutcome {
             429 => UpstreamOutcome::RateLimited,
             400..=499 => UpstreamOutcome::ClientError,
             _ => UpstreamOutcome::ServerError,
-        }
-    }
-
-    pub fn from_error(e: &crate::error::GatewayError) -> Self {
-        use crate::error::GatewayError as E;
-        match e {
-            E::UpstreamTimeout => UpstreamOutcome::Timeout,
-            E::UpstreamConnect => UpstreamOutcome::ConnectError,
-            E::UpstreamBodyTooLarge => UpstreamOutcome::BodyTooLarge,
-            _ => UpstreamOutcome::BadResponse,
         }
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::apps::App;
 use crate::metrics::{AppLabel, Metrics};
+use crate::upstream::App;
 
 /// What the last probe of an app found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,8 +184,7 @@ async fn probe_one(app: &App, slot: &Mutex<Probe>, metrics: &Metrics) {
             p.status = Some(code);
             let json = a
                 .headers
-                .content_type
-                .as_ref()
+                .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|t| t.trim_start().starts_with("application/json"));
             p.not_dify = code == 404 || (a.status.is_success() && !json);
@@ -248,7 +247,8 @@ mod tests {
 
     async fn report_for(base: &str) -> Report {
         let cfg = Config::for_upstream(base, "app-k").unwrap();
-        let app = Arc::new(App::new(AppId(0), &cfg.apps[0], &cfg.upstream).unwrap());
+        let gauge = prometheus_client::metrics::gauge::Gauge::default();
+        let app = Arc::new(App::new(AppId(0), &cfg.apps[0], &cfg.upstream, &gauge).unwrap());
         let r = Readiness::new(&[app], Duration::from_secs(60));
         r.probe_all(&Arc::new(Metrics::new())).await;
         r.report()

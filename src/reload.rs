@@ -13,10 +13,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::apps::App;
 use crate::config::{AppConfig, Config, ConfigError, KeySource};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::tls::TlsAcceptor;
+use crate::upstream::App;
 use crate::upstream::UpstreamSetupError;
 
 /// How a reload ended; the `result` label of `reloads_total`.

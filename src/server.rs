@@ -12,10 +12,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::admin::Admin;
+use crate::body::Body;
 use crate::config::ServerConfig;
 use crate::connections::{Admitted, CloseReason, Conn, Deadlines, Step, Table, Tracked};
 use crate::gateway::Gateway;
@@ -103,7 +102,7 @@ pub async fn serve<H, Fut>(
 ) -> Drain
 where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let builder = Arc::new(protocol(cfg));
     let deadlines = Deadlines::of(cfg);
@@ -193,7 +192,7 @@ async fn connection<H, Fut>(
     mut stop: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let conn = admitted.conn();
     let reason = match tls {
@@ -248,7 +247,7 @@ async fn drive<I, H, Fut>(
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<Body>> + Send + 'static,
 {
     let tracker = Arc::clone(conn);
     let svc = service_fn(move |req| {

@@ -2,9 +2,10 @@
 //! not in `Debug` output of config or gateway types.
 
 mod common;
+#[path = "common/logs.rs"]
+mod logs;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -12,30 +13,11 @@ use dify_gateway::access_log::AccessLog;
 use dify_gateway::config::LogFormat;
 use dify_gateway::mock::Reply;
 use http::{Method, StatusCode};
-
-/// Collects every log line written, at TRACE level.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use logs::Captured;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_never_appears_in_responses_logs_or_debug_output() {
-    let logs = Captured::default();
-    let sink = logs.clone();
-    tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .init();
+    let logs = Captured::install(tracing::Level::TRACE);
 
     let up = spawn_upstream().await;
     let ok = new_run();

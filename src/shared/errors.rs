@@ -1,12 +1,18 @@
 //! What can go wrong with the shared tier, how often it did, and how loudly it is said.
 //!
-//! Invariant: every failed shared-tier call is counted under exactly one [`SharedError`] and is
+//! Invariant: every failed shared-tier call is counted under exactly one [`SharedError`], when
+//! it fails (in `shared_tier_errors_total` too when the tier was given that family), and is
 //! answered to the caller as a miss or `Unavailable`, never as a request failure; a warning is
 //! logged at most once per [`WARN_EVERY`] per error kind, however many requests fail.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::ReasonLabel;
 
 /// Least time between two warnings of one kind; the ones in between are counted and the count is
 /// reported with the next warning.
@@ -118,6 +124,8 @@ pub(crate) struct Health {
     last_warn_ms: [AtomicU64; 5],
     /// Per kind: failures not warned about since the last warning.
     suppressed: [AtomicU64; 5],
+    /// The exported counters, by `reason` (a series appears with its first failure).
+    exported: Family<ReasonLabel, Counter>,
 }
 
 /// A process-wide monotonic origin for the rate limiter's timestamps.
@@ -127,11 +135,22 @@ fn epoch() -> Instant {
 }
 
 impl Health {
+    /// Counters that also count into `exported`.
+    pub(crate) fn exported_to(exported: Family<ReasonLabel, Counter>) -> Health {
+        Health {
+            exported,
+            ..Health::default()
+        }
+    }
+
     /// Counts one failure of `op` and warns if this kind has not been warned about lately.
     /// `detail` must not carry a key, a password or a URL.
     pub(crate) fn fail(&self, op: &'static str, e: SharedError, detail: &dyn std::fmt::Display) {
         let i = e.index();
         self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.exported
+            .get_or_create(&ReasonLabel { reason: e.as_str() })
+            .inc();
         let now = epoch().elapsed().as_millis() as u64 + 1;
         let last = self.last_warn_ms[i].load(Ordering::Relaxed);
         let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
@@ -202,5 +221,21 @@ mod tests {
             99
         );
         assert_eq!(h.stats().timeout, 100);
+    }
+
+    #[test]
+    fn failures_are_exported_as_they_happen() {
+        let family = Family::<ReasonLabel, Counter>::default();
+        let h = Health::exported_to(family.clone());
+        h.fail("test", SharedError::Connection, &"x");
+        h.fail("test", SharedError::Connection, &"x");
+        let count = |e: SharedError| {
+            family
+                .get_or_create(&ReasonLabel { reason: e.as_str() })
+                .get()
+        };
+        assert_eq!(count(SharedError::Connection), 2);
+        assert_eq!(count(SharedError::Timeout), 0);
+        assert_eq!(h.stats().connection, 2);
     }
 }

@@ -30,11 +30,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use redis::Value;
 use tokio::task::JoinHandle;
 
 use crate::cache::Stored;
 use crate::config::SharedConfig;
+use crate::metrics::ReasonLabel;
 use crate::run_id::RunId;
 
 pub use codec::{decode, decode_at, encode, unix_ms_now, DecodeError, EncodeError};
@@ -103,9 +106,20 @@ impl SharedTier {
     /// # Panics
     /// Outside a Tokio runtime (it spawns the subscriber task).
     pub fn new(config: SharedConfig) -> Result<SharedTier, SharedConfigError> {
+        SharedTier::counted(config, &Family::default())
+    }
+
+    /// [`SharedTier::new`], counting each failed call in `errors` (by `reason`) as it fails.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (it spawns the subscriber task).
+    pub fn counted(
+        config: SharedConfig,
+        errors: &Family<ReasonLabel, Counter>,
+    ) -> Result<SharedTier, SharedConfigError> {
         let conn = Conn::open(&config)?;
         let clients = conn::pubsub_clients(&config)?;
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health::exported_to(errors.clone()));
         let registry = Arc::new(Registry::default());
         let channel = keys::done_channel(&config.key_prefix);
         let subscriber = tokio::spawn(notify::subscribe_forever(

@@ -11,13 +11,19 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Uri};
+use prometheus_client::metrics::gauge::Gauge;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
-use crate::cache::AppId;
 use crate::config::{AppConfig, KeySource, UpstreamConfig};
-use crate::resilience::CircuitBreaker;
-use crate::upstream::{authorization, Upstream, UpstreamSetupError};
+
+use super::breaker::CircuitBreaker;
+use super::{authorization, Upstream, UpstreamSetupError};
+
+/// Which configured app: its index in the app table. Dify scopes runs to the key's app, so the
+/// app is part of every cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppId(pub u32);
 
 /// One configured app.
 #[derive(Debug)]
@@ -40,11 +46,13 @@ pub struct App {
 }
 
 impl App {
-    /// Builds an app from its settings and the shared upstream settings.
+    /// Builds an app from its settings and the shared upstream settings; its breaker counts
+    /// itself in `circuit_open` while open.
     pub fn new(
         id: AppId,
         app: &AppConfig,
         cfg: &UpstreamConfig,
+        circuit_open: &Gauge,
     ) -> Result<App, UpstreamSetupError> {
         Ok(App {
             id,
@@ -53,7 +61,11 @@ impl App {
             base_url: app.base_url.clone(),
             key_source: app.key_source.clone(),
             upstream: Upstream::new(cfg, app)?,
-            breaker: CircuitBreaker::new(cfg.circuit_failure_threshold, cfg.circuit_cooldown),
+            breaker: CircuitBreaker::new(
+                cfg.circuit_failure_threshold,
+                cfg.circuit_cooldown,
+                circuit_open.clone(),
+            ),
         })
     }
 

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, SemaphorePermit};
 
-use crate::cache::AppId;
 use crate::config::UpstreamConfig;
 use crate::metrics::RejectReason;
+
+use super::AppId;
 
 /// The slots `share` (a fraction in (0, 1]) of `max_concurrent` makes: rounded up, at least 1.
 pub fn share_slots(max_concurrent: usize, share: f64) -> usize {

@@ -1,0 +1,307 @@
+//! The fetch behind a miss: one per (app, run) at a time, from the shared tier when it has the
+//! answer, else from the upstream; what it brings back is kept as the policy says.
+//!
+//! Invariant: a fetch for a key starts only when the cache has no live entry for it and no fetch
+//! for it is in flight (the [`SingleFlight`] re-checks the cache under its lock); what the fetch
+//! brings back is in the cache before the flight's waiters are woken. With a shared tier the
+//! fetch follows its protocol (see [`crate::shared`]): get → lock → upstream → put → notify →
+//! release; every shared-tier failure falls back to the upstream, so Redis down is not an
+//! outage. Purges go to both tiers.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+
+use crate::clients::Client;
+use crate::error::GatewayError;
+use crate::flight::{FlightLost, Role, SingleFlight};
+use crate::metrics::Metrics;
+use crate::policy::{Decision, Policy};
+use crate::run_id::RunId;
+use crate::shared::{LockResult, Lookup, PutOutcome, SharedTier, WaitOutcome};
+use crate::upstream::{App, UpstreamAnswer, UpstreamError, Upstreams};
+
+use super::{Cache, CacheKey, KeptHeaders, Stored};
+
+/// The result of one shared upstream fetch, as every waiter sees it.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The answer (kept or not), or the gateway's error.
+    pub result: Result<Arc<Stored>, GatewayError>,
+    /// Upstream status, when an answer came back.
+    pub upstream_status: Option<StatusCode>,
+    /// Time the upstream exchange took.
+    pub upstream_elapsed: Duration,
+}
+
+/// What a flight yields: a fresh fetch, or an entry found without one (the re-check under the
+/// flight lock found that a flight for the key had just landed, or another replica had put the
+/// answer in the shared tier).
+#[derive(Debug, Clone)]
+pub enum FlightValue {
+    Fetched(Arc<Fetched>),
+    Cached(Arc<Stored>),
+}
+
+/// The fetches behind misses, and what they fill.
+pub struct Fetch {
+    /// The in-process cache the fetches fill (a handle on the same stores the hit path reads).
+    cache: Cache,
+    /// What of an answer is kept, and for how long.
+    policy: Policy,
+    /// Fetches in flight, one per key.
+    flights: Arc<SingleFlight<CacheKey, FlightValue>>,
+    /// The Redis/Valkey tier shared with other replicas, when configured.
+    shared: Option<SharedTier>,
+    /// Where a run comes from when no tier has it.
+    upstreams: Arc<Upstreams>,
+    /// The kept headers of the last upstream answer, shared by entries whose headers match.
+    last_headers: Mutex<Option<Arc<KeptHeaders>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Fetch {
+    pub fn new(
+        cache: Cache,
+        policy: Policy,
+        shared: Option<SharedTier>,
+        upstreams: Arc<Upstreams>,
+        metrics: Arc<Metrics>,
+    ) -> Fetch {
+        Fetch {
+            cache,
+            policy,
+            flights: Arc::default(),
+            shared,
+            upstreams,
+            last_headers: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    /// Joins the fetch of `run` for `app` in flight, or starts it. A fetch this request starts
+    /// is charged to `leader`'s share of upstream slots and runs on its own task, so it
+    /// finishes for the others even if this request goes away.
+    pub async fn run(
+        self: &Arc<Self>,
+        app: &Arc<App>,
+        run: RunId,
+        rid: &HeaderValue,
+        leader: Option<&Arc<Client>>,
+    ) -> Result<(FlightValue, Role), FlightLost> {
+        let key = CacheKey { app: app.id, run };
+        let me = Arc::clone(self);
+        let app = Arc::clone(app);
+        let rid = rid.clone();
+        let leader = leader.cloned();
+        self.flights
+            .run(
+                key,
+                || self.cache.get(&key).map(FlightValue::Cached),
+                move || me.fetch(app, key, rid, leader),
+            )
+            .await
+    }
+
+    /// Fetches in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// The fetch behind a flight: the shared tier first (when configured), under its
+    /// fleet-wide lock the upstream, then the shared tier is filled for the other replicas.
+    async fn fetch(
+        self: Arc<Self>,
+        app: Arc<App>,
+        key: CacheKey,
+        rid: HeaderValue,
+        leader: Option<Arc<Client>>,
+    ) -> FlightValue {
+        let leader = leader.as_deref();
+        let Some(shared) = self.shared.clone() else {
+            return self.fetch_upstream(&app, key, &rid, leader).await.0;
+        };
+        // One tag for the whole fetch, even if the key rotates meanwhile.
+        let tag = app.tag();
+        match shared.get(&tag, key.run).await {
+            Lookup::Hit(stored) => return self.warm_from_shared(key, stored),
+            // Redis is not answering: do not spend more timeouts on the lock.
+            Lookup::Unavailable => return self.fetch_upstream(&app, key, &rid, leader).await.0,
+            Lookup::Miss => {}
+        }
+        match shared.try_lock(&tag, key.run).await {
+            LockResult::Acquired(token) => {
+                let (value, kept) = self.fetch_upstream(&app, key, &rid, leader).await;
+                let put = match kept {
+                    Some(stored) => shared.put(&tag, key.run, &stored).await,
+                    None => PutOutcome::NotKept,
+                };
+                let notify = shared
+                    .notify_done(&tag, key.run, put == PutOutcome::Written)
+                    .await;
+                let release = shared.release(token).await;
+                tracing::debug!(
+                    target: "shared", request_id = ?rid, run = %key.run, put = put.as_str(),
+                    notify = notify.as_str(), release = release.as_str(),
+                    "shared fetch done"
+                );
+                value
+            }
+            LockResult::Held => {
+                let wait = shared.config().wait_timeout;
+                let waited = shared.wait(&tag, key.run, wait).await;
+                if let WaitOutcome::Notified { stored: true } = waited {
+                    if let Lookup::Hit(stored) = shared.get(&tag, key.run).await {
+                        return self.warm_from_shared(key, stored);
+                    }
+                }
+                // The holder failed, crashed or took too long: fetch ourselves.
+                tracing::debug!(
+                    target: "shared", request_id = ?rid, run = %key.run, wait = waited.as_str(),
+                    "shared fetch lock held elsewhere; fetching without it"
+                );
+                self.fetch_upstream(&app, key, &rid, leader).await.0
+            }
+            LockResult::Unavailable => self.fetch_upstream(&app, key, &rid, leader).await.0,
+        }
+    }
+
+    /// An entry another replica fetched: warm the in-process cache with it.
+    fn warm_from_shared(&self, key: CacheKey, stored: Arc<Stored>) -> FlightValue {
+        self.metrics.shared_tier_hits.inc();
+        self.cache.insert(key, Arc::clone(&stored));
+        FlightValue::Cached(stored)
+    }
+
+    /// One upstream fetch, the policy's decision, the in-process cache insert. Returns the
+    /// flight's value and the entry when it was kept.
+    async fn fetch_upstream(
+        &self,
+        app: &App,
+        key: CacheKey,
+        rid: &HeaderValue,
+        leader: Option<&Client>,
+    ) -> (FlightValue, Option<Arc<Stored>>) {
+        let t = Instant::now();
+        let share = leader.and_then(|c| c.upstream_share.as_ref());
+        let r = self.upstreams.fetch_run(app, key.run, rid, share).await;
+        let upstream_elapsed = t.elapsed();
+        let fetched = match r {
+            Ok(a) => {
+                let stored = self.keep(a, key, rid);
+                self.cache.insert(key, Arc::clone(&stored));
+                Fetched {
+                    upstream_status: Some(stored.status),
+                    result: Ok(stored),
+                    upstream_elapsed,
+                }
+            }
+            Err(e) => {
+                log_failure(&e, app, key, rid);
+                Fetched {
+                    result: Err(e.into()),
+                    upstream_status: None,
+                    upstream_elapsed,
+                }
+            }
+        };
+        let kept = match &fetched.result {
+            Ok(s) if s.class.is_some() => Some(Arc::clone(s)),
+            _ => None,
+        };
+        (FlightValue::Fetched(Arc::new(fetched)), kept)
+    }
+
+    /// The entry an answer makes: classed as the policy decides (or not kept), with the headers
+    /// the cache keeps.
+    fn keep(&self, a: UpstreamAnswer, key: CacheKey, rid: &HeaderValue) -> Arc<Stored> {
+        let (class, ttl) = match self.policy.decide(a.status, &a.body) {
+            Decision::Keep { class, ttl } => (Some(class), ttl),
+            Decision::Pass(why) => {
+                tracing::debug!(request_id = ?rid, run = %key.run, status = a.status.as_u16(), reason = why.as_str(), "answer not kept");
+                (None, None)
+            }
+        };
+        // A kept body is copied out of the connection's read buffer: as received it is a slice
+        // that would keep the whole (much larger) buffer alive in the cache.
+        let body = if class.is_some() {
+            Bytes::copy_from_slice(&a.body)
+        } else {
+            a.body
+        };
+        Arc::new(Stored {
+            status: a.status,
+            headers: self.intern_headers(KeptHeaders::keep(&a.headers)),
+            body,
+            class,
+            ttl,
+            fetched_at: Instant::now(),
+        })
+    }
+
+    /// The shared instance of `h` when it equals the last headers seen.
+    fn intern_headers(&self, h: KeptHeaders) -> Arc<KeptHeaders> {
+        let mut last = self
+            .last_headers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &*last {
+            Some(l) if **l == h => Arc::clone(l),
+            _ => {
+                let a = Arc::new(h);
+                *last = Some(Arc::clone(&a));
+                a
+            }
+        }
+    }
+
+    /// Drops `run` of each of `apps` from both tiers; returns how many in-process entries there
+    /// were, at least 1 when the shared tier held one.
+    pub async fn purge_run(&self, apps: &[&Arc<App>], run: RunId) -> u64 {
+        let mut n = 0;
+        for a in apps {
+            let key = CacheKey { app: a.id, run };
+            if self.cache.lookup(&key).is_some() {
+                n += 1;
+            }
+            self.cache.remove(&key);
+            if let Some(shared) = &self.shared {
+                if let Ok(true) = shared.purge(&a.tag(), run).await {
+                    n = n.max(1);
+                }
+            }
+        }
+        n
+    }
+
+    /// Drops every entry of both tiers; returns how many the larger one held.
+    pub async fn purge_all(&self) -> u64 {
+        let mut n = self.cache.stats().entries;
+        if let Some(shared) = &self.shared {
+            if let Ok(m) = shared.purge_all().await {
+                n = n.max(m);
+            }
+        }
+        self.cache.clear();
+        // Run the invalidation now so gauges and the next stats call reflect it.
+        self.cache.stats();
+        n
+    }
+}
+
+/// Logs a fetch that brought no answer.
+fn log_failure(e: &UpstreamError, app: &App, key: CacheKey, rid: &HeaderValue) {
+    let code = GatewayError::from(*e).as_str();
+    match e {
+        // Refusals of the gateway's own making are counted in metrics; logging each one would
+        // flood the log exactly when the upstream is down.
+        UpstreamError::CircuitOpen { .. } | UpstreamError::Overloaded => {
+            tracing::debug!(request_id = ?rid, app = %app.name, run = %key.run, error = code, "upstream fetch refused");
+        }
+        _ => {
+            tracing::warn!(request_id = ?rid, app = %app.name, run = %key.run, error = code, detail = %e, "upstream fetch failed");
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `GET /v1/workflows/run/{id}`: a run's detail, from the cache when it holds a fresh answer,
+//! else from the one fetch for it ([`crate::cache::fetch`]), else — when that refresh fails — the
+//! last answer kept for stale-if-error.
+//!
+//! Invariant: every answer carries `X-Cache` with its [`CacheOutcome`], and `Age` when it comes
+//! from the cache; an upstream answer is served with its status, its kept headers and its body
+//! bytes as received.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue, AGE, CONTENT_TYPE, RETRY_AFTER, WARNING};
+use http::{Response, StatusCode};
+
+use crate::body::Body;
+use crate::cache::fetch::{Fetch, Fetched, FlightValue};
+use crate::cache::{Cache, CacheKey, KeptHeaders, Stored};
+use crate::clients::Client;
+use crate::error::GatewayError;
+use crate::flight::Role;
+use crate::metrics::Metrics;
+use crate::outcome::CacheOutcome;
+use crate::run_id::RunId;
+use crate::upstream::{App, X_ENV, X_VERSION};
+
+/// `X-Cache` response header.
+pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+
+/// What serving a run came to, for the access log and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Served {
+    pub cache: CacheOutcome,
+    /// The `code` of the gateway's own error answer, when it gave one.
+    pub error: Option<&'static str>,
+    /// Upstream status, when the answer came from a fetch that got one.
+    pub upstream_status: Option<StatusCode>,
+    /// Time of the upstream exchange, when this request started the fetch.
+    pub upstream_elapsed: Option<Duration>,
+}
+
+impl Served {
+    fn by(cache: CacheOutcome) -> Served {
+        Served {
+            cache,
+            error: None,
+            upstream_status: None,
+            upstream_elapsed: None,
+        }
+    }
+}
+
+/// The run-detail route's state: the cache it reads and the fetch that fills it.
+pub struct RunDetail {
+    cache: Cache,
+    fetch: Arc<Fetch>,
+    metrics: Arc<Metrics>,
+}
+
+impl RunDetail {
+    pub fn new(cache: Cache, fetch: Arc<Fetch>, metrics: Arc<Metrics>) -> RunDetail {
+        RunDetail {
+            cache,
+            fetch,
+            metrics,
+        }
+    }
+
+    /// The cache this route reads (for operations).
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// The fetches behind its misses (for operations).
+    pub fn fetch(&self) -> &Fetch {
+        &self.fetch
+    }
+
+    /// Answers a request for `run` of `app`; a fetch it starts is charged to `client`.
+    pub async fn serve(
+        &self,
+        app: &Arc<App>,
+        run: RunId,
+        rid: &HeaderValue,
+        client: Option<&Arc<Client>>,
+    ) -> (Response<Body>, Served) {
+        let key = CacheKey { app: app.id, run };
+        let stale = match self.cache.lookup(&key) {
+            Some(found) if found.fresh => {
+                return (
+                    answer(found.stored, CacheOutcome::Hit),
+                    Served::by(CacheOutcome::Hit),
+                )
+            }
+            Some(found) => Some(found.stored),
+            None => None,
+        };
+        let (fetched, role) = match self.fetch.run(app, run, rid, client).await {
+            Ok((FlightValue::Fetched(f), role)) => (f, role),
+            Ok((FlightValue::Cached(hit), _)) => {
+                return (
+                    answer(hit, CacheOutcome::Hit),
+                    Served::by(CacheOutcome::Hit),
+                )
+            }
+            Err(_) => {
+                let e = GatewayError::Internal;
+                let served = Served {
+                    error: Some(e.as_str()),
+                    ..Served::by(CacheOutcome::Miss)
+                };
+                return (error(&e, CacheOutcome::Miss), served);
+            }
+        };
+        let outcome = match role {
+            Role::Leader => CacheOutcome::Miss,
+            Role::Follower | Role::Rechecked => CacheOutcome::Coalesced,
+        };
+        let mut served = Served {
+            cache: outcome,
+            error: None,
+            upstream_status: fetched.upstream_status,
+            upstream_elapsed: (role == Role::Leader).then_some(fetched.upstream_elapsed),
+        };
+        if let Some(old) = stale.filter(|_| refresh_failed(&fetched)) {
+            served.cache = CacheOutcome::Stale;
+            self.metrics.stale_served.inc();
+            let mut resp = answer(old, CacheOutcome::Stale);
+            resp.headers_mut().insert(
+                WARNING,
+                HeaderValue::from_static("111 dify-gateway \"Revalidation Failed\""),
+            );
+            return (resp, served);
+        }
+        let resp = match &fetched.result {
+            Ok(stored) => answer(Arc::clone(stored), outcome),
+            Err(e) => {
+                served.error = Some(e.as_str());
+                error(e, outcome)
+            }
+        };
+        (resp, served)
+    }
+}
+
+/// Did a refresh fail in a way that makes a stale answer better than the failure? Transport
+/// errors, the gateway's own refusals (overload, circuit open), 429 and 5xx do; an answer the
+/// upstream gave deliberately (200, 404, 401, 403) does not.
+fn refresh_failed(f: &Fetched) -> bool {
+    match &f.result {
+        Ok(s) => s.status == StatusCode::TOO_MANY_REQUESTS || s.status.is_server_error(),
+        Err(_) => true,
+    }
+}
+
+/// Builds the client's response from a stored answer: the bytes as received (lent by the
+/// entry), the kept headers, `X-Cache`, and `Age` when served from the cache.
+fn answer(s: Arc<Stored>, outcome: CacheOutcome) -> Response<Body> {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = s.status;
+    let h = resp.headers_mut();
+    h.reserve(6);
+    let KeptHeaders {
+        content_type,
+        x_version,
+        x_env,
+        retry_after,
+    } = &*s.headers;
+    if let Some(v) = content_type {
+        h.insert(CONTENT_TYPE, v.clone());
+    }
+    if let Some(v) = x_version {
+        h.insert(X_VERSION.clone(), v.clone());
+    }
+    if let Some(v) = x_env {
+        h.insert(X_ENV.clone(), v.clone());
+    }
+    if let Some(v) = retry_after {
+        h.insert(RETRY_AFTER, v.clone());
+    }
+    h.insert(X_CACHE.clone(), outcome.header());
+    if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Stale) {
+        h.insert(AGE, age_header(s.fetched_at.elapsed().as_secs()));
+    }
+    // The entry itself becomes the body: its bytes are lent when the body is sent.
+    *resp.body_mut() = Body::Entry(s);
+    resp
+}
+
+/// The gateway's own error answer, with `X-Cache`.
+fn error(e: &GatewayError, outcome: CacheOutcome) -> Response<Body> {
+    let mut resp = e.to_response().map(Body::Full);
+    resp.headers_mut().insert(X_CACHE.clone(), outcome.header());
+    resp
+}
+
+/// `Age` values for the first minute, so most hits build the header without allocating.
+static SMALL_AGES: [&str; 60] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    "17", "18", "19", "20", "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31", "32",
+    "33", "34", "35", "36", "37", "38", "39", "40", "41", "42", "43", "44", "45", "46", "47", "48",
+    "49", "50", "51", "52", "53", "54", "55", "56", "57", "58", "59",
+];
+
+fn age_header(secs: u64) -> HeaderValue {
+    match SMALL_AGES.get(secs as usize) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(secs),
+    }
+}
