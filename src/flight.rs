@@ -78,6 +78,7 @@ where
     }
 
     /// True when nothing is in flight.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

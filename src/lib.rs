@@ -5,8 +5,8 @@
 //! the integration tests call the same [`run()`] (or its two steps, [`Prepared`]).
 
 pub mod access_log;
-pub mod admin;
-pub mod body;
+mod admin;
+mod body;
 pub mod cache;
 pub mod cli;
 pub mod clients;
@@ -14,20 +14,20 @@ pub mod config;
 mod connections;
 #[cfg(feature = "mock")]
 pub mod demo;
-pub mod error;
-pub mod flight;
-pub mod gateway;
+mod error;
+mod flight;
+mod gateway;
 pub mod intake;
 pub mod metrics;
 #[cfg(feature = "mock")]
 pub mod mock;
-pub mod outcome;
+mod outcome;
 pub mod policy;
-pub mod readiness;
+mod readiness;
 pub mod reload;
-pub mod request_id;
+mod request_id;
 pub mod rewrite;
-pub mod routes;
+mod routes;
 mod run;
 pub mod run_id;
 pub mod server;
