@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use common::*;
 use dify_gateway::clients::{generate_token, token_sha256_hex};
-use dify_gateway::config::{Overrides, RawConfig};
 use dify_gateway::mock::{MockDify, Reply};
 use http::{Method, StatusCode};
 use tokio::task::JoinSet;
@@ -122,22 +121,13 @@ async fn a_flooding_app_gets_the_503s_and_another_app_still_gets_a_slot() {
         alpha.base_url(),
         beta.base_url()
     );
-    let config = RawConfig::from_toml(&toml)
-        .unwrap()
-        .validate(
-            &Overrides {
-                listen: Some("127.0.0.1:0".into()),
-                admin_listen: Some("127.0.0.1:0".into()),
-                ..Overrides::default()
-            },
-            None,
-            &|n| match n {
-                "KEY_ALPHA" => Some("app-alpha-key-111".into()),
-                "KEY_BETA" => Some("app-beta-key-222".into()),
-                _ => None,
-            },
-        )
-        .unwrap();
+    let config = config_with_env(
+        &toml,
+        &[
+            ("KEY_ALPHA", "app-alpha-key-111"),
+            ("KEY_BETA", "app-beta-key-222"),
+        ],
+    );
     let gw = spawn_gateway(config).await;
 
     let mut alpha_flood = JoinSet::new();
