@@ -18,6 +18,7 @@ mod detail;
 mod events;
 mod files;
 mod json;
+mod play;
 mod record;
 mod reply;
 mod route;

@@ -15,8 +15,9 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::json::{self, Obj};
+use super::play;
 use super::reply::{self, DEFAULT_WORKFLOW_ID};
-use super::runs::{self, Run};
+use super::runs::Run;
 use super::stream::{self, StreamKind};
 use super::{events, lock, required_user, Answer, Call, State};
 
@@ -48,13 +49,13 @@ pub(super) async fn start(st: &Arc<State>, workflow: Option<&str>, call: Call) -
     st.users.meet(&user);
     let (run, script) = st.runs.create(&workflow_id, &user, inputs);
     if !streaming {
-        runs::produce(st, &run, &script, None).await;
+        play::produce(st, &run, &script, None).await;
         return Ok(reply::ok(events::blocking(&run)));
     }
     let (tx, body) = Channel::new(1);
     let resp = stream::sse(&st.streams, StreamKind::Run, &run.id, body);
     let st = Arc::clone(st);
-    tokio::spawn(async move { runs::produce(&st, &run, &script, Some(tx)).await });
+    tokio::spawn(async move { play::produce(&st, &run, &script, Some(tx)).await });
     Ok(resp)
 }
 
