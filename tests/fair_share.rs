@@ -73,16 +73,7 @@ async fn a_flooding_client_gets_the_503s_and_another_client_still_gets_a_slot() 
     assert_eq!(rejected(&gw, "overload"), 0);
 
     // B's cold fetch finds one of the 4 global slots A could not take.
-    let id = new_run();
-    up.set(&id, Reply::run(&id, "\"succeeded\""));
-    let got = request(
-        &client(),
-        Method::GET,
-        &gw.run_url(&id),
-        &[("authorization", &b)],
-    )
-    .await;
-    assert_eq!((got.status, got.x_cache()), (StatusCode::OK, "MISS"));
+    cold_fetch_is_served(&gw, &up, &b).await;
     assert_eq!(up.total(), 5);
 
     // A fetch is charged to its leader: A, at its share, joins B's fetch and is answered.
@@ -142,15 +133,20 @@ async fn a_flooding_app_gets_the_503s_and_another_app_still_gets_a_slot() {
     assert_eq!(rejected(&gw, "overload_app"), 16);
     assert_eq!(alpha.total(), 4);
 
+    cold_fetch_is_served(&gw, &beta, &b).await;
+    assert_eq!(beta.total(), 1);
+}
+
+/// A fresh terminal run asked with `token` is fetched (`MISS`) and answered 200.
+async fn cold_fetch_is_served(gw: &TestGateway, up: &MockDify, token: &str) {
     let id = new_run();
-    beta.set(&id, Reply::run(&id, "\"succeeded\""));
+    up.set(&id, Reply::run(&id, "\"succeeded\""));
     let got = request(
         &client(),
         Method::GET,
         &gw.run_url(&id),
-        &[("authorization", &b)],
+        &[("authorization", token)],
     )
     .await;
     assert_eq!((got.status, got.x_cache()), (StatusCode::OK, "MISS"));
-    assert_eq!(beta.total(), 1);
 }
