@@ -22,6 +22,7 @@ mod log;
 mod position;
 mod server;
 mod shared;
+mod stream;
 mod upstream;
 #[cfg(test)]
 mod validation_tests;
@@ -44,6 +45,7 @@ pub use shared::{
     RawShared, SharedConfig, Urls, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_LOCK_TTL,
     DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_KEY_PREFIX,
 };
+pub use stream::{RawStream, StreamConfig, DEFAULT_HEARTBEAT, DEFAULT_STREAM_IDLE_TIMEOUT};
 pub use upstream::{
     RawUpstream, RetrySettings, UpstreamConfig, DEFAULT_MAX_SHARE_PER_APP,
     DEFAULT_MAX_SHARE_PER_CLIENT, DEFAULT_UPSTREAM,
@@ -69,6 +71,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub clients: Vec<RawClient>,
     pub shared: Option<RawShared>,
+    #[serde(default)]
+    pub stream: RawStream,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -89,6 +93,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// The Redis/Valkey tier shared by replicas; `None` keeps everything in-process.
     pub shared: Option<SharedConfig>,
+    /// Event streams: heartbeats and the upstream silence allowed.
+    pub stream: StreamConfig,
 }
 
 impl RawConfig {
@@ -137,6 +143,7 @@ impl RawConfig {
         let log = self.log.validate(&ctx)?;
         let admin = self.admin.validate(&ctx)?;
         let shared = shared::validate(self.shared, &ctx)?;
+        let stream = self.stream.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -146,6 +153,7 @@ impl RawConfig {
             apps,
             clients,
             shared,
+            stream,
         })
     }
 }
