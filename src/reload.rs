@@ -243,16 +243,43 @@ pub fn with_tls(
     }
 }
 
-/// The sections a reload does not apply, by name, as `Debug` text (which never shows a secret).
+/// The sections a reload does not apply, by name, as `Debug` text (which never shows a secret)
+/// followed, for sections that hold one, by a digest of the secret: a change of only the admin
+/// token or only a Redis password is still a change. The text is compared, never shown.
 fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
+    use secrecy::ExposeSecret;
+    let admin_token = c.admin.token.as_ref().map(|t| t.expose_secret());
+    let shared_urls = c
+        .shared
+        .iter()
+        .flat_map(|s| s.urls.iter().map(String::as_str));
     vec![
         ("server", format!("{:?}", c.server)),
         ("upstream", format!("{:?}", c.upstream)),
         ("cache", format!("{:?}", c.cache)),
         ("log", format!("{:?}", c.log)),
-        ("admin", format!("{:?}", c.admin)),
-        ("shared", format!("{:?}", c.shared)),
+        (
+            "admin",
+            format!("{:?} {}", c.admin, secret_digest(admin_token.into_iter())),
+        ),
+        (
+            "shared",
+            format!("{:?} {}", c.shared, secret_digest(shared_urls)),
+        ),
+        ("stream", format!("{:?}", c.stream)),
     ]
+}
+
+/// SHA-256 of `parts`, each length-prefixed, in hex: equal for equal secrets, and nothing of a
+/// secret can be read back from it.
+fn secret_digest<'a>(parts: impl Iterator<Item = &'a str>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    format!("{:x}", h.finalize())
 }
 
 /// `Err` with what changed when `new` does not name the same apps as `running`, in the same
@@ -304,5 +331,34 @@ mod tests {
         let words: std::collections::HashSet<_> =
             ReloadResult::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(words.len(), ReloadResult::ALL.len());
+    }
+
+    fn config(toml: &str, admin_token: &str) -> Config {
+        let token = admin_token.to_owned();
+        crate::config::RawConfig::from_toml(toml)
+            .unwrap()
+            .validate(
+                &crate::config::Overrides::default(),
+                None,
+                &move |name| match name {
+                    crate::config::API_KEY_ENV => Some("app-reloadtestkey".to_owned()),
+                    crate::config::ADMIN_TOKEN_ENV => Some(token.clone()),
+                    _ => None,
+                },
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn a_change_of_only_a_secret_needs_a_restart() {
+        let metrics = Metrics::new();
+        let shared = |pw: &str| format!("[shared]\nurls = [\"redis://:{pw}@127.0.0.1:6379\"]\n");
+        let running = config(&shared("first-password"), "admin-token-number-one");
+        let log = ReloadLog::new(&running, &metrics);
+        assert!(log.needs_restart(&running).is_empty());
+        let new_password = config(&shared("second-password"), "admin-token-number-one");
+        assert_eq!(log.needs_restart(&new_password), vec!["shared"]);
+        let new_token = config(&shared("first-password"), "admin-token-number-two");
+        assert_eq!(log.needs_restart(&new_token), vec!["admin"]);
     }
 }
