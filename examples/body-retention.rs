@@ -85,7 +85,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Warm the connection pool and the allocator before the baseline.
     for i in 0..CONCURRENCY {
         upstream
-            .fetch_run(id(1 << 40 | i), None, upstream.deadline())
+            .fetch_run(
+                id(1 << 40 | i),
+                None,
+                upstream.deadline(),
+                &upstream.credentials(),
+            )
             .await?;
     }
     let before = rss_kb();
@@ -96,7 +101,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let batch: Vec<_> = (next..(next + CONCURRENCY).min(count))
             .map(|i| {
                 let up = upstream.clone();
-                tokio::spawn(async move { up.fetch_run(id(i), None, up.deadline()).await })
+                tokio::spawn(async move {
+                    up.fetch_run(id(i), None, up.deadline(), &up.credentials())
+                        .await
+                })
             })
             .collect();
         for t in batch {

@@ -309,3 +309,61 @@ async fn reload_requests_reread_the_file_and_probe_a_rotated_key_at_once() {
     assert_eq!(reloads_counted(&c, &gw, "invalid_config").await, "1");
     assert_eq!(reloads_counted(&c, &gw, "ok").await, "1");
 }
+
+/// A fetch loads its key once: when the key rotates between its attempts, the retry still
+/// carries the key (and so the shared-tier tag) the fetch started with.
+#[tokio::test]
+async fn a_retry_after_a_rotation_carries_the_key_its_fetch_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("dify-key");
+    std::fs::write(&key_file, format!("{OLD_KEY}\n")).unwrap();
+    let up = MockDify::start(OLD_KEY).await.unwrap();
+    up.set_keys(&[OLD_KEY, NEW_KEY]);
+    let t = team("t", "main");
+    let toml = app_toml(&up, &key_file, &t.entry);
+    let gw = spawn_gateway(config_with_env(&toml, &[])).await;
+    let c = client();
+    let run = new_run();
+    let path = format!("/v1/workflows/run/{run}");
+    up.set(&run, Reply::run(&run, "\"succeeded\""));
+    // The first attempt is held, then fails with a retryable 503; the second succeeds.
+    up.fail_next(
+        &path,
+        vec![Reply::dify_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "try again",
+        )],
+    );
+    up.set_delay(Duration::from_millis(300));
+    let in_flight = {
+        let (c, url, auth) = (c.clone(), gw.run_url(&run), format!("Bearer {}", t.token));
+        tokio::spawn(
+            async move { request(&c, Method::GET, &url, &[("authorization", &auth)]).await },
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.path_hits(&path) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the fetch never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
+    let applied = gw
+        .gateway
+        .reload(Ok(config_with_env(&toml, &[])), None)
+        .expect("rotation applies");
+    assert_eq!(applied.keys_rotated, ["main"]);
+    assert_eq!(in_flight.await.unwrap().status, StatusCode::OK);
+    let keys: Vec<String> = up
+        .requests_to(&path)
+        .iter()
+        .map(|r| r.headers["authorization"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        [format!("Bearer {OLD_KEY}"), format!("Bearer {OLD_KEY}")]
+    );
+}

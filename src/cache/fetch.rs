@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Decision, Policy};
 use crate::run_id::RunId;
 use crate::shared::{LockResult, Lookup, PutOutcome, SharedTier, WaitOutcome};
-use crate::upstream::{App, UpstreamAnswer, UpstreamError, Upstreams};
+use crate::upstream::{App, Credentials, UpstreamAnswer, UpstreamError, Upstreams};
 
 use super::{Cache, CacheKey, KeptHeaders, Stored};
 
@@ -120,26 +120,30 @@ impl Fetch {
         leader: Option<Arc<Client>>,
     ) -> FlightValue {
         let leader = leader.as_deref();
+        // One key and its tag for the whole fetch, even if the key rotates meanwhile: an answer
+        // fetched with one key is never filed under another key's tag.
+        let creds = app.credentials();
         let Some(shared) = self.shared.clone() else {
-            return self.fetch_upstream(&app, key, &rid, leader).await.0;
+            return self.fetch_upstream(&app, &creds, key, &rid, leader).await.0;
         };
-        // One tag for the whole fetch, even if the key rotates meanwhile.
-        let tag = app.tag();
-        match shared.get(&tag, key.run).await {
+        let tag = &creds.tag;
+        match shared.get(tag, key.run).await {
             Lookup::Hit(stored) => return self.warm_from_shared(key, stored),
             // Redis is not answering: do not spend more timeouts on the lock.
-            Lookup::Unavailable => return self.fetch_upstream(&app, key, &rid, leader).await.0,
+            Lookup::Unavailable => {
+                return self.fetch_upstream(&app, &creds, key, &rid, leader).await.0
+            }
             Lookup::Miss => {}
         }
-        match shared.try_lock(&tag, key.run).await {
+        match shared.try_lock(tag, key.run).await {
             LockResult::Acquired(token) => {
-                let (value, kept) = self.fetch_upstream(&app, key, &rid, leader).await;
+                let (value, kept) = self.fetch_upstream(&app, &creds, key, &rid, leader).await;
                 let put = match kept {
-                    Some(stored) => shared.put(&tag, key.run, &stored).await,
+                    Some(stored) => shared.put(tag, key.run, &stored).await,
                     None => PutOutcome::NotKept,
                 };
                 let notify = shared
-                    .notify_done(&tag, key.run, put == PutOutcome::Written)
+                    .notify_done(tag, key.run, put == PutOutcome::Written)
                     .await;
                 let release = shared.release(token).await;
                 tracing::debug!(
@@ -151,9 +155,9 @@ impl Fetch {
             }
             LockResult::Held => {
                 let wait = shared.config().wait_timeout;
-                let waited = shared.wait(&tag, key.run, wait).await;
+                let waited = shared.wait(tag, key.run, wait).await;
                 if let WaitOutcome::Notified { stored: true } = waited {
-                    if let Lookup::Hit(stored) = shared.get(&tag, key.run).await {
+                    if let Lookup::Hit(stored) = shared.get(tag, key.run).await {
                         return self.warm_from_shared(key, stored);
                     }
                 }
@@ -162,9 +166,9 @@ impl Fetch {
                     target: "shared", request_id = ?rid, run = %key.run, wait = waited.as_str(),
                     "shared fetch lock held elsewhere; fetching without it"
                 );
-                self.fetch_upstream(&app, key, &rid, leader).await.0
+                self.fetch_upstream(&app, &creds, key, &rid, leader).await.0
             }
-            LockResult::Unavailable => self.fetch_upstream(&app, key, &rid, leader).await.0,
+            LockResult::Unavailable => self.fetch_upstream(&app, &creds, key, &rid, leader).await.0,
         }
     }
 
@@ -180,13 +184,17 @@ impl Fetch {
     async fn fetch_upstream(
         &self,
         app: &App,
+        creds: &Credentials,
         key: CacheKey,
         rid: &HeaderValue,
         leader: Option<&Client>,
     ) -> (FlightValue, Option<Arc<Stored>>) {
         let t = Instant::now();
         let share = leader.and_then(|c| c.upstream_share.as_ref());
-        let r = self.upstreams.fetch_run(app, key.run, rid, share).await;
+        let r = self
+            .upstreams
+            .fetch_run(app, key.run, rid, share, creds)
+            .await;
         let upstream_elapsed = t.elapsed();
         let fetched = match r {
             Ok(a) => {

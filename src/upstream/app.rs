@@ -9,8 +9,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use http::{HeaderValue, Uri};
+use http::Uri;
 use prometheus_client::metrics::gauge::Gauge;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -18,7 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{AppConfig, KeySource, UpstreamConfig};
 
 use super::breaker::CircuitBreaker;
-use super::{authorization, Upstream, UpstreamSetupError};
+use super::{Credentials, Upstream, UpstreamSetupError};
 
 /// Which configured app: its index in the app table. Dify scopes runs to the key's app, so the
 /// app is part of every cache key.
@@ -32,9 +31,6 @@ pub struct App {
     pub id: AppId,
     /// Configured name, for logs, metrics and the admin API.
     pub name: Cow<'static, str>,
-    /// Stable cross-replica identity: hex of the first 12 bytes of
-    /// SHA-256("dify-gateway app" ‖ base URL ‖ key). Read it once per fetch ([`App::tag`]).
-    tag: ArcSwap<String>,
     /// The upstream base URL, as configured.
     pub base_url: Uri,
     /// Where the key is read from; a reload may re-read it, never move it.
@@ -57,7 +53,6 @@ impl App {
         Ok(App {
             id,
             name: Cow::Owned(app.name.clone()),
-            tag: ArcSwap::from_pointee(fingerprint(&app.base_url.to_string(), &app.api_key)),
             base_url: app.base_url.clone(),
             key_source: app.key_source.clone(),
             upstream: Upstream::new(cfg, app)?,
@@ -69,38 +64,36 @@ impl App {
         })
     }
 
-    /// The current cross-replica identity (see the `tag` field).
-    pub fn tag(&self) -> Arc<String> {
-        self.tag.load_full()
+    /// The key and cross-replica identity in use now, as one pair (see [`fingerprint`]). A
+    /// fetch loads it once and uses it for its shared-tier keys and every upstream attempt.
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.upstream.credentials()
+    }
+
+    /// The current cross-replica identity (see [`fingerprint`]).
+    pub fn tag(&self) -> String {
+        self.credentials().tag.clone()
     }
 
     /// The key `app` now holds, ready to install, or `None` when it is the key in use. Fails
     /// before anything changes, so a reload can check every app first.
     pub fn prepare_key(&self, app: &AppConfig) -> Result<Option<NewKey>, UpstreamSetupError> {
-        let tag = fingerprint(&self.base_url.to_string(), &app.api_key);
-        if *self.tag.load_full() == tag {
+        let credentials = Credentials::new(&self.base_url.to_string(), &app.api_key)?;
+        if self.credentials().tag == credentials.tag {
             return Ok(None);
         }
-        Ok(Some(NewKey {
-            authorization: authorization(&app.api_key)?,
-            tag,
-        }))
+        Ok(Some(NewKey(credentials)))
     }
 
     /// Installs a key from [`App::prepare_key`]: the next exchange carries it.
     pub fn install_key(&self, key: NewKey) {
-        self.upstream.set_authorization(key.authorization);
-        self.tag.store(Arc::new(key.tag));
+        self.upstream.set_credentials(key.0);
     }
 }
 
 /// A rotated key and its tag, checked and ready to install.
 #[derive(Debug)]
-pub struct NewKey {
-    /// The sensitive `Authorization` value.
-    authorization: HeaderValue,
-    tag: String,
-}
+pub struct NewKey(Credentials);
 
 /// The app fingerprint (see [`App::tag`]).
 pub fn fingerprint(base_url: &str, key: &SecretString) -> String {

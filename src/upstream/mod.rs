@@ -144,10 +144,10 @@ pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     /// `scheme://authority/path` of the base, without a trailing slash.
     base: Arc<str>,
-    /// `Bearer <key>`, marked sensitive so it never appears in `Debug` output or HPACK tables.
-    /// Swapped whole when the key rotates; an exchange copies it once, so a request in flight
-    /// finishes with the key it started with.
-    authorization: Arc<ArcSwap<HeaderValue>>,
+    /// The key and its tag, swapped together when the key rotates; a fetch loads them once
+    /// ([`Upstream::credentials`]) and carries that pair through every attempt, so a request in
+    /// flight finishes with the key it started with and its answer is filed under that key's tag.
+    credentials: Arc<ArcSwap<Credentials>>,
     user_agent: HeaderValue,
     total_timeout: Duration,
     max_body_bytes: usize,
@@ -162,6 +162,34 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// An app's key as the upstream sees it (`Bearer <key>`, a sensitive header value that never
+/// appears in `Debug` output or HPACK tables) and its cross-replica tag (see
+/// [`app::fingerprint`]): always the pair of one key.
+pub struct Credentials {
+    /// The tag of this key: shared-tier entries fetched with it are filed under it.
+    pub tag: String,
+    authorization: HeaderValue,
+}
+
+impl Credentials {
+    /// The pair for `key` at `base_url`.
+    pub fn new(base_url: &str, key: &SecretString) -> Result<Credentials, UpstreamSetupError> {
+        Ok(Credentials {
+            tag: app::fingerprint(base_url, key),
+            authorization: authorization(key)?,
+        })
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("tag", &self.tag)
+            .field("authorization", &"[REDACTED]")
+            .finish()
+    }
+}
+
 /// The crypto provider, named once: `ring`.
 pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -171,7 +199,7 @@ impl Upstream {
     /// Builds the client for one app: web PKI roots plus the optional CA file, HTTP/1.1 and
     /// HTTP/2 by ALPN, the app's key in a sensitive header value.
     pub fn new(cfg: &UpstreamConfig, app: &AppConfig) -> Result<Upstream, UpstreamSetupError> {
-        let authorization = authorization(&app.api_key)?;
+        let credentials = Credentials::new(&app.base_url.to_string(), &app.api_key)?;
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &cfg.ca_file {
@@ -215,7 +243,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             base: app.base_url.to_string().trim_end_matches('/').into(),
-            authorization: Arc::new(ArcSwap::from_pointee(authorization)),
+            credentials: Arc::new(ArcSwap::from_pointee(credentials)),
             user_agent: HeaderValue::from_static(concat!(
                 "dify-gateway/",
                 env!("CARGO_PKG_VERSION")
@@ -225,9 +253,14 @@ impl Upstream {
         })
     }
 
-    /// From now on, exchanges carry `authorization` (see [`authorization`]).
-    pub fn set_authorization(&self, authorization: HeaderValue) {
-        self.authorization.store(Arc::new(authorization));
+    /// From now on, exchanges that did not load their credentials yet carry `credentials`.
+    pub fn set_credentials(&self, credentials: Credentials) {
+        self.credentials.store(Arc::new(credentials));
+    }
+
+    /// The key and tag in use now; load them once per fetch and pass them to every attempt.
+    pub fn credentials(&self) -> Arc<Credentials> {
+        self.credentials.load_full()
     }
 
     /// The run-detail URL for `run`.
@@ -249,9 +282,11 @@ impl Upstream {
         run: RunId,
         request_id: Option<&HeaderValue>,
         deadline: Instant,
+        credentials: &Credentials,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let uri = self.run_url(run)?;
-        self.get_until(uri, request_id, deadline).await
+        self.exchange_until(uri, request_id, deadline, credentials)
+            .await
     }
 
     /// The deadline of an exchange starting now: `upstream.total_timeout` away.
@@ -268,14 +303,28 @@ impl Upstream {
         self.get_until(uri, request_id, self.deadline()).await
     }
 
-    /// One GET with the app key, abandoned at `deadline` (a fetch's retries share one).
+    /// One GET with the app key in use now, abandoned at `deadline`.
     pub async fn get_until(
         &self,
         uri: Uri,
         request_id: Option<&HeaderValue>,
         deadline: Instant,
     ) -> Result<UpstreamAnswer, UpstreamError> {
-        match tokio::time::timeout_at(deadline.into(), self.exchange(uri, request_id)).await {
+        let credentials = self.credentials();
+        self.exchange_until(uri, request_id, deadline, &credentials)
+            .await
+    }
+
+    /// One GET with `credentials`, abandoned at `deadline` (a fetch's retries share one).
+    async fn exchange_until(
+        &self,
+        uri: Uri,
+        request_id: Option<&HeaderValue>,
+        deadline: Instant,
+        credentials: &Credentials,
+    ) -> Result<UpstreamAnswer, UpstreamError> {
+        let exchange = self.exchange(uri, request_id, credentials);
+        match tokio::time::timeout_at(deadline.into(), exchange).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::Timeout),
         }
@@ -285,14 +334,12 @@ impl Upstream {
         &self,
         uri: Uri,
         request_id: Option<&HeaderValue>,
+        credentials: &Credentials,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let mut req = Request::new(Empty::new());
         *req.uri_mut() = uri;
         let h = req.headers_mut();
-        h.insert(
-            AUTHORIZATION,
-            HeaderValue::clone(&self.authorization.load()),
-        );
+        h.insert(AUTHORIZATION, credentials.authorization.clone());
         h.insert(ACCEPT, HeaderValue::from_static("application/json"));
         // Bodies are cached and served as received, to clients that negotiated nothing.
         h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));

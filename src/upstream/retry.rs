@@ -16,7 +16,7 @@ use crate::outcome::UpstreamOutcome;
 use crate::run_id::RunId;
 
 use super::breaker::{is_failure, Refused};
-use super::{App, UpstreamAnswer, UpstreamError, Upstreams};
+use super::{App, Credentials, UpstreamAnswer, UpstreamError, Upstreams};
 
 /// When and how often to try again.
 #[derive(Debug, Clone, Copy)]
@@ -95,13 +95,15 @@ impl Upstreams {
     /// Fetches `run`'s detail from `app`'s upstream: through the app's circuit breaker, in a
     /// slot under the global concurrency cap and the app's and `client_share`'s shares (the
     /// slots of the client the fetch is charged to), retrying transient failures within the
-    /// fetch's deadline. Every attempt is counted in `upstream_requests_total`.
+    /// fetch's deadline. Every attempt carries `credentials`, the key the fetch loaded once (see
+    /// [`App::credentials`]), and is counted in `upstream_requests_total`.
     pub async fn fetch_run(
         &self,
         app: &App,
         run: RunId,
         rid: &HeaderValue,
         client_share: Option<&Semaphore>,
+        credentials: &Credentials,
     ) -> Result<UpstreamAnswer, UpstreamError> {
         let deadline = Instant::now() + self.total_timeout;
         let mut attempt = 1;
@@ -119,7 +121,10 @@ impl Upstreams {
                 }
             };
             let t = Instant::now();
-            let r = app.upstream.fetch_run(run, Some(rid), deadline).await;
+            let r = app
+                .upstream
+                .fetch_run(run, Some(rid), deadline, credentials)
+                .await;
             drop(permit);
             let outcome = match &r {
                 Ok(a) => UpstreamOutcome::from_status(a.status),
