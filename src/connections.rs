@@ -6,7 +6,10 @@
 //! `keep_alive_timeout` with nothing in flight before it is dropped. When every slot is taken, a
 //! newcomer gets the slot of the connection that has gone longest without a request in flight
 //! (nginx frees its "reusable" connections the same way), once that has lasted
-//! [`EVICTION_MIN_QUIET`]; a connection with a request in flight is never taken.
+//! [`EVICTION_MIN_QUIET`]; a connection with a request in flight is never taken. Nor does a
+//! request keep its connection forever: once a request has been in flight `max_response_time`
+//! (a client that stops taking its answer), the connection is closed, unless the request was
+//! marked as a stream ([`InFlight::stream`]), which bounds itself.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -40,6 +43,8 @@ pub enum CloseReason {
     Evicted,
     /// The server is shutting down.
     Shutdown,
+    /// A request was in flight for `max_response_time`: its client stopped taking the answer.
+    ResponseTimeout,
     /// The TLS handshake failed or took longer than its own timeout.
     Handshake,
 }
@@ -52,6 +57,7 @@ impl CloseReason {
             CloseReason::Idle => "idle",
             CloseReason::Evicted => "evicted",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::ResponseTimeout => "response_timeout",
             CloseReason::Handshake => "handshake",
         }
     }
@@ -66,6 +72,8 @@ pub struct Deadlines {
     pub idle: Duration,
     /// Closing, nothing in flight: time left for the GOAWAY's PING to be answered.
     pub close_grace: Duration,
+    /// The longest a request (not a stream) may be in flight before its connection is closed.
+    pub max_response: Duration,
 }
 
 impl Deadlines {
@@ -74,6 +82,7 @@ impl Deadlines {
             first_request: cfg.header_read_timeout,
             idle: cfg.idle_timeout,
             close_grace: cfg.keep_alive_timeout,
+            max_response: cfg.max_response_time,
         }
     }
 }
@@ -104,16 +113,38 @@ pub struct Conn {
     served: AtomicBool,
     /// Set by the table when it wants the slot back.
     evicted: AtomicBool,
+    /// Requests in flight under `max_response_time`: (sequence, milliseconds after `epoch`
+    /// when each arrived). A handful at most; the oldest bounds the connection.
+    started: Mutex<Vec<(u64, u64)>>,
+    /// Sequence numbers of requests, for `started`.
+    next_request: AtomicU64,
     evict: Notify,
 }
 
 /// Held while a request is in flight on its connection; dropping it marks the end.
 #[derive(Debug)]
-pub struct InFlight(Arc<Conn>);
+pub struct InFlight {
+    conn: Arc<Conn>,
+    /// The request's entry in `Conn::started`, until it is marked a stream.
+    seq: Option<u64>,
+}
+
+impl InFlight {
+    /// Marks the request as a stream: it may stay in flight past `max_response_time`, because
+    /// its own bounds (heartbeats, upstream idle and run timeouts) end it.
+    pub fn stream(&mut self) {
+        if let Some(seq) = self.seq.take() {
+            self.conn.forget(seq);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let c = &self.0;
+        let c = &self.conn;
+        if let Some(seq) = self.seq {
+            c.forget(seq);
+        }
         c.quiet_since
             .store(c.millis(Instant::now()), Ordering::Release);
         c.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -164,10 +195,35 @@ impl Conn {
 
     /// Marks a request as arrived; the connection counts as busy until the guard is dropped.
     pub fn request(self: &Arc<Self>) -> InFlight {
+        let seq = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let now = self.millis(Instant::now());
+        self.started_lock().push((seq, now));
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         // After the increment: whoever sees `served` also sees the request in flight.
         self.served.store(true, Ordering::Release);
-        InFlight(Arc::clone(self))
+        InFlight {
+            conn: Arc::clone(self),
+            seq: Some(seq),
+        }
+    }
+
+    fn started_lock(&self) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        // Every use is one push, one removal or one scan: a panic cannot leave it half-updated.
+        self.started.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops request `seq` from `started`.
+    fn forget(&self, seq: u64) {
+        let mut started = self.started_lock();
+        if let Some(i) = started.iter().position(|(s, _)| *s == seq) {
+            started.swap_remove(i);
+        }
+    }
+
+    /// When the oldest request in flight under `max_response_time` arrived, if there is one.
+    fn oldest_request(&self) -> Option<Instant> {
+        let ms = self.started_lock().iter().map(|(_, at)| *at).min()?;
+        Some(self.epoch + Duration::from_millis(ms))
     }
 
     /// When the connection last had nothing in flight, if it has nothing in flight now.
@@ -199,13 +255,22 @@ impl Conn {
         self.admitted + d.first_request
     }
 
-    /// What to do at `now`, given when and why a graceful close began (if it did).
+    /// What to do at `now`, given when and why a graceful close began (if it did). A wait is
+    /// never longer than `max_response`: a request that arrives meanwhile, which wakes nobody,
+    /// is looked at by the end of its time.
     pub fn next(
         &self,
         now: Instant,
         d: &Deadlines,
         closing: Option<(Instant, CloseReason)>,
     ) -> Step {
+        match self.step(now, d, closing) {
+            Step::Wait(at) => Step::Wait(at.min(now + d.max_response)),
+            step => step,
+        }
+    }
+
+    fn step(&self, now: Instant, d: &Deadlines, closing: Option<(Instant, CloseReason)>) -> Step {
         if !self.served.load(Ordering::Acquire) {
             // Nothing was asked yet, so nothing is lost by closing at once.
             if let Some((_, why)) = closing {
@@ -227,7 +292,15 @@ impl Conn {
             } else {
                 d.idle
             };
-            return Step::Wait(now + recheck);
+            let Some(oldest) = self.oldest_request() else {
+                return Step::Wait(now + recheck);
+            };
+            let at = oldest + d.max_response;
+            return if now >= at {
+                Step::Close(CloseReason::ResponseTimeout)
+            } else {
+                Step::Wait(at.min(now + recheck))
+            };
         };
         match closing {
             Some((began, why)) => {
@@ -336,6 +409,8 @@ impl Table {
             served: AtomicBool::new(false),
             evicted: AtomicBool::new(false),
             evict: Notify::new(),
+            started: Mutex::new(Vec::new()),
+            next_request: AtomicU64::new(0),
         });
         self.lock().insert(id, Arc::clone(&conn));
         Admitted {
@@ -375,7 +450,47 @@ mod tests {
             first_request: Duration::from_secs(10),
             idle: Duration::from_secs(60),
             close_grace: Duration::from_secs(5),
+            max_response: Duration::from_secs(120),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_past_max_response_closes_its_connection_unless_a_stream() {
+        let t = Table::new(2);
+        let a = t.admit().await;
+        let c = a.conn();
+        let d = deadlines();
+        let first = c.request();
+        tokio::time::advance(Duration::from_secs(100)).await;
+        // A second request arrives later; the first one's age bounds the connection.
+        let _second = c.request();
+        let t1 = Instant::now();
+        assert_eq!(
+            c.next(t1, &d, None),
+            Step::Wait(t1 + Duration::from_secs(20))
+        );
+        assert_eq!(
+            c.next(t1 + Duration::from_secs(20), &d, None),
+            Step::Close(CloseReason::ResponseTimeout)
+        );
+        // Once the first ends, the second's age counts.
+        drop(first);
+        assert_eq!(c.next(t1, &d, None), Step::Wait(t1 + d.idle));
+        assert_eq!(
+            c.next(t1 + d.max_response, &d, None),
+            Step::Close(CloseReason::ResponseTimeout)
+        );
+        // A stream is bounded by its own timeouts, not this one.
+        let b = t.admit().await;
+        let mut stream = b.conn().request();
+        stream.stream();
+        let t2 = Instant::now();
+        assert_eq!(
+            b.conn().next(t2 + d.max_response * 10, &d, None),
+            Step::Wait(t2 + d.max_response * 10 + d.idle)
+        );
+        drop(stream);
+        assert!(b.conn().is_quiet());
     }
 
     #[tokio::test(start_paused = true)]

@@ -282,6 +282,45 @@ async fn a_client_that_stops_reading_its_response_is_cut() {
     assert!(body < length, "the whole response was sent");
 }
 
+/// HTTP/2 clients that leave their flow-control window at zero (and answer every PING, so they
+/// look alive) hold a request in flight that can never finish: each is cut at
+/// `max_response_time`, and a newcomer waiting for a slot of the full listener is then served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_opens_its_window_is_cut_at_max_response_time() {
+    let (_up, gw) = gateway_for_run(
+        "[server]\nmax_connections = 2\nidle_timeout = \"60s\"\nmax_response_time = \"500ms\"\nkeep_alive_interval = \"100ms\"\n",
+    )
+    .await;
+    let start = Instant::now();
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(&h2_get_zero_window(&format!("/v1/workflows/run/{RUN}")))
+            .await
+            .unwrap();
+        stalled.push(tokio::spawn(async move {
+            let frames = frames_until_closed(&mut s, true, LIMIT).await;
+            (start.elapsed(), frames)
+        }));
+    }
+    // Both slots are held by requests in flight; the newcomer waits for one to be cut.
+    let fresh = get(&client(), &gw.url("/healthz")).await;
+    let served_after = start.elapsed();
+    assert_eq!(fresh.status, StatusCode::OK);
+    for s in stalled {
+        let (cut, frames) = s.await.unwrap();
+        let data = frames
+            .iter()
+            .filter(|f| f.kind == DATA)
+            .map(|f| f.payload.len())
+            .sum::<usize>();
+        println!("zero-window h2 client: cut after {cut:?}, {data} body bytes sent");
+        assert!(cut < Duration::from_secs(4), "{cut:?}");
+        assert_eq!(data, 0, "a zero window let body bytes through");
+    }
+    println!("newcomer served after {served_after:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_client_that_does_not_answer_pings_is_cut() {
     let (_up, gw) = gateway_for_run("[server]\nidle_timeout = \"60s\"\nkeep_alive_interval = \"200ms\"\nkeep_alive_timeout = \"200ms\"\n").await;

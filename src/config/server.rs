@@ -24,6 +24,11 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// so the gateway is not the side that closes a pooled connection under a request in flight.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
 
+/// Default [`ServerConfig::max_response_time`]: far above any answer the gateway gives a read
+/// (the upstream's total timeout with its retries, a queue wait, a long-poll of a minute), so
+/// only a client that stops taking its answer meets it.
+pub const DEFAULT_MAX_RESPONSE_TIME: Duration = Duration::from_secs(300);
+
 /// Default [`ServerConfig::keep_alive_interval`]: finds a dead HTTP/2 peer within a minute
 /// without noticeable traffic.
 pub const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -72,6 +77,7 @@ pub struct RawServer {
     pub max_connections: Option<usize>,
     pub drain_timeout: Option<HumanDuration>,
     pub idle_timeout: Option<HumanDuration>,
+    pub max_response_time: Option<HumanDuration>,
     pub keep_alive_interval: Option<HumanDuration>,
     pub keep_alive_timeout: Option<HumanDuration>,
     pub tcp_keepalive: Option<HumanDuration>,
@@ -105,6 +111,11 @@ pub struct ServerConfig {
     /// A served connection with no request in flight for this long is closed (HTTP/1 keep-alive
     /// or HTTP/2 with no open stream; a later HTTP/1 head must also be complete by then).
     pub idle_timeout: Duration,
+    /// A connection with a request that has been in flight this long is closed: a client that
+    /// stops reading its answer (an HTTP/2 flow-control window left at zero, an HTTP/1 socket
+    /// never read) cannot keep its slot. Event streams are exempt; their own bounds
+    /// (`[stream]`, `upstream.run_timeout`) end them.
+    pub max_response_time: Duration,
     /// HTTP/2 PINGs are sent this often; `None` sends none.
     pub keep_alive_interval: Option<Duration>,
     /// A PING — a keep-alive one, or the one that follows a GOAWAY — must be answered within this
@@ -152,7 +163,9 @@ impl RawServer {
         let header_read_timeout = dur(self.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
         let idle_timeout = dur(self.idle_timeout, DEFAULT_IDLE_TIMEOUT);
         let keep_alive_timeout = dur(self.keep_alive_timeout, DEFAULT_KEEP_ALIVE_TIMEOUT);
+        let max_response_time = dur(self.max_response_time, DEFAULT_MAX_RESPONSE_TIME);
         for (key, d) in [
+            ("server.max_response_time", max_response_time),
             ("server.header_read_timeout", header_read_timeout),
             ("server.idle_timeout", idle_timeout),
             ("server.keep_alive_timeout", keep_alive_timeout),
@@ -176,6 +189,7 @@ impl RawServer {
             max_connections,
             drain_timeout: dur(self.drain_timeout, DEFAULT_DRAIN_TIMEOUT),
             idle_timeout,
+            max_response_time,
             keep_alive_interval: (!keep_alive_interval.is_zero()).then_some(keep_alive_interval),
             keep_alive_timeout,
             tcp_keepalive: (!tcp_keepalive.is_zero()).then_some(tcp_keepalive),

@@ -103,6 +103,18 @@ pub fn h2_get(path: &str) -> Vec<u8> {
     b
 }
 
+/// [`h2_get`], but the client's SETTINGS set SETTINGS_INITIAL_WINDOW_SIZE to zero: the server
+/// may send the response's HEADERS and never a byte of its body.
+pub fn h2_get_zero_window(path: &str) -> Vec<u8> {
+    let get = h2_get(path);
+    let rest = &get[H2_PREFACE.len() + 9..];
+    let mut b = H2_PREFACE.to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 0
+    b.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    b.extend_from_slice(rest);
+    b
+}
+
 /// A frame as read: type, flags, stream id and payload.
 #[derive(Debug, Clone)]
 pub struct Frame {
