@@ -37,6 +37,12 @@ impl Body {
     pub fn empty() -> Body {
         Body::Full(Bytes::new())
     }
+
+    /// Is this an event stream, which may stay open as long as the events last (bounded by
+    /// the stream's own timeouts, not `server.max_response_time`)?
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Body::Events(_))
+    }
 }
 
 impl From<Bytes> for Body {

@@ -251,11 +251,17 @@ where
 {
     let tracker = Arc::clone(conn);
     let svc = service_fn(move |req| {
-        let in_flight = tracker.request();
+        let mut in_flight = tracker.request();
         let fut = handler(req);
         async move {
-            // The request counts as in flight until hyper drops the body it has sent.
-            let resp = fut.await.map(|body| Tracked::new(body, in_flight));
+            // The request counts as in flight until hyper drops the body it has sent; an event
+            // stream is bounded by its own timeouts instead of `max_response_time`.
+            let resp = fut.await.map(|body| {
+                if body.is_stream() {
+                    in_flight.stream();
+                }
+                Tracked::new(body, in_flight)
+            });
             Ok::<_, Infallible>(resp)
         }
     });
