@@ -33,6 +33,9 @@ pub struct Client {
     digest: [u8; 32],
     /// Its token bucket, when it has a rate limit.
     limiter: Option<DefaultDirectRateLimiter>,
+    /// May read the app's run logs, which list every client's runs, while the app isolates
+    /// clients (`read_app_logs`).
+    pub read_app_logs: bool,
     /// Its hit counter, resolved once (see [`Metrics::client_hit_counter`]).
     pub hit_requests: Counter,
     /// The upstream slots its fetches may hold at once (its fair share, taken before the global
@@ -115,6 +118,7 @@ impl ClientTable {
                     app: c.app,
                     digest: c.token_sha256,
                     limiter,
+                    read_app_logs: c.read_app_logs,
                     upstream_share: upstream_share.map(Semaphore::new),
                 };
                 (c.token_sha256, Arc::new(client))
@@ -189,6 +193,8 @@ mod tests {
                 token_sha256: digest,
                 app: 0,
                 rate,
+                starts: Default::default(),
+                read_app_logs: false,
             }],
             None,
             &Metrics::new(),

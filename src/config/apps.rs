@@ -23,6 +23,7 @@ pub struct RawApp {
     pub api_key_env: Option<String>,
     pub api_key_file: Option<PathBuf>,
     pub base_url: Option<String>,
+    pub isolate_clients: Option<bool>,
 }
 
 /// One Dify app: its name, upstream base and key.
@@ -33,6 +34,10 @@ pub struct AppConfig {
     pub api_key: SecretString,
     /// Where the key was read; a reload reads it again from there (key rotation).
     pub key_source: KeySource,
+    /// Runs, tasks and files a client created through the gateway are hidden from the app's
+    /// other clients (Dify's 404). Default: on when clients are configured. A reload may change
+    /// it.
+    pub isolate_clients: bool,
 }
 
 /// Where an app key is read from.
@@ -46,15 +51,21 @@ pub enum KeySource {
 
 /// The apps served: the `[[apps]]` entries, or without any one app named `default` with
 /// `upstream.base_url` and its key from `upstream.api_key_file` (`default_key_file`) or
-/// `DIFY_API_KEY`.
+/// `DIFY_API_KEY`. `clients_configured` is the default of `isolate_clients`.
 pub(super) fn validate(
     raw: Vec<RawApp>,
     default_key_file: Option<PathBuf>,
     base_url: &Uri,
+    clients_configured: bool,
     ctx: &Context<'_>,
 ) -> Result<Vec<AppConfig>, ConfigError> {
     if raw.is_empty() {
-        return Ok(vec![default_app(default_key_file, base_url, ctx)?]);
+        return Ok(vec![default_app(
+            default_key_file,
+            base_url,
+            clients_configured,
+            ctx,
+        )?]);
     }
     if default_key_file.is_some() {
         return Err(ctx.invalid(
@@ -64,7 +75,7 @@ pub(super) fn validate(
     }
     let mut apps: Vec<AppConfig> = Vec::with_capacity(raw.len());
     for (i, a) in raw.into_iter().enumerate() {
-        let app = a.validate(i, &apps, base_url, ctx)?;
+        let app = a.validate(i, &apps, base_url, clients_configured, ctx)?;
         apps.push(app);
     }
     Ok(apps)
@@ -74,6 +85,7 @@ pub(super) fn validate(
 fn default_app(
     key_file: Option<PathBuf>,
     base_url: &Uri,
+    isolate_clients: bool,
     ctx: &Context<'_>,
 ) -> Result<AppConfig, ConfigError> {
     let (key, key_source) = match key_file {
@@ -101,6 +113,7 @@ fn default_app(
         base_url: base_url.clone(),
         api_key: SecretString::from(key),
         key_source,
+        isolate_clients,
     })
 }
 
@@ -112,6 +125,7 @@ impl RawApp {
         i: usize,
         earlier: &[AppConfig],
         default_base: &Uri,
+        clients_configured: bool,
         ctx: &Context<'_>,
     ) -> Result<AppConfig, ConfigError> {
         let at = |key: &'static str, message: String| ctx.invalid_entry(key, i, message);
@@ -161,6 +175,7 @@ impl RawApp {
             base_url,
             api_key: SecretString::from(key),
             key_source,
+            isolate_clients: self.isolate_clients.unwrap_or(clients_configured),
         })
     }
 }

@@ -20,6 +20,9 @@ pub struct RawClient {
     pub app: String,
     pub rate_per_second: Option<u32>,
     pub burst: Option<u32>,
+    pub runs_per_minute: Option<u32>,
+    pub max_open_streams: Option<u32>,
+    pub read_app_logs: Option<bool>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -31,6 +34,20 @@ pub struct ClientConfig {
     /// Index into [`Config::apps`](super::Config::apps).
     pub app: usize,
     pub rate: Option<RateLimit>,
+    /// Its limits on starting runs, apart from `rate` (which counts every request).
+    pub starts: StartLimits,
+    /// May read `/workflows/logs`, which lists every client's runs of the app, while the app
+    /// isolates clients. Default false.
+    pub read_app_logs: bool,
+}
+
+/// A client's limits on starting runs; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartLimits {
+    /// Runs it may start per minute (a token bucket of this size, refilled evenly).
+    pub runs_per_minute: Option<NonZeroU32>,
+    /// Streaming runs it may follow at once; a stream it has left no longer counts.
+    pub max_open_streams: Option<NonZeroU32>,
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.
@@ -125,11 +142,24 @@ impl RawClient {
                 ))
             }
         };
+        let at_least_one = |key: &'static str, v: Option<u32>| {
+            v.map(|n| {
+                NonZeroU32::new(n)
+                    .ok_or_else(|| invalid(key, format!("client `{name}`: must be at least 1")))
+            })
+            .transpose()
+        };
+        let starts = StartLimits {
+            runs_per_minute: at_least_one("clients.runs_per_minute", self.runs_per_minute)?,
+            max_open_streams: at_least_one("clients.max_open_streams", self.max_open_streams)?,
+        };
         Ok(ClientConfig {
             name: self.name,
             token_sha256,
             app,
             rate,
+            starts,
+            read_app_logs: self.read_app_logs.unwrap_or(false),
         })
     }
 }

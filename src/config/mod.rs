@@ -19,6 +19,7 @@ mod cache;
 mod clients;
 mod context;
 mod log;
+mod ownership;
 mod position;
 mod server;
 mod shared;
@@ -33,9 +34,10 @@ pub use admin::{
 };
 pub use apps::{AppConfig, KeySource, RawApp, DEFAULT_APP};
 pub use cache::{CacheConfig, RawCache, DEFAULT_TERMINAL_STATUSES, NON_TERMINAL_STATUSES};
-pub use clients::{ClientConfig, RateLimit, RawClient};
+pub use clients::{ClientConfig, RateLimit, RawClient, StartLimits};
 pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
 pub use log::{LogConfig, LogFormat, RawLog};
+pub use ownership::{OwnershipConfig, RawOwnership, DEFAULT_MAX_RECORDS, DEFAULT_OWNERSHIP_TTL};
 pub use position::{KeyPositions, TomlError};
 pub use server::{
     RawServer, RawTls, ServerConfig, TlsConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -74,6 +76,8 @@ pub struct RawConfig {
     pub shared: Option<RawShared>,
     #[serde(default)]
     pub stream: RawStream,
+    #[serde(default)]
+    pub ownership: RawOwnership,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -96,6 +100,8 @@ pub struct Config {
     pub shared: Option<SharedConfig>,
     /// Event streams: heartbeats and the upstream silence allowed.
     pub stream: StreamConfig,
+    /// Bounds of the records of which client created which run, task and file.
+    pub ownership: OwnershipConfig,
 }
 
 impl RawConfig {
@@ -138,13 +144,21 @@ impl RawConfig {
         // `upstream.api_key_file` is the default app's key source: the apps section reads it.
         let default_key_file = self.upstream.api_key_file.take();
         let upstream = self.upstream.validate(&ctx)?;
-        let apps = apps::validate(self.apps, default_key_file, &upstream.base_url, &ctx)?;
+        let clients_configured = !self.clients.is_empty();
+        let apps = apps::validate(
+            self.apps,
+            default_key_file,
+            &upstream.base_url,
+            clients_configured,
+            &ctx,
+        )?;
         let clients = clients::validate(self.clients, &apps, &ctx)?;
         let cache = self.cache.validate(&ctx)?;
         let log = self.log.validate(&ctx)?;
         let admin = self.admin.validate(&ctx)?;
         let shared = shared::validate(self.shared, &ctx)?;
         let stream = self.stream.validate(&ctx)?;
+        let ownership = self.ownership.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -155,6 +169,7 @@ impl RawConfig {
             clients,
             shared,
             stream,
+            ownership,
         })
     }
 }

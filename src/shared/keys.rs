@@ -42,6 +42,13 @@ pub(crate) fn done_channel(prefix: &str) -> String {
     format!("{prefix}v1:done")
 }
 
+/// `{prefix}v1:own:{app}:{kind}:{id}`: which client created this id of this app (see
+/// `crate::ownership`). Outside the value pattern, so purging the cache keeps it. App names
+/// are plain (`[A-Za-z0-9._-]`, config validation), so the key holds no hash tag.
+pub(crate) fn owner_key(prefix: &str, app: &str, kind: &str, id: &uuid::Uuid) -> String {
+    format!("{prefix}v1:own:{app}:{kind}:{}", id.hyphenated())
+}
+
 /// The SCAN pattern that matches every value (not locks) of the deployment. The prefix holds no
 /// glob characters (config validation refuses them).
 pub(crate) fn value_pattern(prefix: &str) -> String {

@@ -24,6 +24,7 @@ mod keys;
 mod lock;
 mod notify;
 mod outcome;
+mod owners;
 
 use std::future::Future;
 use std::sync::Arc;
