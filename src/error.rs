@@ -56,6 +56,16 @@ pub enum GatewayError {
     /// The client exceeded its rate limit; retry after this many seconds.
     #[error("rate limit exceeded; retry later")]
     RateLimited { retry_after_secs: u64 },
+    /// The client's `runs_per_minute` is spent; retry after this many seconds.
+    #[error("run start limit exceeded (runs_per_minute); retry later")]
+    TooManyRunStarts { retry_after_secs: u64 },
+    /// The client already follows its `max_open_streams` streams.
+    #[error("too many open streams for this client (max_open_streams); retry when one ends")]
+    TooManyStreams { retry_after_secs: u64 },
+    /// The run, task or file belongs to another client of the app (see [`crate::ownership`]):
+    /// answered exactly as Dify answers an unknown run, so its existence is not revealed.
+    #[error("Workflow run not found.")]
+    RunNotFound,
     /// Too many upstream requests in flight; the fetch could not get a slot in time.
     #[error("the gateway is overloaded; retry shortly")]
     Overloaded,
@@ -90,7 +100,10 @@ impl GatewayError {
             | GatewayError::Internal => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
-            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimited { .. }
+            | GatewayError::TooManyRunStarts { .. }
+            | GatewayError::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RunNotFound => StatusCode::NOT_FOUND,
             GatewayError::Overloaded | GatewayError::CircuitOpen { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -112,7 +125,10 @@ impl GatewayError {
             GatewayError::UpstreamProtocol => "upstream_bad_response",
             GatewayError::Internal => "internal_error",
             GatewayError::Unauthorized => "unauthorized",
-            GatewayError::RateLimited { .. } => "too_many_requests",
+            GatewayError::RateLimited { .. }
+            | GatewayError::TooManyRunStarts { .. }
+            | GatewayError::TooManyStreams { .. } => "too_many_requests",
+            GatewayError::RunNotFound => "not_found",
             GatewayError::Overloaded => "overloaded",
             GatewayError::CircuitOpen { .. } => "upstream_circuit_open",
         }
@@ -140,6 +156,8 @@ impl GatewayError {
                 );
             }
             GatewayError::RateLimited { retry_after_secs }
+            | GatewayError::TooManyRunStarts { retry_after_secs }
+            | GatewayError::TooManyStreams { retry_after_secs }
             | GatewayError::CircuitOpen { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
@@ -194,6 +212,13 @@ mod tests {
             GatewayError::CircuitOpen {
                 retry_after_secs: 3,
             },
+            GatewayError::TooManyRunStarts {
+                retry_after_secs: 4,
+            },
+            GatewayError::TooManyStreams {
+                retry_after_secs: 1,
+            },
+            GatewayError::RunNotFound,
         ] {
             let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
             assert_eq!(v["code"], e.as_str());
@@ -209,6 +234,19 @@ mod tests {
             assert_eq!(e.to_response().headers()[CONNECTION], "close", "{e:?}");
         }
         assert_eq!(GatewayError::RequestTooLarge.status(), 413);
+        // A foreign client's run reads exactly as Dify's unknown run.
+        let v: serde_json::Value =
+            serde_json::from_slice(&GatewayError::RunNotFound.body()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"code": "not_found", "message": "Workflow run not found.", "status": 404})
+        );
+        let r = GatewayError::TooManyRunStarts {
+            retry_after_secs: 4,
+        }
+        .to_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "4");
         assert_eq!(
             GatewayError::MethodNotAllowed.to_response().headers()[ALLOW],
             "GET, HEAD"

@@ -26,6 +26,7 @@ use crate::error::GatewayError;
 use crate::intake;
 use crate::metrics::{ClassLabel, Metrics, RejectReason};
 use crate::outcome::CacheOutcome;
+use crate::ownership::{Access, Ownership};
 use crate::policy::{EntryClass, Policy};
 use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
@@ -34,6 +35,7 @@ use crate::routes::run_detail::RunDetail;
 use crate::routes::{health, merge_slashes, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
+use crate::starts::{StartRefused, Starts};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
 
@@ -69,6 +71,10 @@ pub struct Gateway {
     clients: ArcSwap<ClientTable>,
     /// The run-detail route: the cache and the fetches that fill it.
     run_detail: RunDetail,
+    /// Which client created which run, task and file (shared with the run-detail route).
+    ownership: Arc<Ownership>,
+    /// Each client's run-start and open-stream limits, following reloads.
+    starts: Starts,
     /// Time a request body (read and dropped) may take to arrive: `server.header_read_timeout`.
     body_read_timeout: Duration,
     /// The configured cap, reported by the admin API.
@@ -121,6 +127,12 @@ impl From<intake::Refusal> for Refused {
     }
 }
 
+impl From<StartRefused> for Refused {
+    fn from(r: StartRefused) -> Refused {
+        Refused::new(r.reason(), r)
+    }
+}
+
 impl From<Misroute> for Refused {
     fn from(m: Misroute) -> Refused {
         match m {
@@ -158,6 +170,11 @@ impl Gateway {
             config.cache.stale_if_error,
             metrics.cache.clone(),
         );
+        let ownership = Arc::new(Ownership::new(
+            &config.ownership,
+            &config.apps,
+            shared.clone(),
+        ));
         let fetch = Fetch::new(
             cache.clone(),
             Policy::new(&config.cache),
@@ -172,7 +189,14 @@ impl Gateway {
                 client_share_slots(&config.upstream, config.clients.len()),
                 &metrics,
             )),
-            run_detail: RunDetail::new(cache, Arc::new(fetch), Arc::clone(&metrics)),
+            run_detail: RunDetail::new(
+                Arc::clone(&ownership),
+                cache,
+                Arc::new(fetch),
+                Arc::clone(&metrics),
+            ),
+            ownership,
+            starts: Starts::new(&config.clients),
             upstreams,
             body_read_timeout: config.server.header_read_timeout,
             max_bytes: config.cache.max_bytes,
@@ -183,8 +207,9 @@ impl Gateway {
         }))
     }
 
-    /// Applies a re-read configuration (SIGHUP): the client table and the app keys (rotated
-    /// keys go upstream from the next exchange), and reloads the TLS certificate when `tls` is
+    /// Applies a re-read configuration (SIGHUP): the client table, each client's run-start
+    /// limits, each app's `isolate_clients` and the app keys (rotated keys go upstream from the
+    /// next exchange), and reloads the TLS certificate when `tls` is
     /// given; then logs, counts and records the outcome (see [`crate::reload`]). Nothing but
     /// the certificate changes unless the configuration validates and names the same apps.
     pub fn reload(
@@ -231,6 +256,8 @@ impl Gateway {
         let table = ClientTable::new(&config.clients, share, &self.metrics);
         let clients = table.len();
         self.clients.store(Arc::new(table));
+        self.starts.reload(&config.clients);
+        self.ownership.set_isolation(&config.apps);
         Ok(Applied {
             clients,
             keys_rotated,
@@ -251,6 +278,23 @@ impl Gateway {
     /// True when no clients are configured (everyone may use the default app).
     pub fn is_open(&self) -> bool {
         self.clients.load().is_open()
+    }
+
+    /// Who created which run, task and file. A handler that creates one records it
+    /// ([`Ownership::record_run`] when it sees Dify's `workflow_started`, [`Ownership::record`]
+    /// for an uploaded file) before the id reaches the client; a handler that acts on one
+    /// (events, stop, preview) asks [`Ownership::check`] first and answers Dify's 404 when it
+    /// is not [`Access::allowed`].
+    pub fn ownership(&self) -> &Arc<Ownership> {
+        &self.ownership
+    }
+
+    /// Each client's run-start limits: [`Starts::start`] for a blocking run,
+    /// [`Starts::start_streaming`] for a streaming one (its permit held while the client reads
+    /// the stream), [`Starts::open_stream`] to follow a run's events. A refusal becomes 429
+    /// `too_many_requests` with `Retry-After` through `GatewayError::from`.
+    pub fn starts(&self) -> &Starts {
+        &self.starts
     }
 
     /// The cache (for operations and tests).
@@ -370,6 +414,9 @@ impl Gateway {
                 info.error = served.error;
                 info.upstream_status = served.upstream_status;
                 info.upstream_elapsed = served.upstream_elapsed;
+                if served.access == Access::Foreign {
+                    info.rejected = Some(RejectReason::NotOwner);
+                }
                 Ok(resp)
             }
         }

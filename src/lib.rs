@@ -34,6 +34,7 @@ pub mod run_id;
 pub mod server;
 pub mod shared;
 pub mod sse;
+pub mod starts;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -90,6 +90,12 @@ pub enum RejectReason {
     OverloadClient,
     /// The app's fetches held its whole share of upstream slots until the queue timed out.
     OverloadApp,
+    /// The client's `runs_per_minute` was spent.
+    RunsPerMinute,
+    /// The client already followed its `max_open_streams` streams.
+    OpenStreams,
+    /// The id belongs to another client of the app (answered as Dify's 404).
+    NotOwner,
 }
 
 impl RejectReason {
@@ -106,6 +112,9 @@ impl RejectReason {
             RejectReason::Overload => "overload",
             RejectReason::OverloadClient => "overload_client",
             RejectReason::OverloadApp => "overload_app",
+            RejectReason::RunsPerMinute => "runs_per_minute",
+            RejectReason::OpenStreams => "open_streams",
+            RejectReason::NotOwner => "not_owner",
         }
     }
 }

@@ -267,6 +267,7 @@ fn restart_only(c: &Config) -> Vec<(&'static str, String)> {
             format!("{:?} {}", c.shared, secret_digest(shared_urls)),
         ),
         ("stream", format!("{:?}", c.stream)),
+        ("ownership", format!("{:?}", c.ownership)),
     ]
 }
 

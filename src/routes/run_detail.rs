@@ -2,7 +2,9 @@
 //! else from the one fetch for it ([`crate::cache::fetch`]), else — when that refresh fails — the
 //! last answer kept for stale-if-error.
 //!
-//! Invariant: every answer carries `X-Cache` with its [`CacheOutcome`], and `Age` when it comes
+//! Invariant: a client the ownership records call foreign to the run (see [`crate::ownership`])
+//! gets Dify's 404 for an unknown run, decided before the cache is looked at, so no cached
+//! answer reaches it and no upstream request is made for it. Every answer carries `X-Cache` with its [`CacheOutcome`], and `Age` when it comes
 //! from the cache; an upstream answer is served with its status, its kept headers and its body
 //! bytes as received.
 
@@ -20,6 +22,7 @@ use crate::error::GatewayError;
 use crate::flight::Role;
 use crate::metrics::Metrics;
 use crate::outcome::CacheOutcome;
+use crate::ownership::{Access, Kind, Ownership};
 use crate::run_id::RunId;
 use crate::upstream::{App, X_ENV, X_VERSION};
 
@@ -36,6 +39,8 @@ pub struct Served {
     pub upstream_status: Option<StatusCode>,
     /// Time of the upstream exchange, when this request started the fetch.
     pub upstream_elapsed: Option<Duration>,
+    /// What the ownership records said about the client and the run.
+    pub access: Access,
 }
 
 impl Served {
@@ -45,20 +50,29 @@ impl Served {
             error: None,
             upstream_status: None,
             upstream_elapsed: None,
+            access: Access::NotIsolated,
         }
     }
 }
 
-/// The run-detail route's state: the cache it reads and the fetch that fills it.
+/// The run-detail route's state: who may read which run, the cache it reads and the fetch that
+/// fills it.
 pub struct RunDetail {
+    ownership: Arc<Ownership>,
     cache: Cache,
     fetch: Arc<Fetch>,
     metrics: Arc<Metrics>,
 }
 
 impl RunDetail {
-    pub fn new(cache: Cache, fetch: Arc<Fetch>, metrics: Arc<Metrics>) -> RunDetail {
+    pub fn new(
+        ownership: Arc<Ownership>,
+        cache: Cache,
+        fetch: Arc<Fetch>,
+        metrics: Arc<Metrics>,
+    ) -> RunDetail {
         RunDetail {
+            ownership,
             cache,
             fetch,
             metrics,
@@ -77,6 +91,32 @@ impl RunDetail {
 
     /// Answers a request for `run` of `app`; a fetch it starts is charged to `client`.
     pub async fn serve(
+        &self,
+        app: &Arc<App>,
+        run: RunId,
+        rid: &HeaderValue,
+        client: Option<&Arc<Client>>,
+    ) -> (Response<Body>, Served) {
+        let access = self
+            .ownership
+            .check(app.id, Kind::Run, run.uuid(), client.map(|c| &*c.name))
+            .await;
+        if !access.allowed() {
+            // As an unknown run reads through the gateway: Dify's 404, `X-Cache: miss`.
+            let e = GatewayError::RunNotFound;
+            let served = Served {
+                error: Some(e.as_str()),
+                access,
+                ..Served::by(CacheOutcome::Miss)
+            };
+            return (error(&e, CacheOutcome::Miss), served);
+        }
+        let (resp, served) = self.serve_allowed(app, run, rid, client).await;
+        (resp, Served { access, ..served })
+    }
+
+    /// [`RunDetail::serve`] once the client may read the run.
+    async fn serve_allowed(
         &self,
         app: &Arc<App>,
         run: RunId,
@@ -120,6 +160,7 @@ impl RunDetail {
             error: None,
             upstream_status: fetched.upstream_status,
             upstream_elapsed: (role == Role::Leader).then_some(fetched.upstream_elapsed),
+            access: Access::NotIsolated,
         };
         if let Some(old) = stale.filter(|_| refresh_failed(&fetched)) {
             served.cache = CacheOutcome::Stale;
