@@ -165,3 +165,46 @@ fn redacted_urls_keep_neither_userinfo_nor_query() {
     );
     assert_eq!(redact_url("app-not-a-url"), "<not a URL>");
 }
+
+const CLIENT: &str = "[[clients]]\nname = \"team-a\"\ntoken_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\napp = \"default\"\n";
+
+#[test]
+fn clients_turn_isolation_on_by_default_and_carry_their_start_limits() {
+    let open = validate("", &Overrides::default()).unwrap();
+    assert!(!open.apps[0].isolate_clients);
+    let c = validate(CLIENT, &Overrides::default()).unwrap();
+    assert!(c.apps[0].isolate_clients);
+    assert!(!c.clients[0].read_app_logs);
+    assert_eq!(c.clients[0].starts, StartLimits::default());
+    let c = validate(
+        &format!("{CLIENT}runs_per_minute = 30\nmax_open_streams = 4\nread_app_logs = true\n"),
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        c.clients[0].starts.runs_per_minute.map(|n| n.get()),
+        Some(30)
+    );
+    assert_eq!(
+        c.clients[0].starts.max_open_streams.map(|n| n.get()),
+        Some(4)
+    );
+    assert!(c.clients[0].read_app_logs);
+    let off = validate(
+        &format!(
+            "[[apps]]\nname = \"default\"\napi_key_env = \"{API_KEY_ENV}\"\nisolate_clients = false\n{CLIENT}"
+        ),
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert!(!off.apps[0].isolate_clients);
+    for key in ["runs_per_minute", "max_open_streams"] {
+        let e = validate(&format!("{CLIENT}{key} = 0\n"), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("clients.{key}")) && e.contains("at least 1"),
+            "{e}"
+        );
+    }
+}
