@@ -276,7 +276,15 @@ impl Ownership {
                 access
             }
             Ok(None) => Access::Unknown,
-            Err(_) => Access::Unverified,
+            Err(_) => {
+                tracing::debug!(
+                    kind = kind.as_str(),
+                    %id,
+                    access = Access::Unverified.as_str(),
+                    "ownership not verifiable without the shared tier; let in"
+                );
+                Access::Unverified
+            }
         }
     }
 
