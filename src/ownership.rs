@@ -12,7 +12,11 @@
 //! Records live in memory, bounded by `ownership.max_records` (least recently used first out, so
 //! a new record always gets in) and, when the shared tier is configured, in Redis too
 //! (`{prefix}v1:own:{app}:{kind}:{id}`, written once with the same expiry), so every replica
-//! enforces them and a record evicted from memory is still found.
+//! enforces them and a record evicted from memory is still found. A replica remembers the shared
+//! tier's "no record" for `ownership.unknown_ttl`, so a much-read run the gateway never saw
+//! start costs one Redis lookup per that time, not one per read. That is sound because handlers
+//! record an id before it reaches any client: no one can ask about an id before its record
+//! exists.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -109,8 +113,9 @@ impl Recorded {
 /// One record in memory.
 #[derive(Debug, Clone)]
 struct Record {
-    /// The creating client's configured name.
-    client: Arc<str>,
+    /// The creating client's configured name; `None` when the shared tier said it holds no
+    /// record (remembered for `ownership.unknown_ttl`).
+    client: Option<Arc<str>>,
     /// When it stops counting (tokio's clock, so tests can move it).
     until: Instant,
 }
@@ -131,6 +136,8 @@ pub struct Ownership {
     local: moka::sync::Cache<(AppId, Kind, Uuid), Record>,
     /// How long a record lasts.
     ttl: Duration,
+    /// How long the shared tier's "no record" is remembered.
+    unknown_ttl: Duration,
     /// Indexed by [`AppId`].
     apps: Vec<OwnedApp>,
     /// Where records are shared with other replicas, when configured.
@@ -166,6 +173,7 @@ impl Ownership {
         Ownership {
             local,
             ttl: config.ttl,
+            unknown_ttl: config.unknown_ttl,
             apps: apps
                 .iter()
                 .map(|a| OwnedApp {
@@ -203,11 +211,11 @@ impl Ownership {
         let key = (app, kind, id);
         let now = Instant::now();
         match self.local.get(&key) {
-            Some(r) if r.until > now => {}
+            Some(r) if r.until > now && r.client.is_some() => {}
             _ => self.local.insert(
                 key,
                 Record {
-                    client: Arc::from(client),
+                    client: Some(Arc::from(client)),
                     until: now + self.ttl,
                 },
             ),
@@ -245,7 +253,7 @@ impl Ownership {
 
     /// May `client` (its configured name; `None` when the gateway runs open) use `id`, a `kind`
     /// of `app`? Answered from memory when the record is held here, else from the shared tier
-    /// (and then held here for what is left of it).
+    /// (and then held here for what is left of it; a "no record" for `ownership.unknown_ttl`).
     pub async fn check(&self, app: AppId, kind: Kind, id: Uuid, client: Option<&str>) -> Access {
         let Some(client) = client else {
             return Access::NotIsolated;
@@ -256,7 +264,11 @@ impl Ownership {
         let key = (app, kind, id);
         let now = Instant::now();
         match self.local.get(&key) {
-            Some(r) if r.until > now => return judge(&r.client, client),
+            Some(r) if r.until > now => {
+                return r
+                    .client
+                    .map_or(Access::Unknown, |owner| judge(&owner, client))
+            }
             Some(_) => self.local.invalidate(&key),
             None => {}
         }
@@ -269,13 +281,25 @@ impl Ownership {
                 self.local.insert(
                     key,
                     Record {
-                        client: Arc::from(owner),
+                        client: Some(Arc::from(owner)),
                         until: now + left.min(self.ttl),
                     },
                 );
                 access
             }
-            Ok(None) => Access::Unknown,
+            Ok(None) => {
+                if !self.unknown_ttl.is_zero() {
+                    let until = now + self.unknown_ttl;
+                    self.local.insert(
+                        key,
+                        Record {
+                            client: None,
+                            until,
+                        },
+                    );
+                }
+                Access::Unknown
+            }
             Err(_) => {
                 tracing::debug!(
                     kind = kind.as_str(),

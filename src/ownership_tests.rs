@@ -17,7 +17,11 @@ fn app(name: &str, isolate: bool) -> AppConfig {
 
 fn ownership(max_records: u64, ttl: Duration, isolate: bool) -> Ownership {
     Ownership::new(
-        &OwnershipConfig { max_records, ttl },
+        &OwnershipConfig {
+            max_records,
+            ttl,
+            unknown_ttl: Duration::from_secs(1),
+        },
         &[app("a", isolate), app("b", isolate)],
         None,
     )
@@ -162,6 +166,7 @@ async fn a_dead_shared_tier_never_lets_a_foreign_client_in_for_a_local_record() 
         &OwnershipConfig {
             max_records: 100,
             ttl: DAY,
+            unknown_ttl: Duration::from_secs(1),
         },
         &[app("a", true)],
         Some(dead_tier()),

@@ -10,7 +10,7 @@ use common::*;
 use dify_gateway::cache::AppId;
 use dify_gateway::clients::{generate_token, token_sha256_hex};
 use dify_gateway::mock::{MockDify, Reply};
-use dify_gateway::ownership::{Kind, Recorded};
+use dify_gateway::ownership::{Access, Kind, Recorded};
 use http::{Method, StatusCode};
 use redis_server::RedisServer;
 
@@ -187,4 +187,44 @@ async fn a_run_recorded_on_one_replica_is_refused_on_another() {
     for gw in [&one, &two] {
         assert_eq!(read(gw, &b, &free).await.status, StatusCode::OK);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_remembers_the_shared_tiers_no_record_for_unknown_ttl() {
+    let redis = RedisServer::start();
+    let up = spawn_upstream().await;
+    let (a, b) = (team("team-a"), team("team-b"));
+    let shared = format!(
+        "{}{}[shared]\nurls = [\"{}\"]\ntimeout = \"2s\"\n",
+        a.entry,
+        b.entry,
+        redis.url()
+    );
+    let fleet = |ownership: &str| config(&up, &format!("{}{ownership}", shared));
+    let ask = |gw: &TestGateway, id: uuid::Uuid| {
+        let o = std::sync::Arc::clone(gw.gateway.ownership());
+        async move { o.check(AppId(0), Kind::Run, id, Some(b.name)).await }
+    };
+    let writer = spawn_gateway(fleet("")).await;
+    let remembers = spawn_gateway(fleet("")).await;
+    let asks_each_time = spawn_gateway(fleet("[ownership]\nunknown_ttl = \"0s\"\n")).await;
+    let id = uuid::Uuid::new_v4();
+    for gw in [&remembers, &asks_each_time] {
+        assert_eq!(ask(gw, id).await, Access::Unknown);
+    }
+    // Written late (a handler must never do this; it bounds the harm if one does).
+    writer
+        .gateway
+        .ownership()
+        .record(AppId(0), Kind::Run, id, Some(a.name))
+        .await;
+    assert_eq!(ask(&remembers, id).await, Access::Unknown);
+    assert_eq!(ask(&asks_each_time, id).await, Access::Foreign);
+    // A record made on the replica itself replaces what it remembered.
+    remembers
+        .gateway
+        .ownership()
+        .record(AppId(0), Kind::Run, id, Some(a.name))
+        .await;
+    assert_eq!(ask(&remembers, id).await, Access::Foreign);
 }

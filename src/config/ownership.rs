@@ -19,11 +19,16 @@ pub const DEFAULT_MAX_RECORDS: u64 = 1_000_000;
 /// looks back at a run's detail.
 pub const DEFAULT_OWNERSHIP_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// Default [`OwnershipConfig::unknown_ttl`]: a run read often costs one shared-tier lookup a
+/// minute per replica, not one per read.
+pub const DEFAULT_UNKNOWN_TTL: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawOwnership {
     pub max_records: Option<u64>,
     pub ttl: Option<HumanDuration>,
+    pub unknown_ttl: Option<HumanDuration>,
 }
 
 /// Bounds of the ownership records (see `crate::ownership`).
@@ -35,6 +40,11 @@ pub struct OwnershipConfig {
     /// How long a record lasts, in memory and in the shared tier; after it the id is unknown
     /// again, readable by any client of its app.
     pub ttl: Duration,
+    /// How long a replica remembers that the shared tier holds no record of an id, before asking
+    /// again; `0s` asks on every check. Sound because a record is written before its id reaches
+    /// any client (so "no record" does not turn into a record later); the bound limits the harm
+    /// should one ever be written late.
+    pub unknown_ttl: Duration,
 }
 
 impl Default for OwnershipConfig {
@@ -42,6 +52,7 @@ impl Default for OwnershipConfig {
         OwnershipConfig {
             max_records: DEFAULT_MAX_RECORDS,
             ttl: DEFAULT_OWNERSHIP_TTL,
+            unknown_ttl: DEFAULT_UNKNOWN_TTL,
         }
     }
 }
@@ -57,7 +68,18 @@ impl RawOwnership {
         if ttl < Duration::from_millis(1) {
             return Err(ctx.invalid("ownership.ttl", "must be at least 1ms".into()));
         }
-        Ok(OwnershipConfig { max_records, ttl })
+        let unknown_ttl = dur(self.unknown_ttl, DEFAULT_UNKNOWN_TTL);
+        if unknown_ttl > ttl {
+            return Err(ctx.invalid(
+                "ownership.unknown_ttl",
+                "must not exceed ownership.ttl".into(),
+            ));
+        }
+        Ok(OwnershipConfig {
+            max_records,
+            ttl,
+            unknown_ttl,
+        })
     }
 }
 
@@ -74,17 +96,24 @@ mod tests {
         );
         let e = RawOwnership {
             max_records: Some(0),
-            ttl: None,
+            ..RawOwnership::default()
         }
         .validate(&ctx)
         .unwrap_err();
         assert!(e.to_string().contains("ownership.max_records"), "{e}");
         let e = RawOwnership {
-            max_records: None,
             ttl: Some(HumanDuration(Duration::ZERO)),
+            ..RawOwnership::default()
         }
         .validate(&ctx)
         .unwrap_err();
         assert!(e.to_string().contains("ownership.ttl"), "{e}");
+        let e = RawOwnership {
+            ttl: Some(HumanDuration(Duration::from_secs(10))),
+            ..RawOwnership::default()
+        }
+        .validate(&ctx)
+        .unwrap_err();
+        assert!(e.to_string().contains("ownership.unknown_ttl"), "{e}");
     }
 }
