@@ -30,7 +30,7 @@ use crate::policy::{EntryClass, Policy};
 use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
 use crate::request_id;
-use crate::routes::run_detail::RunDetail;
+use crate::routes::run_detail::{self, RunDetail};
 use crate::routes::{health, merge_slashes, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
@@ -370,7 +370,7 @@ impl Gateway {
                 info.error = served.error;
                 info.upstream_status = served.upstream_status;
                 info.upstream_elapsed = served.upstream_elapsed;
-                Ok(resp)
+                Ok(run_detail::conditional(resp, &req.headers))
             }
         }
     }

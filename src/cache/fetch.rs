@@ -242,6 +242,7 @@ impl Fetch {
         Arc::new(Stored {
             status: a.status,
             headers: self.intern_headers(KeptHeaders::keep(&a.headers)),
+            etag: super::etag_of(&body),
             body,
             class,
             ttl,

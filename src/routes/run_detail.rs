@@ -4,13 +4,18 @@
 //!
 //! Invariant: every answer carries `X-Cache` with its [`CacheOutcome`], and `Age` when it comes
 //! from the cache; an upstream answer is served with its status, its kept headers and its body
-//! bytes as received.
+//! bytes as received. Every answer made from an upstream answer carries its strong `ETag` and a
+//! `Cache-Control` that tells the truth (immutable once terminal, revalidate otherwise); a 2xx
+//! whose ETag the client's `If-None-Match` names becomes a 304 with no body.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, AGE, CONTENT_TYPE, RETRY_AFTER, WARNING};
-use http::{Response, StatusCode};
+use http::header::{
+    HeaderName, HeaderValue, AGE, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER,
+    WARNING,
+};
+use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::Body;
 use crate::cache::fetch::{Fetch, Fetched, FlightValue};
@@ -20,6 +25,7 @@ use crate::error::GatewayError;
 use crate::flight::Role;
 use crate::metrics::Metrics;
 use crate::outcome::CacheOutcome;
+use crate::policy::EntryClass;
 use crate::run_id::RunId;
 use crate::upstream::{App, X_ENV, X_VERSION};
 
@@ -152,13 +158,50 @@ fn refresh_failed(f: &Fetched) -> bool {
     }
 }
 
+/// `Cache-Control` of a terminal answer: it never changes.
+static IMMUTABLE: HeaderValue = HeaderValue::from_static("private, max-age=31536000, immutable");
+/// `Cache-Control` of any other answer: it may change, so it is revalidated before reuse.
+static NO_CACHE: HeaderValue = HeaderValue::from_static("private, no-cache");
+
+/// Turns a 2xx answer made from an entry into a 304 with no body when `req`'s `If-None-Match`
+/// names the entry's ETag; anything else is returned as it is.
+pub fn conditional(mut resp: Response<Body>, req: &HeaderMap) -> Response<Body> {
+    let Body::Entry(s) = resp.body() else {
+        return resp;
+    };
+    if !s.status.is_success() || !none_match_fails(req, &s.etag) {
+        return resp;
+    }
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    *resp.body_mut() = Body::empty();
+    resp
+}
+
+/// Does `req`'s `If-None-Match` name `etag` (or say `*`)? Weak comparison (RFC 9110 §13.1.2):
+/// `W/"x"` names `"x"`. Every header line counts; a malformed one names nothing.
+pub fn none_match_fails(req: &HeaderMap, etag: &HeaderValue) -> bool {
+    let tag = opaque(etag.as_bytes());
+    req.get_all(IF_NONE_MATCH).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(|t| t.trim_ascii())
+            .any(|t| t == b"*" || opaque(t) == tag)
+    })
+}
+
+/// The opaque part of an entity tag, its `W/` dropped.
+fn opaque(t: &[u8]) -> &[u8] {
+    t.strip_prefix(b"W/").unwrap_or(t)
+}
+
 /// Builds the client's response from a stored answer: the bytes as received (lent by the
-/// entry), the kept headers, `X-Cache`, and `Age` when served from the cache.
-fn answer(s: Arc<Stored>, outcome: CacheOutcome) -> Response<Body> {
+/// entry), the kept headers, `ETag`, `Cache-Control`, `X-Cache`, and `Age` when served from the
+/// cache.
+pub fn answer(s: Arc<Stored>, outcome: CacheOutcome) -> Response<Body> {
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = s.status;
     let h = resp.headers_mut();
-    h.reserve(6);
+    h.reserve(8);
     let KeptHeaders {
         content_type,
         x_version,
@@ -177,6 +220,13 @@ fn answer(s: Arc<Stored>, outcome: CacheOutcome) -> Response<Body> {
     if let Some(v) = retry_after {
         h.insert(RETRY_AFTER, v.clone());
     }
+    h.insert(ETAG, s.etag.clone());
+    let cc = if s.class == Some(EntryClass::Terminal) {
+        &IMMUTABLE
+    } else {
+        &NO_CACHE
+    };
+    h.insert(CACHE_CONTROL, cc.clone());
     h.insert(X_CACHE.clone(), outcome.header());
     if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Stale) {
         h.insert(AGE, age_header(s.fetched_at.elapsed().as_secs()));
