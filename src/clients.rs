@@ -38,6 +38,9 @@ pub struct Client {
     /// The upstream slots its fetches may hold at once (its fair share, taken before the global
     /// cap); `None` when it may use them all.
     pub(crate) upstream_share: Option<Semaphore>,
+    /// Its requests that may be held at once (`[[clients]] max_waiters`); `None`: only the
+    /// global cap.
+    pub(crate) waiters: Option<Arc<Semaphore>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -116,6 +119,7 @@ impl ClientTable {
                     digest: c.token_sha256,
                     limiter,
                     upstream_share: upstream_share.map(Semaphore::new),
+                    waiters: c.max_waiters.map(|n| Arc::new(Semaphore::new(n))),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -189,6 +193,7 @@ mod tests {
                 token_sha256: digest,
                 app: 0,
                 rate,
+                max_waiters: None,
             }],
             None,
             &Metrics::new(),

@@ -36,6 +36,7 @@ pub mod sse;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+mod watch;
 
 pub use config::Config;
 pub use gateway::Gateway;

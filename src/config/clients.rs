@@ -20,6 +20,7 @@ pub struct RawClient {
     pub app: String,
     pub rate_per_second: Option<u32>,
     pub burst: Option<u32>,
+    pub max_waiters: Option<usize>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -31,6 +32,8 @@ pub struct ClientConfig {
     /// Index into [`Config::apps`](super::Config::apps).
     pub app: usize,
     pub rate: Option<RateLimit>,
+    /// Requests of this client held at once (long-polls, status streams); past it, 429.
+    pub max_waiters: Option<usize>,
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.
@@ -125,11 +128,18 @@ impl RawClient {
                 ))
             }
         };
+        if self.max_waiters == Some(0) {
+            return Err(invalid(
+                "clients.max_waiters",
+                format!("client `{name}`: must be at least 1"),
+            ));
+        }
         Ok(ClientConfig {
             name: self.name,
             token_sha256,
             app,
             rate,
+            max_waiters: self.max_waiters,
         })
     }
 }

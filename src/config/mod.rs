@@ -19,6 +19,7 @@ mod cache;
 mod clients;
 mod context;
 mod log;
+mod longpoll;
 mod position;
 mod server;
 mod shared;
@@ -36,6 +37,7 @@ pub use cache::{CacheConfig, RawCache, DEFAULT_TERMINAL_STATUSES, NON_TERMINAL_S
 pub use clients::{ClientConfig, RateLimit, RawClient};
 pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
 pub use log::{LogConfig, LogFormat, RawLog};
+pub use longpoll::{LongPollConfig, RawLongPoll, DEFAULT_MAX_WAIT, DEFAULT_MAX_WAITERS};
 pub use position::{KeyPositions, TomlError};
 pub use server::{
     RawServer, RawTls, ServerConfig, TlsConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -74,6 +76,8 @@ pub struct RawConfig {
     pub shared: Option<RawShared>,
     #[serde(default)]
     pub stream: RawStream,
+    #[serde(default)]
+    pub longpoll: RawLongPoll,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -96,6 +100,8 @@ pub struct Config {
     pub shared: Option<SharedConfig>,
     /// Event streams: heartbeats and the upstream silence allowed.
     pub stream: StreamConfig,
+    /// Held requests: long-polls and status streams.
+    pub longpoll: LongPollConfig,
 }
 
 impl RawConfig {
@@ -145,6 +151,7 @@ impl RawConfig {
         let admin = self.admin.validate(&ctx)?;
         let shared = shared::validate(self.shared, &ctx)?;
         let stream = self.stream.validate(&ctx)?;
+        let longpoll = self.longpoll.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -155,6 +162,7 @@ impl RawConfig {
             clients,
             shared,
             stream,
+            longpoll,
         })
     }
 }

@@ -28,6 +28,9 @@ use crate::outcome::CacheOutcome;
 use crate::policy::EntryClass;
 use crate::run_id::RunId;
 use crate::upstream::{App, X_ENV, X_VERSION};
+use crate::watch::{is_running, Full, Watchers};
+
+use super::wait;
 
 /// `X-Cache` response header.
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -55,20 +58,89 @@ impl Served {
     }
 }
 
-/// The run-detail route's state: the cache it reads and the fetch that fills it.
+/// The run-detail route's state: the cache it reads, the fetch that fills it, and the watchers
+/// of running runs for the requests that wait.
 pub struct RunDetail {
     cache: Cache,
     fetch: Arc<Fetch>,
     metrics: Arc<Metrics>,
+    watchers: Arc<Watchers>,
+    /// `longpoll.max_wait`.
+    max_wait: Duration,
 }
 
 impl RunDetail {
-    pub fn new(cache: Cache, fetch: Arc<Fetch>, metrics: Arc<Metrics>) -> RunDetail {
+    pub fn new(
+        cache: Cache,
+        fetch: Arc<Fetch>,
+        metrics: Arc<Metrics>,
+        watchers: Arc<Watchers>,
+        max_wait: Duration,
+    ) -> RunDetail {
         RunDetail {
             cache,
             fetch,
             metrics,
+            watchers,
+            max_wait,
         }
+    }
+
+    /// The watchers of running runs (for the status stream and shutdown).
+    pub fn watchers(&self) -> &Arc<Watchers> {
+        &self.watchers
+    }
+
+    /// [`RunDetail::serve`], then the conditional answer; with `Prefer: wait=N` on a running
+    /// run whose body the client's `If-None-Match` (if any) still names, held until it changes
+    /// (see [`super::wait`]).
+    pub async fn serve_request(
+        &self,
+        app: &Arc<App>,
+        run: RunId,
+        rid: &HeaderValue,
+        client: Option<&Arc<Client>>,
+        req: &HeaderMap,
+    ) -> (Response<Body>, Served) {
+        let (resp, served) = self.serve(app, run, rid, client).await;
+        let Some(asked) = wait::preferred_wait(req) else {
+            return (conditional(resp, req), served);
+        };
+        let applied = asked.min(self.max_wait);
+        let inm = req.contains_key(IF_NONE_MATCH);
+        // Not yet there: still running and, with If-None-Match, still the body the client has.
+        let waiting = |s: &Stored| is_running(s) && (!inm || none_match_fails(req, &s.etag));
+        let current = match resp.body() {
+            Body::Entry(s) if served.cache != CacheOutcome::Stale && waiting(s) => Arc::clone(s),
+            _ => return (conditional(resp, req), served),
+        };
+        if applied.is_zero() || self.watchers.stopping() {
+            return (conditional(resp, req), served);
+        }
+        let key = CacheKey { app: app.id, run };
+        let mut waiter = match self.watchers.join(app, key, current, client) {
+            Ok(w) => w,
+            Err(full) => {
+                let e = match full {
+                    Full::Gateway => GatewayError::Overloaded,
+                    Full::Client => GatewayError::RateLimited {
+                        retry_after_secs: 1,
+                    },
+                };
+                let served = Served {
+                    error: Some(e.as_str()),
+                    ..served
+                };
+                return (error(&e, served.cache), served);
+            }
+        };
+        let deadline = tokio::time::Instant::now() + applied;
+        let now = waiter.until(deadline, |s| !waiting(s)).await;
+        drop(waiter);
+        let mut resp = conditional(answer(now, CacheOutcome::Hit), req);
+        resp.headers_mut()
+            .insert(wait::PREFERENCE_APPLIED.clone(), wait::applied(applied));
+        (resp, Served { cache: CacheOutcome::Hit, ..served })
     }
 
     /// The cache this route reads (for operations).
