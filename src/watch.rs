@@ -75,7 +75,11 @@ impl Waiter {
 
     /// Waits until `done` holds for the current state, or until `deadline`, or until the
     /// watcher ends; returns the state then.
-    pub async fn until(&mut self, deadline: Instant, done: impl Fn(&Stored) -> bool) -> Arc<Stored> {
+    pub async fn until(
+        &mut self,
+        deadline: Instant,
+        done: impl Fn(&Stored) -> bool,
+    ) -> Arc<Stored> {
         let _ = tokio::time::timeout_at(deadline, self.rx.wait_for(|s| done(s))).await;
         self.current()
     }
@@ -132,7 +136,11 @@ impl Watchers {
         client: Option<&Arc<Client>>,
     ) -> Result<Waiter, Full> {
         let mine = match client.and_then(|c| c.waiters.as_ref()) {
-            Some(s) => Some(Arc::clone(s).try_acquire_owned().map_err(|_| Full::Client)?),
+            Some(s) => Some(
+                Arc::clone(s)
+                    .try_acquire_owned()
+                    .map_err(|_| Full::Client)?,
+            ),
             None => None,
         };
         let global = Arc::clone(&self.slots)
@@ -177,7 +185,10 @@ impl Watchers {
             if !is_running(&cur) || *stop.borrow() {
                 break;
             }
-            let ttl = cur.ttl.unwrap_or(self.running_ttl).max(Duration::from_millis(1));
+            let ttl = cur
+                .ttl
+                .unwrap_or(self.running_ttl)
+                .max(Duration::from_millis(1));
             let fresh_until = Instant::from_std(cur.fetched_at) + ttl;
             let next = last_try.map_or(fresh_until, |t| fresh_until.max(t + ttl));
             let from_fleet = tokio::select! {
@@ -201,11 +212,7 @@ impl Watchers {
                 self.fetch.from_shared(&app, key.run).await
             } else {
                 last_try = Some(Instant::now());
-                match self
-                    .fetch
-                    .run(&app, key.run, &WATCH_REQUEST_ID, None)
-                    .await
-                {
+                match self.fetch.run(&app, key.run, &WATCH_REQUEST_ID, None).await {
                     Ok((FlightValue::Cached(s), _)) => Some(s),
                     Ok((FlightValue::Fetched(f), _)) => f.result.as_ref().ok().cloned(),
                     Err(_) => None,

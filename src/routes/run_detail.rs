@@ -140,7 +140,13 @@ impl RunDetail {
         let mut resp = conditional(answer(now, CacheOutcome::Hit), req);
         resp.headers_mut()
             .insert(wait::PREFERENCE_APPLIED.clone(), wait::applied(applied));
-        (resp, Served { cache: CacheOutcome::Hit, ..served })
+        (
+            resp,
+            Served {
+                cache: CacheOutcome::Hit,
+                ..served
+            },
+        )
     }
 
     /// The cache this route reads (for operations).

@@ -64,7 +64,8 @@ pub async fn serve(
                     },
                 };
                 let mut resp = e.to_response().map(Body::Full);
-                resp.headers_mut().insert(X_CACHE.clone(), served.cache.header());
+                resp.headers_mut()
+                    .insert(X_CACHE.clone(), served.cache.header());
                 let served = Served {
                     error: Some(e.as_str()),
                     ..served

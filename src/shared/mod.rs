@@ -49,9 +49,9 @@ pub use outcome::{Lookup, NotifyOutcome, PutOutcome, WaitOutcome};
 
 use conn::Conn;
 use errors::Health;
-use notify::{Registry, Signal};
 /// Completions of one run's fetches, fleet-wide (see [`SharedTier::completions`]).
 pub(crate) use notify::Waiter as Completions;
+use notify::{Registry, Signal};
 
 /// Keys asked for per SCAN step of `purge_all`, and so the most unlinked per call.
 const PURGE_BATCH: usize = 500;
