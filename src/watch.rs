@@ -209,7 +209,7 @@ impl Watchers {
                 }
             };
             let got = if from_fleet {
-                self.fetch.from_shared(&app, key.run).await
+                self.fetch.read_shared(&app, key.run).await
             } else {
                 last_try = Some(Instant::now());
                 match self.fetch.run(&app, key.run, &WATCH_REQUEST_ID, None).await {

@@ -196,7 +196,9 @@ async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
     eventually("a held request on b", move || m.longpoll_waiters.get() == 1).await;
     up.set(RUN, Reply::run(RUN, "\"succeeded\""));
     // Replica a refreshes (its entry purged from both tiers) and publishes the new state.
-    a.gateway.purge_run(dify_gateway::run_id::RunId::parse(RUN).unwrap(), None).await;
+    a.gateway
+        .purge_run(dify_gateway::run_id::RunId::parse(RUN).unwrap(), None)
+        .await;
     let fresh = get(&client(), &a.run_url(RUN)).await;
     assert_eq!(fresh.json()["status"], "succeeded");
     let got = waiter.await.unwrap();

@@ -179,7 +179,7 @@ impl Fetch {
 
     /// The entry the shared tier holds for `run` of `app` (put by any replica), warmed into
     /// the in-process cache; `None` without a shared tier or entry.
-    pub(crate) async fn from_shared(&self, app: &App, run: RunId) -> Option<Arc<Stored>> {
+    pub(crate) async fn read_shared(&self, app: &App, run: RunId) -> Option<Arc<Stored>> {
         let shared = self.shared.as_ref()?;
         let key = CacheKey { app: app.id, run };
         match shared.get(&app.credentials().tag, run).await {

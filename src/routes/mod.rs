@@ -32,7 +32,7 @@ pub const UNKNOWN: &str = "unknown";
 pub enum Route {
     /// `GET`/`HEAD /v1/workflows/run/{id}`: a run's detail, from the cache or the upstream.
     RunDetail,
-    /// `GET /v1/workflows/run/{id}/events`: a run's status as an event stream.
+    /// `GET`/`HEAD /v1/workflows/run/{id}/events`: a run's status as an event stream.
     RunEvents,
     /// `GET`/`HEAD /healthz`: the process is up.
     Health,
@@ -81,8 +81,9 @@ impl Route {
     #[inline]
     pub fn allows(self, method: &Method) -> bool {
         match self {
-            Route::RunDetail | Route::Health => method == Method::GET || method == Method::HEAD,
-            Route::RunEvents => method == Method::GET,
+            Route::RunDetail | Route::RunEvents | Route::Health => {
+                method == Method::GET || method == Method::HEAD
+            }
         }
     }
 
@@ -167,10 +168,20 @@ mod tests {
             Ok((Route::RunDetail, "a%2Fb"))
         );
         assert_eq!(Route::parse(&get, "/healthz"), Ok((Route::Health, "")));
+        assert_eq!(
+            Route::parse(&get, &format!("{run}/events")),
+            Ok((Route::RunEvents, ID))
+        );
+        assert_eq!(
+            Route::parse(&Method::POST, &format!("{run}/events")),
+            Err(Misroute::Method(Route::RunEvents))
+        );
         for path in [
             "/v1/workflows/run",
             "/v1/workflows/run/x/y",
             "/v1/workflows/run/x/",
+            "/v1/workflows/run/x/y/events",
+            "/v1/workflows/run/x/events/",
             "/healthz/",
             "/",
             "/v1/workflows/logs",
