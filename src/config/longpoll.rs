@@ -1,8 +1,8 @@
 //! `[longpoll]`: how long a client may wait for a run to change (`Prefer: wait=N`, the status
 //! stream) and how many may wait at once.
 //!
-//! Invariant: `max_wait` is above zero and `max_waiters` at least one, so a wait is always
-//! bounded and a client that waits can.
+//! Invariant: `max_wait` is above zero and shorter than `server.max_response_time` (so a held
+//! request is answered before its connection would be cut), and `max_waiters` at least one.
 
 use std::time::Duration;
 
@@ -44,10 +44,21 @@ impl Default for LongPollConfig {
 
 impl RawLongPoll {
     /// Checks `[longpoll]`.
-    pub(super) fn validate(self, ctx: &Context<'_>) -> Result<LongPollConfig, ConfigError> {
-        let max_wait = dur(self.max_wait, DEFAULT_MAX_WAIT);
+    pub(super) fn validate(
+        self,
+        ctx: &Context<'_>,
+        max_response_time: Duration,
+    ) -> Result<LongPollConfig, ConfigError> {
+        // Unset, it stays well inside a short `server.max_response_time`.
+        let max_wait = dur(self.max_wait, DEFAULT_MAX_WAIT.min(max_response_time / 2));
         if max_wait.is_zero() {
             return Err(ctx.invalid("longpoll.max_wait", "must be above zero".into()));
+        }
+        if max_wait >= max_response_time {
+            return Err(ctx.invalid(
+                "longpoll.max_wait",
+                "must be shorter than server.max_response_time".into(),
+            ));
         }
         let max_waiters = self.max_waiters.unwrap_or(DEFAULT_MAX_WAITERS);
         if max_waiters == 0 {
@@ -64,24 +75,39 @@ impl RawLongPoll {
 mod tests {
     use super::*;
 
+    const RESPONSE_TIME: Duration = Duration::from_secs(300);
+
     #[test]
     fn defaults_and_bounds() {
         let ctx = Context::standalone();
-        let c = RawLongPoll::default().validate(&ctx).unwrap();
+        let c = RawLongPoll::default()
+            .validate(&ctx, RESPONSE_TIME)
+            .unwrap();
         assert_eq!(c, LongPollConfig::default());
         let e = RawLongPoll {
             max_wait: Some(HumanDuration(Duration::ZERO)),
             max_waiters: None,
         }
-        .validate(&ctx)
+        .validate(&ctx, RESPONSE_TIME)
         .unwrap_err();
         assert!(e.to_string().contains("longpoll.max_wait"), "{e}");
         let e = RawLongPoll {
             max_wait: None,
             max_waiters: Some(0),
         }
-        .validate(&ctx)
+        .validate(&ctx, RESPONSE_TIME)
         .unwrap_err();
         assert!(e.to_string().contains("longpoll.max_waiters"), "{e}");
+        let e = RawLongPoll {
+            max_wait: Some(HumanDuration(RESPONSE_TIME)),
+            max_waiters: None,
+        }
+        .validate(&ctx, RESPONSE_TIME)
+        .unwrap_err();
+        assert!(e.to_string().contains("server.max_response_time"), "{e}");
+        let short = RawLongPoll::default()
+            .validate(&ctx, Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(short.max_wait, Duration::from_secs(5));
     }
 }

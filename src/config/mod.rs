@@ -151,7 +151,7 @@ impl RawConfig {
         let admin = self.admin.validate(&ctx)?;
         let shared = shared::validate(self.shared, &ctx)?;
         let stream = self.stream.validate(&ctx)?;
-        let longpoll = self.longpoll.validate(&ctx)?;
+        let longpoll = self.longpoll.validate(&ctx, server.max_response_time)?;
         Ok(Config {
             server,
             upstream,
