@@ -41,6 +41,9 @@ pub struct Client {
     /// The upstream slots its fetches may hold at once (its fair share, taken before the global
     /// cap); `None` when it may use them all.
     pub(crate) upstream_share: Option<Semaphore>,
+    /// Its requests that may be held at once (`[[clients]] max_waiters`); `None`: only the
+    /// global cap.
+    pub(crate) waiters: Option<Arc<Semaphore>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -120,6 +123,7 @@ impl ClientTable {
                     limiter,
                     read_app_logs: c.read_app_logs,
                     upstream_share: upstream_share.map(Semaphore::new),
+                    waiters: c.max_waiters.map(|n| Arc::new(Semaphore::new(n))),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -195,6 +199,7 @@ mod tests {
                 rate,
                 starts: Default::default(),
                 read_app_logs: false,
+                max_waiters: None,
             }],
             None,
             &Metrics::new(),

@@ -32,12 +32,13 @@ use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
 use crate::request_id;
 use crate::routes::run_detail::RunDetail;
-use crate::routes::{health, merge_slashes, Misroute, Route};
+use crate::routes::{health, merge_slashes, run_events, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
 use crate::starts::{StartRefused, Starts};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
+use crate::watch::Watchers;
 
 /// Why the gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,8 @@ pub struct Gateway {
     access_log: Option<Arc<AccessLog>>,
     /// Reloads so far and the settings they cannot change.
     reloads: ReloadLog,
+    /// `stream.heartbeat`, for status streams.
+    heartbeat: Duration,
 }
 
 /// `/admin/cache/stats` body.
@@ -182,6 +185,13 @@ impl Gateway {
             Arc::clone(&upstreams),
             Arc::clone(&metrics),
         );
+        let fetch = Arc::new(fetch);
+        let watchers = Arc::new(Watchers::new(
+            Arc::clone(&fetch),
+            config.cache.running_ttl,
+            config.longpoll.max_waiters,
+            Arc::clone(&metrics),
+        ));
         let reloads = ReloadLog::new(config, &metrics);
         Ok(Arc::new(Gateway {
             clients: ArcSwap::from_pointee(ClientTable::new(
@@ -192,11 +202,14 @@ impl Gateway {
             run_detail: RunDetail::new(
                 Arc::clone(&ownership),
                 cache,
-                Arc::new(fetch),
+                fetch,
                 Arc::clone(&metrics),
+                watchers,
+                config.longpoll.max_wait,
             ),
             ownership,
             starts: Starts::new(&config.clients),
+            heartbeat: config.stream.heartbeat,
             upstreams,
             body_read_timeout: config.server.header_read_timeout,
             max_bytes: config.cache.max_bytes,
@@ -263,6 +276,12 @@ impl Gateway {
             keys_rotated,
             needs_restart: self.reloads.needs_restart(config),
         })
+    }
+
+    /// Shutdown has begun: held requests answer now with the state they have, status streams
+    /// end, and no request is held from now on.
+    pub fn release_waiters(&self) {
+        self.run_detail.watchers().shut_down();
     }
 
     /// Reloads so far (for `/admin/reload`).
@@ -404,12 +423,19 @@ impl Gateway {
         }
         match route {
             Route::Health => Ok(health::answer()),
-            Route::RunDetail => {
+            Route::RunDetail | Route::RunEvents => {
                 let run = RunId::parse(param)
                     .map_err(|_| Refused::new(RejectReason::BadId, GatewayError::InvalidRunId))?;
                 let app = self.app_of(client.as_deref());
                 info.app = Some(app.id);
-                let (resp, served) = self.run_detail.serve(app, run, rid, client.as_ref()).await;
+                let client = client.as_ref();
+                let (resp, served) = if route == Route::RunEvents {
+                    let d = &self.run_detail;
+                    run_events::serve(d, app, run, rid, client, &req.headers, self.heartbeat).await
+                } else {
+                    let d = &self.run_detail;
+                    d.serve_request(app, run, rid, client, &req.headers).await
+                };
                 info.cache = Some(served.cache);
                 info.error = served.error;
                 info.upstream_status = served.upstream_status;

@@ -150,6 +150,10 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabel, Counter>,
     pub retries: Counter,
     pub circuit_open: Gauge,
+    /// Requests held waiting for a run to change (long-polls and status streams).
+    pub longpoll_waiters: Gauge,
+    /// Running runs watched for them (one each, however many wait).
+    pub longpoll_watchers: Gauge,
     pub shared_tier_errors: Family<ReasonLabel, Counter>,
     pub shared_tier_hits: Counter,
     pub app_key_healthy: Family<AppLabel, Gauge>,
@@ -218,6 +222,18 @@ impl Metrics {
         registry.register("rejected", "Requests refused by reason", rejected.clone());
         let retries = Counter::default();
         registry.register("upstream_retries", "Upstream retries", retries.clone());
+        let longpoll_waiters = Gauge::default();
+        registry.register(
+            "longpoll_waiters",
+            "Requests held waiting for a run to change (long-polls and status streams)",
+            longpoll_waiters.clone(),
+        );
+        let longpoll_watchers = Gauge::default();
+        registry.register(
+            "longpoll_watchers",
+            "Running runs watched for held requests, one watcher per run",
+            longpoll_watchers.clone(),
+        );
         let circuit_open = Gauge::default();
         registry.register(
             "upstream_circuit_open",
@@ -289,6 +305,8 @@ impl Metrics {
             rejected,
             retries,
             circuit_open,
+            longpoll_waiters,
+            longpoll_watchers,
             shared_tier_errors,
             shared_tier_hits,
             app_key_healthy,

@@ -172,6 +172,25 @@ impl Fetch {
         }
     }
 
+    /// The shared tier, when configured.
+    pub(crate) fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// The entry the shared tier holds for `run` of `app` (put by any replica), warmed into
+    /// the in-process cache; `None` without a shared tier or entry.
+    pub(crate) async fn read_shared(&self, app: &App, run: RunId) -> Option<Arc<Stored>> {
+        let shared = self.shared.as_ref()?;
+        let key = CacheKey { app: app.id, run };
+        match shared.get(&app.credentials().tag, run).await {
+            Lookup::Hit(stored) => match self.warm_from_shared(key, stored) {
+                FlightValue::Cached(s) => Some(s),
+                FlightValue::Fetched(_) => None,
+            },
+            _ => None,
+        }
+    }
+
     /// An entry another replica fetched: warm the in-process cache with it.
     fn warm_from_shared(&self, key: CacheKey, stored: Arc<Stored>) -> FlightValue {
         self.metrics.shared_tier_hits.inc();
@@ -242,6 +261,7 @@ impl Fetch {
         Arc::new(Stored {
             status: a.status,
             headers: self.intern_headers(KeptHeaders::keep(&a.headers)),
+            etag: super::etag_of(&body),
             body,
             class,
             ttl,

@@ -23,6 +23,7 @@ pub struct RawClient {
     pub runs_per_minute: Option<u32>,
     pub max_open_streams: Option<u32>,
     pub read_app_logs: Option<bool>,
+    pub max_waiters: Option<usize>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -39,6 +40,8 @@ pub struct ClientConfig {
     /// May read `/workflows/logs`, which lists every client's runs of the app, while the app
     /// isolates clients. Default false.
     pub read_app_logs: bool,
+    /// Requests of this client held at once (long-polls, status streams); past it, 429.
+    pub max_waiters: Option<usize>,
 }
 
 /// A client's limits on starting runs; `None` is unlimited.
@@ -153,6 +156,12 @@ impl RawClient {
             runs_per_minute: at_least_one("clients.runs_per_minute", self.runs_per_minute)?,
             max_open_streams: at_least_one("clients.max_open_streams", self.max_open_streams)?,
         };
+        if self.max_waiters == Some(0) {
+            return Err(invalid(
+                "clients.max_waiters",
+                format!("client `{name}`: must be at least 1"),
+            ));
+        }
         Ok(ClientConfig {
             name: self.name,
             token_sha256,
@@ -160,6 +169,7 @@ impl RawClient {
             rate,
             starts,
             read_app_logs: self.read_app_logs.unwrap_or(false),
+            max_waiters: self.max_waiters,
         })
     }
 }

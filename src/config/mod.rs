@@ -19,6 +19,7 @@ mod cache;
 mod clients;
 mod context;
 mod log;
+mod longpoll;
 mod ownership;
 mod position;
 mod server;
@@ -37,6 +38,7 @@ pub use cache::{CacheConfig, RawCache, DEFAULT_TERMINAL_STATUSES, NON_TERMINAL_S
 pub use clients::{ClientConfig, RateLimit, RawClient, StartLimits};
 pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
 pub use log::{LogConfig, LogFormat, RawLog};
+pub use longpoll::{LongPollConfig, RawLongPoll, DEFAULT_MAX_WAIT, DEFAULT_MAX_WAITERS};
 pub use ownership::{OwnershipConfig, RawOwnership, DEFAULT_MAX_RECORDS, DEFAULT_OWNERSHIP_TTL};
 pub use position::{KeyPositions, TomlError};
 pub use server::{
@@ -78,6 +80,8 @@ pub struct RawConfig {
     pub stream: RawStream,
     #[serde(default)]
     pub ownership: RawOwnership,
+    #[serde(default)]
+    pub longpoll: RawLongPoll,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -102,6 +106,8 @@ pub struct Config {
     pub stream: StreamConfig,
     /// Bounds of the records of which client created which run, task and file.
     pub ownership: OwnershipConfig,
+    /// Held requests: long-polls and status streams.
+    pub longpoll: LongPollConfig,
 }
 
 impl RawConfig {
@@ -159,6 +165,7 @@ impl RawConfig {
         let shared = shared::validate(self.shared, &ctx)?;
         let stream = self.stream.validate(&ctx)?;
         let ownership = self.ownership.validate(&ctx)?;
+        let longpoll = self.longpoll.validate(&ctx, server.max_response_time)?;
         Ok(Config {
             server,
             upstream,
@@ -170,6 +177,7 @@ impl RawConfig {
             shared,
             stream,
             ownership,
+            longpoll,
         })
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod health;
 pub mod run_detail;
+pub mod run_events;
+pub mod wait;
 
 use std::borrow::Cow;
 
@@ -15,6 +17,9 @@ use http::Method;
 
 /// Path prefix of the run-detail route, as Dify serves it under `/v1`.
 pub const RUN_DETAIL_PREFIX: &str = "/v1/workflows/run/";
+
+/// Path suffix of the status-stream route, after the run id.
+pub const RUN_EVENTS_SUFFIX: &str = "/events";
 
 /// Path of the public health check.
 pub const HEALTH_PATH: &str = "/healthz";
@@ -27,6 +32,8 @@ pub const UNKNOWN: &str = "unknown";
 pub enum Route {
     /// `GET`/`HEAD /v1/workflows/run/{id}`: a run's detail, from the cache or the upstream.
     RunDetail,
+    /// `GET`/`HEAD /v1/workflows/run/{id}/events`: a run's status as an event stream.
+    RunEvents,
     /// `GET`/`HEAD /healthz`: the process is up.
     Health,
 }
@@ -57,6 +64,10 @@ impl Route {
     pub fn parse<'p>(method: &Method, path: &'p str) -> Result<(Route, &'p str), Misroute> {
         let (route, param) = match path.strip_prefix(RUN_DETAIL_PREFIX) {
             Some(id) if !id.contains('/') => (Route::RunDetail, id),
+            Some(rest) => match rest.strip_suffix(RUN_EVENTS_SUFFIX) {
+                Some(id) if !id.contains('/') => (Route::RunEvents, id),
+                _ => return Err(Misroute::NotFound),
+            },
             _ if path == HEALTH_PATH => (Route::Health, ""),
             _ => return Err(Misroute::NotFound),
         };
@@ -70,7 +81,9 @@ impl Route {
     #[inline]
     pub fn allows(self, method: &Method) -> bool {
         match self {
-            Route::RunDetail | Route::Health => method == Method::GET || method == Method::HEAD,
+            Route::RunDetail | Route::RunEvents | Route::Health => {
+                method == Method::GET || method == Method::HEAD
+            }
         }
     }
 
@@ -78,7 +91,7 @@ impl Route {
     /// SDKs send `{}` with every GET) and drops it, see [`crate::intake::discard_body`].
     pub fn takes_body(self) -> bool {
         match self {
-            Route::RunDetail | Route::Health => false,
+            Route::RunDetail | Route::RunEvents | Route::Health => false,
         }
     }
 
@@ -86,7 +99,7 @@ impl Route {
     /// client's rate limit)? Routes that are not answer anyone.
     pub fn needs_token(self) -> bool {
         match self {
-            Route::RunDetail => true,
+            Route::RunDetail | Route::RunEvents => true,
             Route::Health => false,
         }
     }
@@ -95,6 +108,7 @@ impl Route {
     pub fn as_str(self) -> &'static str {
         match self {
             Route::RunDetail => "run_detail",
+            Route::RunEvents => "run_events",
             Route::Health => "healthz",
         }
     }
@@ -154,10 +168,20 @@ mod tests {
             Ok((Route::RunDetail, "a%2Fb"))
         );
         assert_eq!(Route::parse(&get, "/healthz"), Ok((Route::Health, "")));
+        assert_eq!(
+            Route::parse(&get, &format!("{run}/events")),
+            Ok((Route::RunEvents, ID))
+        );
+        assert_eq!(
+            Route::parse(&Method::POST, &format!("{run}/events")),
+            Err(Misroute::Method(Route::RunEvents))
+        );
         for path in [
             "/v1/workflows/run",
             "/v1/workflows/run/x/y",
             "/v1/workflows/run/x/",
+            "/v1/workflows/run/x/y/events",
+            "/v1/workflows/run/x/events/",
             "/healthz/",
             "/",
             "/v1/workflows/logs",
