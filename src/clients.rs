@@ -22,6 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::ClientConfig;
 use crate::metrics::{ClientLabel, Metrics};
+use crate::rewrite::UserPrefix;
 
 /// One configured client.
 pub struct Client {
@@ -38,6 +39,8 @@ pub struct Client {
     /// The upstream slots its fetches may hold at once (its fair share, taken before the global
     /// cap); `None` when it may use them all.
     pub(crate) upstream_share: Option<Semaphore>,
+    /// Put before each end-user id the client sends upstream (`[[clients]] user_prefix`).
+    pub user_prefix: Option<UserPrefix>,
 }
 
 impl std::fmt::Debug for Client {
@@ -116,6 +119,7 @@ impl ClientTable {
                     digest: c.token_sha256,
                     limiter,
                     upstream_share: upstream_share.map(Semaphore::new),
+                    user_prefix: c.user_prefix.clone(),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -189,6 +193,7 @@ mod tests {
                 token_sha256: digest,
                 app: 0,
                 rate,
+                user_prefix: None,
             }],
             None,
             &Metrics::new(),

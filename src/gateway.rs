@@ -10,14 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::HeaderValue;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use hyper::body::Body as HttpBody;
 use serde::Serialize;
 
 use crate::access_log::{AccessLine, AccessLog};
-use crate::body::Body;
+use crate::body::{Body, BodyError};
+use crate::passthrough::{BodyKind, Forward, Passthrough, Served};
 use crate::cache::fetch::Fetch;
 use crate::cache::{AppId, Cache};
 use crate::clients::{Client, ClientTable};
@@ -31,7 +33,7 @@ use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
 use crate::request_id;
 use crate::routes::run_detail::RunDetail;
-use crate::routes::{health, merge_slashes, Misroute, Route};
+use crate::routes::{health, merge_slashes, passthrough, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
 use crate::tls::TlsAcceptor;
@@ -69,6 +71,10 @@ pub struct Gateway {
     clients: ArcSwap<ClientTable>,
     /// The run-detail route: the cache and the fetches that fill it.
     run_detail: RunDetail,
+    /// The passed-through routes.
+    passthrough: Passthrough,
+    /// `passthrough.allow_unlisted`: other paths under `/v1/` are passed, not refused.
+    allow_unlisted: bool,
     /// Time a request body (read and dropped) may take to arrive: `server.header_read_timeout`.
     body_read_timeout: Duration,
     /// The configured cap, reported by the admin API.
@@ -125,9 +131,10 @@ impl From<Misroute> for Refused {
     fn from(m: Misroute) -> Refused {
         match m {
             Misroute::NotFound => Refused::new(RejectReason::BadRoute, GatewayError::RouteNotFound),
-            Misroute::Method(_) => {
-                Refused::new(RejectReason::Method, GatewayError::MethodNotAllowed)
-            }
+            Misroute::Method(r) => Refused::new(
+                RejectReason::Method,
+                GatewayError::MethodNotAllowed { allow: r.allowed() },
+            ),
         }
     }
 }
@@ -166,13 +173,17 @@ impl Gateway {
             Arc::clone(&metrics),
         );
         let reloads = ReloadLog::new(config, &metrics);
+        let fetch = Arc::new(fetch);
+        let passthrough = Passthrough::new(config, Arc::clone(&fetch), Arc::clone(&metrics));
         Ok(Arc::new(Gateway {
+            passthrough,
+            allow_unlisted: config.passthrough.allow_unlisted,
             clients: ArcSwap::from_pointee(ClientTable::new(
                 &config.clients,
                 client_share_slots(&config.upstream, config.clients.len()),
                 &metrics,
             )),
-            run_detail: RunDetail::new(cache, Arc::new(fetch), Arc::clone(&metrics)),
+            run_detail: RunDetail::new(cache, fetch, Arc::clone(&metrics)),
             upstreams,
             body_read_timeout: config.server.header_read_timeout,
             max_bytes: config.cache.max_bytes,
@@ -276,7 +287,8 @@ impl Gateway {
     /// Answers one request. Never fails: every error becomes a response.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Body>
     where
-        B: HttpBody + Unpin,
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
     {
         let start = Instant::now();
         let (req, body) = req.into_parts();
@@ -338,7 +350,8 @@ impl Gateway {
         client: &mut Option<Arc<Client>>,
     ) -> Result<Response<Body>, Refused>
     where
-        B: HttpBody + Unpin,
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
     {
         // Where the request ends is settled first, on every path: a framing that could be
         // read two ways is refused before anything is answered for it.
@@ -347,10 +360,18 @@ impl Gateway {
         let (route, param) = Route::parse(&req.method, &path).inspect_err(|m| {
             info.route = m.route();
         })?;
-        info.route = Some(route);
-        if !route.takes_body() {
-            intake::discard_body(body, self.body_read_timeout).await?;
+        if route == Route::Unlisted && !self.allow_unlisted {
+            return Err(Misroute::NotFound.into());
         }
+        info.route = Some(route);
+        // The body of a route that takes none is read and dropped now; one that takes a body
+        // keeps it for its handler.
+        let body = if route.takes_body() {
+            Some(body)
+        } else {
+            intake::discard_body(body, self.body_read_timeout).await?;
+            None
+        };
         if route.needs_token() {
             // Let in before anything else is looked at: an outsider learns nothing.
             *client = self.authenticate(req, rid)?;
@@ -372,6 +393,89 @@ impl Gateway {
                 info.upstream_elapsed = served.upstream_elapsed;
                 Ok(resp)
             }
+            _ => self.pass(route, param, &path, req, body, rid, info, client.as_deref()).await,
+        }
+    }
+
+    /// A passed-through route: its id checked, then the request sent to the client's app.
+    #[allow(clippy::too_many_arguments)]
+    async fn pass<B>(
+        &self,
+        route: Route,
+        param: &str,
+        path: &str,
+        req: &Parts,
+        body: Option<B>,
+        rid: &HeaderValue,
+        info: &mut RequestInfo,
+        client: Option<&Client>,
+    ) -> Result<Response<Body>, Refused>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
+    {
+        let content_type = req.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let plan = passthrough::plan(route, &req.method, param, content_type)
+            .map_err(|e| Refused::new(RejectReason::BadId, e))?;
+        let app = self.app_of(client);
+        info.app = Some(app.id);
+        let prefix = client.and_then(|c| c.user_prefix.as_ref());
+        let path_and_query = passthrough::upstream_path(path, req.uri.query(), prefix)
+            .ok_or_else(|| Refused::from(Misroute::NotFound))?;
+        match body {
+            Some(body) if plan.body != BodyKind::None => {
+                self.pass_planned(app, path_and_query, plan, req, body, rid, info, prefix)
+                    .await
+            }
+            body => {
+                // A GET of a route that takes a body on POST: read and dropped like any GET's.
+                if let Some(body) = body {
+                    intake::discard_body(body, self.body_read_timeout).await?;
+                }
+                let none = http_body_util::Empty::<Bytes>::new();
+                self.pass_planned(app, path_and_query, plan, req, none, rid, info, prefix)
+                    .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pass_planned<B>(
+        &self,
+        app: &Arc<App>,
+        path_and_query: String,
+        plan: passthrough::Plan,
+        req: &Parts,
+        body: B,
+        rid: &HeaderValue,
+        info: &mut RequestInfo,
+        prefix: Option<&crate::rewrite::UserPrefix>,
+    ) -> Result<Response<Body>, Refused>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
+    {
+        let fwd = Forward {
+            app,
+            path_and_query,
+            body: plan.body,
+            follows_run: plan.follows_run,
+            prefix,
+        };
+        let mut served = Served::default();
+        let r = self.passthrough.serve(fwd, req, body, rid, &mut served).await;
+        info.upstream_status = served.upstream_status;
+        info.upstream_elapsed = served.upstream_elapsed;
+        match r {
+            Ok(resp) => Ok(resp),
+            Err(why) => match why.reason() {
+                Some(reason) => Err(Refused::new(reason, why)),
+                None => {
+                    let e = GatewayError::from(why);
+                    info.error = Some(e.as_str());
+                    Ok(e.to_response().map(Body::Full))
+                }
+            },
         }
     }
 

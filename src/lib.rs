@@ -22,6 +22,7 @@ pub mod metrics;
 #[cfg(feature = "mock")]
 pub mod mock;
 mod outcome;
+pub mod passthrough;
 pub mod policy;
 mod readiness;
 pub mod reload;

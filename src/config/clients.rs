@@ -9,6 +9,7 @@ use std::num::NonZeroU32;
 use serde::Deserialize;
 
 use super::apps::AppConfig;
+use crate::rewrite::UserPrefix;
 use super::context::{ConfigError, Context};
 use super::values::check_name;
 
@@ -20,6 +21,7 @@ pub struct RawClient {
     pub app: String,
     pub rate_per_second: Option<u32>,
     pub burst: Option<u32>,
+    pub user_prefix: Option<String>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -31,6 +33,8 @@ pub struct ClientConfig {
     /// Index into [`Config::apps`](super::Config::apps).
     pub app: usize,
     pub rate: Option<RateLimit>,
+    /// Put before every end-user id the client sends (`user`), so its users are its own in Dify.
+    pub user_prefix: Option<UserPrefix>,
 }
 
 /// A token bucket: `per_second` sustained, `burst` at once.
@@ -125,11 +129,19 @@ impl RawClient {
                 ))
             }
         };
+        let user_prefix = self
+            .user_prefix
+            .map(|p| {
+                UserPrefix::new(&p)
+                    .map_err(|e| invalid("clients.user_prefix", format!("client `{name}`: {e}")))
+            })
+            .transpose()?;
         Ok(ClientConfig {
             name: self.name,
             token_sha256,
             app,
             rate,
+            user_prefix,
         })
     }
 }

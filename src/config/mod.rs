@@ -19,6 +19,7 @@ mod cache;
 mod clients;
 mod context;
 mod log;
+mod passthrough;
 mod position;
 mod server;
 mod shared;
@@ -45,6 +46,9 @@ pub use server::{
 pub use shared::{
     RawShared, SharedConfig, Urls, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_LOCK_TTL,
     DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_KEY_PREFIX,
+};
+pub use passthrough::{
+    PassthroughConfig, RawPassthrough, DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES,
 };
 pub use stream::{RawStream, StreamConfig, DEFAULT_HEARTBEAT, DEFAULT_STREAM_IDLE_TIMEOUT};
 pub use upstream::{
@@ -74,6 +78,8 @@ pub struct RawConfig {
     pub shared: Option<RawShared>,
     #[serde(default)]
     pub stream: RawStream,
+    #[serde(default)]
+    pub passthrough: RawPassthrough,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -96,6 +102,8 @@ pub struct Config {
     pub shared: Option<SharedConfig>,
     /// Event streams: heartbeats and the upstream silence allowed.
     pub stream: StreamConfig,
+    /// The passed-through routes' body caps and the unlisted-path switch.
+    pub passthrough: PassthroughConfig,
 }
 
 impl RawConfig {
@@ -145,6 +153,7 @@ impl RawConfig {
         let admin = self.admin.validate(&ctx)?;
         let shared = shared::validate(self.shared, &ctx)?;
         let stream = self.stream.validate(&ctx)?;
+        let passthrough = self.passthrough.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -155,6 +164,7 @@ impl RawConfig {
             clients,
             shared,
             stream,
+            passthrough,
         })
     }
 }
