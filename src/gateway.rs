@@ -19,7 +19,6 @@ use serde::Serialize;
 
 use crate::access_log::{AccessLine, AccessLog};
 use crate::body::{Body, BodyError};
-use crate::passthrough::{BodyKind, Forward, Passthrough, Served};
 use crate::cache::fetch::Fetch;
 use crate::cache::{AppId, Cache};
 use crate::clients::{Client, ClientTable};
@@ -28,6 +27,7 @@ use crate::error::GatewayError;
 use crate::intake;
 use crate::metrics::{ClassLabel, Metrics, RejectReason};
 use crate::outcome::CacheOutcome;
+use crate::passthrough::{BodyKind, Forward, Passthrough, Served};
 use crate::policy::{EntryClass, Policy};
 use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
@@ -393,7 +393,10 @@ impl Gateway {
                 info.upstream_elapsed = served.upstream_elapsed;
                 Ok(resp)
             }
-            _ => self.pass(route, param, &path, req, body, rid, info, client.as_deref()).await,
+            _ => {
+                self.pass(route, param, &path, req, body, rid, info, client.as_deref())
+                    .await
+            }
         }
     }
 
@@ -463,7 +466,10 @@ impl Gateway {
             prefix,
         };
         let mut served = Served::default();
-        let r = self.passthrough.serve(fwd, req, body, rid, &mut served).await;
+        let r = self
+            .passthrough
+            .serve(fwd, req, body, rid, &mut served)
+            .await;
         info.upstream_status = served.upstream_status;
         info.upstream_elapsed = served.upstream_elapsed;
         match r {

@@ -9,9 +9,9 @@ use std::num::NonZeroU32;
 use serde::Deserialize;
 
 use super::apps::AppConfig;
-use crate::rewrite::UserPrefix;
 use super::context::{ConfigError, Context};
 use super::values::check_name;
+use crate::rewrite::UserPrefix;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

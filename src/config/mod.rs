@@ -37,6 +37,9 @@ pub use cache::{CacheConfig, RawCache, DEFAULT_TERMINAL_STATUSES, NON_TERMINAL_S
 pub use clients::{ClientConfig, RateLimit, RawClient};
 pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
 pub use log::{LogConfig, LogFormat, RawLog};
+pub use passthrough::{
+    PassthroughConfig, RawPassthrough, DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES,
+};
 pub use position::{KeyPositions, TomlError};
 pub use server::{
     RawServer, RawTls, ServerConfig, TlsConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -46,9 +49,6 @@ pub use server::{
 pub use shared::{
     RawShared, SharedConfig, Urls, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEY_PREFIX, DEFAULT_LOCK_TTL,
     DEFAULT_TIMEOUT, DEFAULT_WAIT_TIMEOUT, MAX_KEY_PREFIX,
-};
-pub use passthrough::{
-    PassthroughConfig, RawPassthrough, DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES,
 };
 pub use stream::{RawStream, StreamConfig, DEFAULT_HEARTBEAT, DEFAULT_STREAM_IDLE_TIMEOUT};
 pub use upstream::{

@@ -52,10 +52,7 @@ impl RawPassthrough {
             return Err(ctx.invalid("passthrough.max_json_bytes", "must be above zero".into()));
         }
         if max_upload_bytes == 0 {
-            return Err(ctx.invalid(
-                "passthrough.max_upload_bytes",
-                "must be above zero".into(),
-            ));
+            return Err(ctx.invalid("passthrough.max_upload_bytes", "must be above zero".into()));
         }
         Ok(PassthroughConfig {
             max_json_bytes,

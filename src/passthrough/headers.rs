@@ -89,7 +89,13 @@ mod tests {
         names.sort_unstable();
         assert_eq!(
             names,
-            ["accept", "content-type", "traceparent", "tracestate", "x-trace-id"]
+            [
+                "accept",
+                "content-type",
+                "traceparent",
+                "tracestate",
+                "x-trace-id"
+            ]
         );
     }
 

@@ -168,8 +168,13 @@ impl Passthrough {
         let pass_body = match fwd.body {
             BodyKind::None => request::empty(),
             BodyKind::Json => {
-                request::json_body(body, self.max_json_bytes, self.body_read_timeout, fwd.prefix)
-                    .await?
+                request::json_body(
+                    body,
+                    self.max_json_bytes,
+                    self.body_read_timeout,
+                    fwd.prefix,
+                )
+                .await?
             }
             BodyKind::Multipart => {
                 let rewriter = match fwd.prefix {
@@ -184,9 +189,7 @@ impl Passthrough {
                 };
                 request::streamed(body, self.max_upload_bytes, rewriter, fault.clone())?
             }
-            BodyKind::Raw => {
-                request::streamed(body, self.max_upload_bytes, None, fault.clone())?
-            }
+            BodyKind::Raw => request::streamed(body, self.max_upload_bytes, None, fault.clone())?,
         };
         let mut up = Request::new(pass_body);
         *up.method_mut() = req.method.clone();
@@ -194,7 +197,8 @@ impl Passthrough {
         up.headers_mut().insert(X_REQUEST_ID.clone(), rid.clone());
         if let Some(len) = req.headers.get(CONTENT_LENGTH) {
             // Only an untouched streamed body keeps the client's length; hyper sets the others.
-            if fwd.body == BodyKind::Raw || (fwd.body == BodyKind::Multipart && fwd.prefix.is_none())
+            if fwd.body == BodyKind::Raw
+                || (fwd.body == BodyKind::Multipart && fwd.prefix.is_none())
             {
                 up.headers_mut().insert(CONTENT_LENGTH, len.clone());
             }
@@ -206,12 +210,14 @@ impl Passthrough {
             .map_err(|r| Refusal::Upstream(UpstreamError::CircuitOpen { retry_after: r.0 }))?;
         // A run start (or an upload) may take as long as the run; other heads come within the
         // total timeout.
-        let head_bound = if fwd.follows_run || fwd.body != BodyKind::Json && fwd.body != BodyKind::None {
-            self.run_timeout
-        } else {
-            self.total_timeout
-        };
-        let sent = tokio::time::timeout(head_bound, fwd.app.upstream.pass(up, &fwd.path_and_query)).await;
+        let head_bound =
+            if fwd.follows_run || fwd.body != BodyKind::Json && fwd.body != BodyKind::None {
+                self.run_timeout
+            } else {
+                self.total_timeout
+            };
+        let sent =
+            tokio::time::timeout(head_bound, fwd.app.upstream.pass(up, &fwd.path_and_query)).await;
         let elapsed = start.elapsed();
         served.upstream_elapsed = Some(elapsed);
         let resp = match sent {
@@ -220,7 +226,8 @@ impl Passthrough {
         };
         // A refusal of the client's own body wins over what it did to the exchange.
         if let Some(why) = fault.get() {
-            self.metrics.upstream(UpstreamOutcome::BadResponse, Some(elapsed));
+            self.metrics
+                .upstream(UpstreamOutcome::BadResponse, Some(elapsed));
             return Err(*why);
         }
         let resp = match resp {
@@ -248,7 +255,11 @@ impl Passthrough {
             .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"));
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            });
         if events {
             let h = out.headers_mut();
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

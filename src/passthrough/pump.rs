@@ -197,7 +197,8 @@ mod tests {
 
     #[test]
     fn a_terminal_blocking_answer_names_its_run() {
-        let body = br#"{"task_id":"t","workflow_run_id":"r1","data":{"id":"r1","status":"succeeded"}}"#;
+        let body =
+            br#"{"task_id":"t","workflow_run_id":"r1","data":{"id":"r1","status":"succeeded"}}"#;
         assert_eq!(finished_run(body).as_deref(), Some("r1"));
         let running = br#"{"workflow_run_id":"r1","data":{"id":"r1","status":"running"}}"#;
         assert_eq!(finished_run(running), None);

@@ -60,9 +60,7 @@ where
     let read = Limited::new(body, cap as usize).collect();
     let bytes = match tokio::time::timeout(deadline, read).await {
         Err(_) => return Err(Refusal::TooSlow),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Refusal::TooLarge)
-        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(Refusal::TooLarge),
         Ok(Err(_)) => return Err(Refusal::Broken),
         Ok(Ok(c)) => c.to_bytes(),
     };
@@ -190,7 +188,9 @@ where
                     }
                 }
                 Some(r) => match r.push(data) {
-                    Ok(out) => this.queued.extend(out.into_iter().filter(|b| !b.is_empty())),
+                    Ok(out) => this
+                        .queued
+                        .extend(out.into_iter().filter(|b| !b.is_empty())),
                     Err(_) => return this.fail(Refusal::BadMultipart),
                 },
             }
@@ -216,7 +216,10 @@ mod tests {
     use futures_util::stream;
     use http_body_util::StreamBody;
 
-    fn chunks(n: usize, size: usize) -> impl HttpBody<Data = Bytes, Error = std::io::Error> + Send + Unpin {
+    fn chunks(
+        n: usize,
+        size: usize,
+    ) -> impl HttpBody<Data = Bytes, Error = std::io::Error> + Send + Unpin {
         let frames = (0..n).map(move |_| Ok(Frame::data(Bytes::from(vec![b'x'; size]))));
         StreamBody::new(stream::iter(frames))
     }

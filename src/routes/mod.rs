@@ -279,8 +279,16 @@ mod tests {
             assert_eq!(Route::parse(&get, path), Err(Misroute::NotFound), "{path}");
         }
         // Other paths under `/v1/` are the unlisted route, refused unless configured.
-        for path in ["/v1/workflows/run/x/y", "/v1/workflows/run/x/", "/v1/chat-messages"] {
-            assert_eq!(Route::parse(&get, path), Ok((Route::Unlisted, "")), "{path}");
+        for path in [
+            "/v1/workflows/run/x/y",
+            "/v1/workflows/run/x/",
+            "/v1/chat-messages",
+        ] {
+            assert_eq!(
+                Route::parse(&get, path),
+                Ok((Route::Unlisted, "")),
+                "{path}"
+            );
         }
         let post = Method::POST;
         for (path, route, param) in [
@@ -293,7 +301,15 @@ mod tests {
             ("/v1/form/human_input/tok", Route::HumanInput, "tok"),
         ] {
             assert_eq!(Route::parse(&post, path), Ok((route, param)), "{path}");
-            assert_eq!(Route::parse(&get, path).map(|r| r.0), if route == Route::HumanInput { Ok(route) } else { Err(Misroute::Method(route)) }, "{path}");
+            assert_eq!(
+                Route::parse(&get, path).map(|r| r.0),
+                if route == Route::HumanInput {
+                    Ok(route)
+                } else {
+                    Err(Misroute::Method(route))
+                },
+                "{path}"
+            );
         }
         for (path, route, param) in [
             ("/v1/workflows/logs", Route::Logs, ""),
@@ -306,7 +322,11 @@ mod tests {
             ("/v1/end-users/u", Route::EndUser, "u"),
         ] {
             assert_eq!(Route::parse(&get, path), Ok((route, param)), "{path}");
-            assert_eq!(Route::parse(&post, path), Err(Misroute::Method(route)), "{path}");
+            assert_eq!(
+                Route::parse(&post, path),
+                Err(Misroute::Method(route)),
+                "{path}"
+            );
         }
         for m in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
             assert_eq!(

@@ -44,7 +44,9 @@ pub fn plan(
         Route::FilePreview => uuid("file_id must be a hyphenated UUID")?,
         Route::EndUser => uuid("end_user_id must be a hyphenated UUID")?,
         Route::HumanInput if !is_token(param) => {
-            return Err(GatewayError::InvalidParam("form_token is not a valid token"))
+            return Err(GatewayError::InvalidParam(
+                "form_token is not a valid token",
+            ))
         }
         _ => {}
     }
@@ -74,7 +76,11 @@ pub fn plan(
 
 /// The upstream path and query for a request to `path` (under `/v1`, slashes merged) with
 /// `query`, the client's `user` values prefixed; `None` for a path with a dot segment.
-pub fn upstream_path(path: &str, query: Option<&str>, prefix: Option<&UserPrefix>) -> Option<String> {
+pub fn upstream_path(
+    path: &str,
+    query: Option<&str>,
+    prefix: Option<&UserPrefix>,
+) -> Option<String> {
     let rest = path.strip_prefix("/v1")?;
     if rest.split('/').any(is_dot_segment) {
         return None;
@@ -116,19 +122,31 @@ mod tests {
         assert!(plan(Route::TaskStop, &post, ID, None).is_ok());
         assert_eq!(
             plan(Route::TaskStop, &post, "x", None),
-            Err(GatewayError::InvalidParam("task_id must be a hyphenated UUID"))
+            Err(GatewayError::InvalidParam(
+                "task_id must be a hyphenated UUID"
+            ))
         );
         assert!(plan(Route::Events, &Method::GET, "../x", None).is_err());
         assert!(plan(Route::HumanInput, &post, "a b", None).is_err());
         let p = plan(Route::RunStart, &post, "", None).unwrap();
         assert_eq!(p.body, BodyKind::Json);
         assert!(p.follows_run);
-        assert_eq!(plan(Route::Upload, &post, "", None).unwrap().body, BodyKind::Multipart);
         assert_eq!(
-            plan(Route::Unlisted, &post, "", Some("application/json")).unwrap().body,
+            plan(Route::Upload, &post, "", None).unwrap().body,
+            BodyKind::Multipart
+        );
+        assert_eq!(
+            plan(Route::Unlisted, &post, "", Some("application/json"))
+                .unwrap()
+                .body,
             BodyKind::Json
         );
-        assert_eq!(plan(Route::Unlisted, &post, "", Some("text/plain")).unwrap().body, BodyKind::Raw);
+        assert_eq!(
+            plan(Route::Unlisted, &post, "", Some("text/plain"))
+                .unwrap()
+                .body,
+            BodyKind::Raw
+        );
     }
 
     #[test]
