@@ -360,7 +360,12 @@ impl Gateway {
         let (route, param) = Route::parse(&req.method, &path).inspect_err(|m| {
             info.route = m.route();
         })?;
-        if route == Route::Unlisted && !self.allow_unlisted {
+        // An unlisted path is passed only when the operator allows it; an HTTP/1 request in
+        // absolute form (`GET http://host/v1/...`, a forward-proxy request) is never passed on.
+        let proxy_form = req.version < http::Version::HTTP_2 && req.uri.authority().is_some();
+        if route.is_passthrough()
+            && (proxy_form || route == Route::Unlisted && !self.allow_unlisted)
+        {
             return Err(Misroute::NotFound.into());
         }
         info.route = Some(route);
