@@ -177,17 +177,17 @@ impl Route {
     /// Does the route take a request body? A route that does not still reads a small one (some
     /// SDKs send `{}` with every GET) and drops it, see [`crate::intake::discard_body`].
     pub fn takes_body(self) -> bool {
-        match self {
+        matches!(
+            self,
             Route::RunStart
-            | Route::RunStartVersion
-            | Route::TaskStop
-            | Route::Upload
-            | Route::AudioToText
-            | Route::TextToAudio
-            | Route::HumanInput
-            | Route::Unlisted => true,
-            _ => false,
-        }
+                | Route::RunStartVersion
+                | Route::TaskStop
+                | Route::Upload
+                | Route::AudioToText
+                | Route::TextToAudio
+                | Route::HumanInput
+                | Route::Unlisted
+        )
     }
 
     /// Is the route only for clients (a token, when clients are configured, under the

@@ -79,6 +79,12 @@ pub async fn send(
     }
 }
 
+/// Where a test writes a streamed request body.
+pub type BodySender = mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>;
+
+/// The answer to a streamed request, once it comes.
+pub type Answer = tokio::task::JoinHandle<Result<Got, hyper_util::client::legacy::Error>>;
+
 /// Starts a request whose body the test streams through the returned sender (dropping it ends
 /// the body); the answer comes through the join handle.
 pub fn streaming(
@@ -86,10 +92,7 @@ pub fn streaming(
     method: Method,
     url: &str,
     headers: &[(&str, &str)],
-) -> (
-    mpsc::Sender<Result<Frame<Bytes>, std::io::Error>>,
-    tokio::task::JoinHandle<Result<Got, hyper_util::client::legacy::Error>>,
-) {
+) -> (BodySender, Answer) {
     let (tx, rx) = mpsc::channel(4);
     let frames =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
