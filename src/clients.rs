@@ -22,6 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::ClientConfig;
 use crate::metrics::{ClientLabel, Metrics};
+use crate::rewrite::UserPrefix;
 
 /// One configured client.
 pub struct Client {
@@ -44,6 +45,8 @@ pub struct Client {
     /// Its requests that may be held at once (`[[clients]] max_waiters`); `None`: only the
     /// global cap.
     pub(crate) waiters: Option<Arc<Semaphore>>,
+    /// Put before each end-user id the client sends upstream (`[[clients]] user_prefix`).
+    pub user_prefix: Option<UserPrefix>,
 }
 
 impl std::fmt::Debug for Client {
@@ -124,6 +127,7 @@ impl ClientTable {
                     read_app_logs: c.read_app_logs,
                     upstream_share: upstream_share.map(Semaphore::new),
                     waiters: c.max_waiters.map(|n| Arc::new(Semaphore::new(n))),
+                    user_prefix: c.user_prefix.clone(),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -200,6 +204,7 @@ mod tests {
                 starts: Default::default(),
                 read_app_logs: false,
                 max_waiters: None,
+                user_prefix: None,
             }],
             None,
             &Metrics::new(),

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mock;
 mod outcome;
 pub mod ownership;
+pub mod passthrough;
 pub mod policy;
 mod readiness;
 pub mod reload;

@@ -81,6 +81,8 @@ pub enum RejectReason {
     BadFraming,
     BodyTooLarge,
     BodyTimeout,
+    /// A passed-through request body that is not what its route takes (not JSON, bad multipart).
+    BadBody,
     Method,
     Auth,
     RateLimit,
@@ -106,6 +108,7 @@ impl RejectReason {
             RejectReason::BadFraming => "bad_framing",
             RejectReason::BodyTooLarge => "body_too_large",
             RejectReason::BodyTimeout => "body_timeout",
+            RejectReason::BadBody => "bad_body",
             RejectReason::Method => "method",
             RejectReason::Auth => "auth",
             RejectReason::RateLimit => "rate_limit",

@@ -18,7 +18,7 @@ use crate::clients::Client;
 use crate::error::GatewayError;
 use crate::flight::{FlightLost, Role, SingleFlight};
 use crate::metrics::Metrics;
-use crate::policy::{Decision, Policy};
+use crate::policy::{Decision, EntryClass, Policy};
 use crate::run_id::RunId;
 use crate::shared::{LockResult, Lookup, PutOutcome, SharedTier, WaitOutcome};
 use crate::upstream::{App, Credentials, UpstreamAnswer, UpstreamError, Upstreams};
@@ -302,6 +302,24 @@ impl Fetch {
             }
         }
         n
+    }
+
+    /// Drops the kept `running` answer of `run` for `app` (both tiers), once the gateway saw
+    /// the run finish, so the next read fetches its terminal answer. A terminal entry stays in
+    /// process; the shared tier's entry for the run is purged (a refetch at worst).
+    pub async fn drop_running(&self, app: &Arc<App>, run: RunId) {
+        let key = CacheKey { app: app.id, run };
+        let running = self
+            .cache
+            .lookup(&key)
+            .is_some_and(|f| f.stored.class == Some(EntryClass::Running));
+        if running {
+            self.cache.remove(&key);
+        }
+        if let Some(shared) = &self.shared {
+            // The shared tier may keep another replica's running answer for this run.
+            let _ = shared.purge(&app.tag(), run).await;
+        }
     }
 
     /// Drops every entry of both tiers; returns how many the larger one held.

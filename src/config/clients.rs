@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::apps::AppConfig;
 use super::context::{ConfigError, Context};
 use super::values::check_name;
+use crate::rewrite::UserPrefix;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +25,7 @@ pub struct RawClient {
     pub max_open_streams: Option<u32>,
     pub read_app_logs: Option<bool>,
     pub max_waiters: Option<usize>,
+    pub user_prefix: Option<String>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -42,6 +44,8 @@ pub struct ClientConfig {
     pub read_app_logs: bool,
     /// Requests of this client held at once (long-polls, status streams); past it, 429.
     pub max_waiters: Option<usize>,
+    /// Put before every end-user id the client sends (`user`), so its users are its own in Dify.
+    pub user_prefix: Option<UserPrefix>,
 }
 
 /// A client's limits on starting runs; `None` is unlimited.
@@ -162,6 +166,13 @@ impl RawClient {
                 format!("client `{name}`: must be at least 1"),
             ));
         }
+        let user_prefix = self
+            .user_prefix
+            .map(|p| {
+                UserPrefix::new(&p)
+                    .map_err(|e| invalid("clients.user_prefix", format!("client `{name}`: {e}")))
+            })
+            .transpose()?;
         Ok(ClientConfig {
             name: self.name,
             token_sha256,
@@ -170,6 +181,7 @@ impl RawClient {
             starts,
             read_app_logs: self.read_app_logs.unwrap_or(false),
             max_waiters: self.max_waiters,
+            user_prefix,
         })
     }
 }

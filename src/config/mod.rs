@@ -21,6 +21,7 @@ mod context;
 mod log;
 mod longpoll;
 mod ownership;
+mod passthrough;
 mod position;
 mod server;
 mod shared;
@@ -40,6 +41,9 @@ pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
 pub use log::{LogConfig, LogFormat, RawLog};
 pub use longpoll::{LongPollConfig, RawLongPoll, DEFAULT_MAX_WAIT, DEFAULT_MAX_WAITERS};
 pub use ownership::{OwnershipConfig, RawOwnership, DEFAULT_MAX_RECORDS, DEFAULT_OWNERSHIP_TTL};
+pub use passthrough::{
+    PassthroughConfig, RawPassthrough, DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES,
+};
 pub use position::{KeyPositions, TomlError};
 pub use server::{
     RawServer, RawTls, ServerConfig, TlsConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -82,6 +86,8 @@ pub struct RawConfig {
     pub ownership: RawOwnership,
     #[serde(default)]
     pub longpoll: RawLongPoll,
+    #[serde(default)]
+    pub passthrough: RawPassthrough,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -108,6 +114,8 @@ pub struct Config {
     pub ownership: OwnershipConfig,
     /// Held requests: long-polls and status streams.
     pub longpoll: LongPollConfig,
+    /// The passed-through routes' body caps and the unlisted-path switch.
+    pub passthrough: PassthroughConfig,
 }
 
 impl RawConfig {
@@ -166,6 +174,7 @@ impl RawConfig {
         let stream = self.stream.validate(&ctx)?;
         let ownership = self.ownership.validate(&ctx)?;
         let longpoll = self.longpoll.validate(&ctx, server.max_response_time)?;
+        let passthrough = self.passthrough.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -178,6 +187,7 @@ impl RawConfig {
             stream,
             ownership,
             longpoll,
+            passthrough,
         })
     }
 }
