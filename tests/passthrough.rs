@@ -313,7 +313,11 @@ async fn an_upload_past_the_cap_is_413_even_mid_stream() {
 #[tokio::test]
 async fn end_users_are_prefixed_in_json_multipart_and_queries() {
     let up = spawn_upstream().await;
-    let (entry, auth) = client_entry("team-a", "default", "user_prefix = \"team-a:\"");
+    let (entry, auth) = client_entry(
+        "team-a",
+        "default",
+        "user_prefix = \"team-a:\"\nread_app_logs = true",
+    );
     let gw = spawn_gateway(config(&up, &entry)).await;
     let c = body_client();
     let auth = ("authorization", auth.as_str());
