@@ -28,12 +28,13 @@ use crate::intake;
 use crate::metrics::{ClassLabel, Metrics, RejectReason};
 use crate::outcome::CacheOutcome;
 use crate::ownership::{Access, Kind, Ownership};
+use crate::passthrough::meta::Kept;
 use crate::passthrough::{BodyKind, Forward, Passthrough, Served};
 use crate::policy::{EntryClass, Policy};
 use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
 use crate::request_id;
-use crate::routes::run_detail::RunDetail;
+use crate::routes::run_detail::{RunDetail, X_CACHE};
 use crate::routes::{health, merge_slashes, passthrough, run_events, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
@@ -420,11 +421,14 @@ impl Gateway {
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BodyError>,
     {
-        // Where the request ends is settled first, on every path: a framing that could be
-        // read two ways is refused before anything is answered for it.
-        intake::check_framing(&req.headers)?;
         let path = merge_slashes(req.uri.path());
-        let (route, param) = Route::parse(&req.method, &path).inspect_err(|m| {
+        let parsed = Route::parse(&req.method, &path);
+        // Where the request ends is settled first, on every path: a framing that could be
+        // read two ways is refused before anything is answered for it; a chunked body only
+        // where a body is taken.
+        let takes_body = matches!(parsed, Ok((r, _)) if r.takes_body());
+        intake::check_framing(&req.headers, takes_body)?;
+        let (route, param) = parsed.inspect_err(|m| {
             info.route = m.route();
         })?;
         // An unlisted path is passed only when the operator allows it; an HTTP/1 request in
@@ -552,6 +556,27 @@ impl Gateway {
             permit,
             records_file: route == Route::Upload,
         };
+        if matches!(
+            route,
+            Route::Info | Route::Parameters | Route::Meta | Route::Site
+        ) {
+            if let Some(body) = body {
+                intake::discard_body(body, self.body_read_timeout).await?;
+            }
+            return self
+                .app_meta(
+                    route,
+                    app,
+                    path_and_query,
+                    plan,
+                    req,
+                    rid,
+                    info,
+                    prefix,
+                    ctl,
+                )
+                .await;
+        }
         match body {
             Some(body) if plan.body != BodyKind::None => {
                 self.pass_planned(app, path_and_query, plan, req, body, rid, info, prefix, ctl)
@@ -567,6 +592,61 @@ impl Gateway {
                     .await
             }
         }
+    }
+
+    /// `/info`, `/parameters`, `/meta`, `/site`: one upstream request per app and
+    /// `cache.app_meta_ttl`, whatever the number of clients asking.
+    #[allow(clippy::too_many_arguments)]
+    async fn app_meta(
+        &self,
+        route: Route,
+        app: &Arc<App>,
+        path_and_query: String,
+        plan: passthrough::Plan,
+        req: &Parts,
+        rid: &HeaderValue,
+        info: &mut RequestInfo,
+        prefix: Option<&crate::rewrite::UserPrefix>,
+        ctl: Ctl<'_>,
+    ) -> Result<Response<Body>, Refused> {
+        let max = self.passthrough.max_answer_bytes();
+        let fetch = async {
+            let none = http_body_util::Empty::<Bytes>::new();
+            let resp = self
+                .pass_planned(app, path_and_query, plan, req, none, rid, info, prefix, ctl)
+                .await?;
+            let (parts, body) = resp.into_parts();
+            let read =
+                http_body_util::BodyExt::collect(http_body_util::Limited::new(body, max)).await;
+            Ok::<_, Refused>(match read {
+                Ok(b) => Kept {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: b.to_bytes(),
+                },
+                Err(_) => {
+                    let e = GatewayError::UpstreamProtocol.to_response();
+                    let (parts, body) = e.into_parts();
+                    Kept {
+                        status: parts.status,
+                        headers: parts.headers,
+                        body,
+                    }
+                }
+            })
+        };
+        let (kept, outcome) = self.passthrough.meta().get(app.id, route, fetch).await?;
+        info.cache = Some(outcome);
+        let body = if req.method == http::Method::HEAD {
+            Body::empty()
+        } else {
+            Body::Full(kept.body.clone())
+        };
+        let mut out = Response::new(body);
+        *out.status_mut() = kept.status;
+        *out.headers_mut() = kept.headers.clone();
+        out.headers_mut().insert(X_CACHE.clone(), outcome.header());
+        Ok(out)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -60,13 +60,18 @@ impl From<Refusal> for GatewayError {
     }
 }
 
-/// Refuses the framings the gateway will not read: any `Transfer-Encoding`. Conflicting
-/// `Content-Length` values never get here (hyper answers them 400 itself).
-pub fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
-    if headers.contains_key(TRANSFER_ENCODING) {
-        return Err(Refusal::Framing);
+/// Refuses the framings the gateway will not read: any `Transfer-Encoding` on a route that takes
+/// no body, and anything but a single `chunked` on one that does (uploads from clients that do
+/// not know their body's length). Conflicting `Content-Length` values never get here (hyper
+/// answers them 400 itself), and hyper reads a chunked body by its chunks, never by a
+/// `Content-Length` beside it.
+pub fn check_framing(headers: &HeaderMap, takes_body: bool) -> Result<(), Refusal> {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    match (codings.next(), codings.next()) {
+        (None, _) => Ok(()),
+        (Some(te), None) if takes_body && te.as_bytes().eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(Refusal::Framing),
     }
-    Ok(())
 }
 
 /// Reads `body` to its end and drops it, refusing it once it passes [`MAX_BODY_BYTES`] or
@@ -110,9 +115,15 @@ mod tests {
     fn transfer_encoding_is_refused_content_length_is_not() {
         let mut h = HeaderMap::new();
         h.insert(http::header::CONTENT_LENGTH, "2".parse().unwrap());
-        assert_eq!(check_framing(&h), Ok(()));
+        assert_eq!(check_framing(&h, false), Ok(()));
         h.insert(TRANSFER_ENCODING, "chunked".parse().unwrap());
-        assert_eq!(check_framing(&h), Err(Refusal::Framing));
+        assert_eq!(check_framing(&h, false), Err(Refusal::Framing));
+        // A route that takes a body reads a chunked one, and nothing else.
+        assert_eq!(check_framing(&h, true), Ok(()));
+        h.insert(TRANSFER_ENCODING, "gzip, chunked".parse().unwrap());
+        assert_eq!(check_framing(&h, true), Err(Refusal::Framing));
+        h.append(TRANSFER_ENCODING, "chunked".parse().unwrap());
+        assert_eq!(check_framing(&h, true), Err(Refusal::Framing));
     }
 
     fn chunks(n: usize, size: usize) -> impl Body<Data = Bytes, Error = std::io::Error> + Unpin {

@@ -154,6 +154,7 @@ mod tests {
             running_ttl: Duration::from_secs(1),
             not_found_ttl: Duration::from_secs(2),
             stale_if_error: Duration::ZERO,
+            app_meta_ttl: Duration::from_secs(60),
         })
     }
 

@@ -4,6 +4,8 @@
 //! kept `running` answer.
 
 mod common;
+#[path = "common/http1.rs"]
+mod http1;
 
 use std::time::Duration;
 
@@ -688,4 +690,87 @@ async fn run_starts_have_their_own_limits() {
     )
     .await;
     assert_eq!(params.status, StatusCode::OK);
+}
+
+/// `/parameters` (and `/info`, `/meta`, `/site`) is asked upstream once per app and
+/// `cache.app_meta_ttl`, however many clients ask at once; after the TTL, once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_descriptions_are_fetched_once_per_ttl() {
+    let up = spawn_upstream().await;
+    let (a_entry, a) = client_entry("team-a", "default", "");
+    let (b_entry, b) = client_entry("team-b", "default", "");
+    let gw = spawn_gateway(config(
+        &up,
+        &format!("[cache]\napp_meta_ttl = \"300ms\"\n{a_entry}{b_entry}"),
+    ))
+    .await;
+    let c = body_client();
+    let asks = (0..20).map(|i| {
+        let (c, url) = (c.clone(), gw.url("/v1/parameters"));
+        let auth = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tokio::spawn(async move {
+            send(
+                &c,
+                Method::GET,
+                &url,
+                &[("authorization", auth.as_str())],
+                "",
+            )
+            .await
+        })
+    });
+    let mut bodies = Vec::new();
+    for t in asks.collect::<Vec<_>>() {
+        let got = t.await.unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        bodies.push(got.body);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(up.path_hits("/v1/parameters"), 1);
+    let hit = send(
+        &c,
+        Method::GET,
+        &gw.url("/v1/parameters"),
+        &[("authorization", a.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(hit.header("x-cache"), Some("HIT"));
+    // After the TTL the next read asks again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let again = send(
+        &c,
+        Method::GET,
+        &gw.url("/v1/parameters"),
+        &[("authorization", a.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(again.header("x-cache"), Some("MISS"));
+    assert_eq!(up.path_hits("/v1/parameters"), 2);
+}
+
+/// An HTTP/1.1 upload with `Transfer-Encoding: chunked` (a client that does not know its
+/// length) streams through; a chunked read is still refused as ambiguous framing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_upload_is_read_by_its_chunks() {
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(config(&up, "")).await;
+    let body = multipart("b0undary", "u1", b"chunked file");
+    let mut raw = format!(
+        "POST /v1/files/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0undary\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(&body);
+    raw.extend_from_slice(b"\r\n0\r\n\r\n");
+    let got = http1::exchange(gw.addr, &raw).await;
+    assert_eq!(got.status, 201, "{:?}", got.body);
+    assert_eq!(up.uploads().pop().unwrap().size, 12);
+    let read = http1::exchange(
+        gw.addr,
+        b"GET /v1/parameters HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(read.status, 400);
 }

@@ -36,6 +36,10 @@ pub(crate) const DEFAULT_NOT_FOUND_TTL: Duration = Duration::from_secs(2);
 /// cool-down with the last known progress instead of an error.
 pub(crate) const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(30);
 
+/// Default [`CacheConfig::app_meta_ttl`]: an app's settings change when someone republishes
+/// it; a minute is soon enough to see that, and saves every SDK's start-up requests.
+pub const DEFAULT_APP_META_TTL: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
@@ -43,6 +47,7 @@ pub struct RawCache {
     pub terminal_statuses: Option<Vec<String>>,
     pub terminal_max_age: Option<HumanDuration>,
     pub running_ttl: Option<HumanDuration>,
+    pub app_meta_ttl: Option<HumanDuration>,
     pub not_found_ttl: Option<HumanDuration>,
     pub stale_if_error: Option<HumanDuration>,
 }
@@ -60,6 +65,8 @@ pub struct CacheConfig {
     pub terminal_max_age: Option<Duration>,
     /// How long a non-terminal answer is reused; zero means never kept (still coalesced).
     pub running_ttl: Duration,
+    /// How long an app's `/info`, `/parameters`, `/meta` and `/site` answers are kept.
+    pub app_meta_ttl: Duration,
     /// How long an upstream 404 is reused; zero disables.
     pub not_found_ttl: Duration,
     /// How long past its TTL a running entry is still served (as `X-Cache: STALE`) when a
@@ -104,6 +111,7 @@ impl RawCache {
             terminal_statuses,
             terminal_max_age,
             running_ttl: dur(self.running_ttl, DEFAULT_RUNNING_TTL),
+            app_meta_ttl: dur(self.app_meta_ttl, DEFAULT_APP_META_TTL),
             not_found_ttl: dur(self.not_found_ttl, DEFAULT_NOT_FOUND_TTL),
             stale_if_error: dur(self.stale_if_error, DEFAULT_STALE_IF_ERROR),
         })

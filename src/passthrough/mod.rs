@@ -13,6 +13,7 @@
 //! 502 `upstream_unavailable` and counts towards the app's circuit breaker like any other.
 
 pub mod headers;
+pub mod meta;
 pub mod pump;
 pub mod request;
 
@@ -147,6 +148,8 @@ pub struct Passthrough {
     fetch: Arc<Fetch>,
     /// Who created which run, task and file.
     ownership: Arc<Ownership>,
+    /// The app descriptions kept for `cache.app_meta_ttl`.
+    meta: meta::MetaCache,
     metrics: Arc<Metrics>,
 }
 
@@ -168,8 +171,19 @@ impl Passthrough {
             max_answer_bytes: config.upstream.max_body_bytes,
             fetch,
             ownership,
+            meta: meta::MetaCache::new(config.cache.app_meta_ttl),
             metrics,
         }
+    }
+
+    /// The app descriptions kept per app.
+    pub fn meta(&self) -> &meta::MetaCache {
+        &self.meta
+    }
+
+    /// Most bytes of an upstream answer the gateway reads whole.
+    pub fn max_answer_bytes(&self) -> usize {
+        self.max_answer_bytes
     }
 
     /// Passes one request; `Err` is answered by the gateway in Dify's error shape.
