@@ -141,6 +141,9 @@ impl MockDify {
                 let Ok((stream, _)) = accepted else {
                     continue;
                 };
+                // As Dify's servers do: an event goes out when written, not after the client's
+                // delayed ACK of the one before.
+                let _ = stream.set_nodelay(true);
                 let st = Arc::clone(&st);
                 let mut stop = stop_rx.clone();
                 tokio::spawn(async move {

@@ -1,0 +1,270 @@
+//! Streams and uploads through the gateway against the same upstream reached directly, in one
+//! process and one run: first-event latency and per-event cost of a streaming run, the memory
+//! and CPU of 1,000 open streams, and the memory growth of a 100 MiB upload.
+//!
+//! Starts a mock Dify and an in-process gateway on loopback; bounded in count and time. Prints a
+//! Markdown table.
+//!
+//! ```text
+//! cargo run --release --example streams
+//! ```
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dify_gateway::config::{Overrides, RawConfig, API_KEY_ENV};
+use dify_gateway::mock::{MockDify, RunScript};
+use dify_gateway::{Listeners, RunOptions};
+use http::{Method, Request};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+
+const KEY: &str = "app-streams-bench";
+/// Streaming runs timed per path.
+const RUNS: usize = 300;
+/// Text chunks per run in the per-event measurement.
+const CHUNKS: usize = 200;
+/// Streams held open at once.
+const OPEN: usize = 1000;
+/// Size of the upload.
+const UPLOAD: usize = 100 * 1024 * 1024;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn client() -> Client<HttpConnector, Body> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(2000)
+        .build(http)
+}
+
+async fn gateway(mock: &MockDify) -> SocketAddr {
+    let toml = "[log]\naccess_log = false\n[passthrough]\nmax_upload_bytes = 209715200\n";
+    let config = RawConfig::from_toml(toml)
+        .expect("toml")
+        .validate(
+            &Overrides {
+                upstream: Some(mock.base_url()),
+                ..Overrides::default()
+            },
+            None,
+            &|n| (n == API_KEY_ENV).then(|| KEY.to_owned()),
+        )
+        .expect("config");
+    let bind = || TcpListener::bind("127.0.0.1:0");
+    let listeners = Listeners {
+        public: bind().await.expect("bind"),
+        admin: bind().await.expect("bind"),
+    };
+    let addr = listeners.public.local_addr().expect("addr");
+    let options = RunOptions {
+        access_log: None,
+        reload: None,
+        probes: false,
+    };
+    tokio::spawn(dify_gateway::run(
+        listeners,
+        config,
+        options,
+        std::future::pending(),
+    ));
+    addr
+}
+
+fn start_request(base: &str, auth: bool) -> Request<Body> {
+    let body = r#"{"inputs": {}, "response_mode": "streaming", "user": "bench"}"#;
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{base}/workflows/run"))
+        .header("content-type", "application/json");
+    if auth {
+        b = b.header("authorization", format!("Bearer {KEY}"));
+    }
+    b.body(
+        Full::new(Bytes::from_static(body.as_bytes()))
+            .map_err(|e| match e {})
+            .boxed(),
+    )
+    .expect("request")
+}
+
+/// One streaming run: time to the first event, and to the end.
+async fn one_run(c: &Client<HttpConnector, Body>, base: &str, auth: bool) -> (Duration, Duration) {
+    let t = Instant::now();
+    let resp = c.request(start_request(base, auth)).await.expect("answer");
+    let mut body = resp.into_body();
+    let mut first = None;
+    while let Some(f) = body.frame().await {
+        let f = f.expect("frame");
+        if f.data_ref().is_some_and(|d| !d.is_empty()) && first.is_none() {
+            first = Some(t.elapsed());
+        }
+    }
+    (first.expect("an event"), t.elapsed())
+}
+
+fn pct(v: &mut [Duration], p: f64) -> Duration {
+    v.sort_unstable();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 (1-based) of the whole line: 12 and 13 after `)`.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+async fn latencies(c: &Client<HttpConnector, Body>, base: &str, auth: bool) -> [Duration; 4] {
+    let (mut first, mut total) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (f, t) = one_run(c, base, auth).await;
+        first.push(f);
+        total.push(t);
+    }
+    [
+        pct(&mut first, 0.5),
+        pct(&mut first, 0.99),
+        pct(&mut total, 0.5),
+        pct(&mut total, 0.99),
+    ]
+}
+
+#[tokio::main]
+async fn main() {
+    let mock = MockDify::start(KEY).await.expect("mock");
+    let gw = gateway(&mock).await;
+    let direct = mock.base_url();
+    let through = format!("http://{gw}/v1");
+    let c = client();
+    let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+
+    println!("| Measure | Direct | Through the gateway |");
+    println!("| --- | --- | --- |");
+    // A short run: first event and whole stream.
+    mock.set_run_script(RunScript::default());
+    for (base, auth) in [(&direct, true), (&through, false)] {
+        // Warm the pools.
+        one_run(&c, base, auth).await;
+    }
+    let d = latencies(&c, &direct, true).await;
+    let g = latencies(&c, &through, false).await;
+    println!(
+        "| first event, p50 / p99 ({RUNS} runs) | {} / {} | {} / {} |",
+        us(d[0]),
+        us(d[1]),
+        us(g[0]),
+        us(g[1])
+    );
+    // A long run: per-event cost.
+    mock.set_run_script(RunScript::chunks(CHUNKS));
+    let d = latencies(&c, &direct, true).await;
+    let g = latencies(&c, &through, false).await;
+    let per = |t: Duration| format!("{:.1} µs", t.as_secs_f64() * 1e6 / (CHUNKS + 8) as f64);
+    println!(
+        "| whole stream of {CHUNKS} chunks, p50 / p99; per event at p50 | {} / {}; {} | {} / {}; {} |",
+        us(d[2]),
+        us(d[3]),
+        per(d[2]),
+        us(g[2]),
+        us(g[3]),
+        per(g[2])
+    );
+
+    // 1,000 open streams, held upstream after their first event.
+    mock.set_run_script(RunScript::default());
+    let mut open = Vec::new();
+    for (base, auth) in [(&direct, true), (&through, false)] {
+        mock.hold_events();
+        let runs0 = mock.runs().len();
+        let rss0 = rss_kib("VmRSS:");
+        let mut held = Vec::with_capacity(OPEN);
+        for _ in 0..OPEN {
+            let c = c.clone();
+            let req = start_request(base, auth);
+            held.push(tokio::spawn(async move {
+                let resp = c.request(req).await.expect("answer");
+                let mut body = resp.into_body();
+                while let Some(f) = body.frame().await {
+                    if f.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while mock.runs().len() < (runs0 + OPEN).min(10_000) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss1 = rss_kib("VmRSS:");
+        let cpu0 = cpu_time();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let idle_cpu = cpu_time() - cpu0;
+        open.push(format!(
+            "{:.1} KiB; {} ms",
+            rss1.saturating_sub(rss0) as f64 / OPEN as f64,
+            idle_cpu.as_millis()
+        ));
+        mock.free_events();
+        for h in held {
+            let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
+        }
+    }
+    println!(
+        "| {OPEN} open streams: process RSS growth per stream; process CPU over 5 s idle | {} | {} |",
+        open[0], open[1]
+    );
+
+    // A 100 MiB upload, streamed from a generator in 64 KiB chunks.
+    let hwm0 = rss_kib("VmHWM:");
+    let rss0 = rss_kib("VmRSS:");
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let head = Bytes::from_static(b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n");
+    let tail = Bytes::from_static(b"\r\n--b0undary\r\nContent-Disposition: form-data; name=\"user\"\r\n\r\nbench\r\n--b0undary--\r\n");
+    let parts = std::iter::once(head)
+        .chain(std::iter::repeat_n(chunk, UPLOAD / (64 * 1024)))
+        .chain(std::iter::once(tail));
+    let frames = futures_util::stream::iter(parts.map(|b| Ok(Frame::data(b))));
+    mock.set_upload_limit(u64::MAX);
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("{through}/files/upload"))
+        .header("content-type", "multipart/form-data; boundary=b0undary")
+        .body(StreamBody::new(frames).boxed())
+        .expect("request");
+    let t = Instant::now();
+    let resp = c.request(req).await.expect("upload answer");
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    let rss1 = rss_kib("VmRSS:");
+    let hwm1 = rss_kib("VmHWM:");
+    println!(
+        "| 100 MiB upload through the gateway ({status}, {:.2} s): RSS growth; peak growth | — | {:.1} MiB; {:.1} MiB |",
+        t.elapsed().as_secs_f64(),
+        rss1.saturating_sub(rss0) as f64 / 1024.0,
+        hwm1.saturating_sub(hwm0.max(rss0)) as f64 / 1024.0,
+    );
+}
