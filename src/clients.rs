@@ -195,6 +195,7 @@ mod tests {
                 rate,
                 starts: Default::default(),
                 read_app_logs: false,
+                quota: Default::default(),
             }],
             None,
             &Metrics::new(),

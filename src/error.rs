@@ -62,6 +62,10 @@ pub enum GatewayError {
     /// The client already follows its `max_open_streams` streams.
     #[error("too many open streams for this client (max_open_streams); retry when one ends")]
     TooManyStreams { retry_after_secs: u64 },
+    /// The client has used its `quota_runs_per_day` or `quota_tokens_per_day` (UTC days);
+    /// retry after this many seconds (the next UTC midnight). See [`crate::usage`].
+    #[error("daily quota exceeded (quota_runs_per_day or quota_tokens_per_day); retry after the next UTC midnight")]
+    QuotaExceeded { retry_after_secs: u64 },
     /// The run, task or file belongs to another client of the app (see [`crate::ownership`]):
     /// answered exactly as Dify answers an unknown run, so its existence is not revealed.
     #[error("Workflow run not found.")]
@@ -102,7 +106,8 @@ impl GatewayError {
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::RateLimited { .. }
             | GatewayError::TooManyRunStarts { .. }
-            | GatewayError::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | GatewayError::TooManyStreams { .. }
+            | GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::RunNotFound => StatusCode::NOT_FOUND,
             GatewayError::Overloaded | GatewayError::CircuitOpen { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -128,6 +133,7 @@ impl GatewayError {
             GatewayError::RateLimited { .. }
             | GatewayError::TooManyRunStarts { .. }
             | GatewayError::TooManyStreams { .. } => "too_many_requests",
+            GatewayError::QuotaExceeded { .. } => "quota_exceeded",
             GatewayError::RunNotFound => "not_found",
             GatewayError::Overloaded => "overloaded",
             GatewayError::CircuitOpen { .. } => "upstream_circuit_open",
@@ -158,6 +164,7 @@ impl GatewayError {
             GatewayError::RateLimited { retry_after_secs }
             | GatewayError::TooManyRunStarts { retry_after_secs }
             | GatewayError::TooManyStreams { retry_after_secs }
+            | GatewayError::QuotaExceeded { retry_after_secs }
             | GatewayError::CircuitOpen { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
@@ -219,6 +226,9 @@ mod tests {
                 retry_after_secs: 1,
             },
             GatewayError::RunNotFound,
+            GatewayError::QuotaExceeded {
+                retry_after_secs: 60,
+            },
         ] {
             let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
             assert_eq!(v["code"], e.as_str());
@@ -247,6 +257,15 @@ mod tests {
         .to_response();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[RETRY_AFTER], "4");
+        let r = GatewayError::QuotaExceeded {
+            retry_after_secs: 3600,
+        }
+        .to_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "3600");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["code"], "quota_exceeded");
+        assert_eq!(v["status"], 429);
         assert_eq!(
             GatewayError::MethodNotAllowed.to_response().headers()[ALLOW],
             "GET, HEAD"

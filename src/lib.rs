@@ -38,6 +38,7 @@ pub mod starts;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 
 pub use config::Config;
 pub use gateway::Gateway;

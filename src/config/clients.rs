@@ -4,7 +4,7 @@
 //! Invariant: names and token digests are unique, every client names a configured app, and a
 //! token itself is never stored — only its SHA-256.
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 
 use serde::Deserialize;
 
@@ -23,6 +23,8 @@ pub struct RawClient {
     pub runs_per_minute: Option<u32>,
     pub max_open_streams: Option<u32>,
     pub read_app_logs: Option<bool>,
+    pub quota_runs_per_day: Option<u64>,
+    pub quota_tokens_per_day: Option<u64>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -39,6 +41,17 @@ pub struct ClientConfig {
     /// May read `/workflows/logs`, which lists every client's runs of the app, while the app
     /// isolates clients. Default false.
     pub read_app_logs: bool,
+    /// Its daily quotas (UTC days), enforced on run starts.
+    pub quota: Quota,
+}
+
+/// A client's daily quotas (UTC days); `None` is unlimited. See [`crate::usage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// Runs it may start per day, counted when they finish.
+    pub runs_per_day: Option<NonZeroU64>,
+    /// Tokens its runs may use per day (Dify's `total_tokens`).
+    pub tokens_per_day: Option<NonZeroU64>,
 }
 
 /// A client's limits on starting runs; `None` is unlimited.
@@ -153,6 +166,20 @@ impl RawClient {
             runs_per_minute: at_least_one("clients.runs_per_minute", self.runs_per_minute)?,
             max_open_streams: at_least_one("clients.max_open_streams", self.max_open_streams)?,
         };
+        let at_least_one_64 = |key: &'static str, v: Option<u64>| {
+            v.map(|n| {
+                NonZeroU64::new(n)
+                    .ok_or_else(|| invalid(key, format!("client `{name}`: must be at least 1")))
+            })
+            .transpose()
+        };
+        let quota = Quota {
+            runs_per_day: at_least_one_64("clients.quota_runs_per_day", self.quota_runs_per_day)?,
+            tokens_per_day: at_least_one_64(
+                "clients.quota_tokens_per_day",
+                self.quota_tokens_per_day,
+            )?,
+        };
         Ok(ClientConfig {
             name: self.name,
             token_sha256,
@@ -160,6 +187,7 @@ impl RawClient {
             rate,
             starts,
             read_app_logs: self.read_app_logs.unwrap_or(false),
+            quota,
         })
     }
 }
