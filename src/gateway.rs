@@ -38,6 +38,7 @@ use crate::shared::{SharedConfigError, SharedTier};
 use crate::starts::{StartRefused, Starts};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
+use crate::usage::Usage;
 
 /// Why the gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,10 @@ pub struct Gateway {
     run_detail: RunDetail,
     /// Which client created which run, task and file (shared with the run-detail route).
     ownership: Arc<Ownership>,
+    /// Usage figures and daily quotas (see [`crate::usage`]).
+    usage: Arc<Usage>,
+    /// The shared tier, when configured (for the status page).
+    shared: Option<SharedTier>,
     /// Each client's run-start and open-stream limits, following reloads.
     starts: Starts,
     /// Time a request body (read and dropped) may take to arrive: `server.header_read_timeout`.
@@ -175,13 +180,20 @@ impl Gateway {
             &config.apps,
             shared.clone(),
         ));
+        let usage = Arc::new(Usage::new(
+            &config.clients,
+            &app_names(config),
+            shared.clone(),
+            Arc::clone(&metrics),
+        ));
         let fetch = Fetch::new(
             cache.clone(),
             Policy::new(&config.cache),
-            shared,
+            shared.clone(),
             Arc::clone(&upstreams),
             Arc::clone(&metrics),
-        );
+        )
+        .with_usage(Arc::clone(&usage), Arc::clone(&ownership));
         let reloads = ReloadLog::new(config, &metrics);
         Ok(Arc::new(Gateway {
             clients: ArcSwap::from_pointee(ClientTable::new(
@@ -196,6 +208,8 @@ impl Gateway {
                 Arc::clone(&metrics),
             ),
             ownership,
+            usage,
+            shared,
             starts: Starts::new(&config.clients),
             upstreams,
             body_read_timeout: config.server.header_read_timeout,
@@ -257,6 +271,7 @@ impl Gateway {
         let clients = table.len();
         self.clients.store(Arc::new(table));
         self.starts.reload(&config.clients);
+        self.usage.reload(&config.clients, &app_names(config));
         self.ownership.set_isolation(&config.apps);
         Ok(Applied {
             clients,
@@ -295,6 +310,24 @@ impl Gateway {
     /// `too_many_requests` with `Retry-After` through `GatewayError::from`.
     pub fn starts(&self) -> &Starts {
         &self.starts
+    }
+
+    /// Usage figures and daily quotas. Run-start handlers call [`Usage::check_quota`] before
+    /// starting a run (a refusal becomes `GatewayError::QuotaExceeded`) and
+    /// [`Usage::finished`] with each finished run they see (a blocking run's answer, a
+    /// `workflow_finished` event); terminal run details are counted by the fetch.
+    pub fn usage(&self) -> &Arc<Usage> {
+        &self.usage
+    }
+
+    /// The shared tier, when configured.
+    pub fn shared_tier(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// The configured apps, in order.
+    pub fn apps(&self) -> &[Arc<App>] {
+        self.upstreams.apps()
     }
 
     /// The cache (for operations and tests).
@@ -494,4 +527,9 @@ fn check_rate(client: &Client) -> Result<(), Refused> {
             GatewayError::RateLimited { retry_after_secs },
         )
     })
+}
+
+/// The configured apps' names, in order (index = `ClientConfig::app`).
+fn app_names(config: &Config) -> Vec<String> {
+    config.apps.iter().map(|a| a.name.clone()).collect()
 }

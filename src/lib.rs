@@ -35,6 +35,7 @@ pub mod server;
 pub mod shared;
 pub mod sse;
 pub mod starts;
+mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

@@ -424,6 +424,41 @@ impl Usage {
     }
 }
 
+/// The statuses a row's runs are counted by: the CSV's run columns, in order.
+pub const STATUSES: [&str; 5] = [
+    "succeeded",
+    "failed",
+    "stopped",
+    "partial-succeeded",
+    "other",
+];
+
+/// `rows` as CSV: a header row, then one line per row (day, client, app, runs in all and by
+/// status, tokens, steps, run seconds). Names are `[A-Za-z0-9._-]`, so nothing needs quoting.
+pub fn to_csv(rows: &[Row]) -> String {
+    let mut out = String::from("day,client,app,runs");
+    for s in STATUSES {
+        out.push_str(",runs_");
+        out.push_str(&s.replace('-', "_"));
+    }
+    out.push_str(",tokens,steps,run_seconds\n");
+    for r in rows {
+        let f = &r.figures;
+        out.push_str(&format!(
+            "{},{},{},{}",
+            r.day,
+            r.client,
+            r.app,
+            f.total_runs()
+        ));
+        for s in STATUSES {
+            out.push_str(&format!(",{}", f.runs.get(s).copied().unwrap_or(0)));
+        }
+        out.push_str(&format!(",{},{},{:.3}\n", f.tokens, f.steps, f.run_seconds));
+    }
+    out
+}
+
 /// The shared tier's field for one figure of (client, app).
 fn field(client: &str, app: &str, what: &str) -> String {
     format!("{client}|{app}|{what}")
