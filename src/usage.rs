@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{ClientConfig, Quota};
 use crate::metrics::{Metrics, UsageLabels, UsageRunLabels};
@@ -108,6 +108,27 @@ pub struct RunFigures<'a> {
     pub elapsed_time: f64,
 }
 
+/// The figures of a finished run as Dify reports them, with its field names: a run detail's
+/// body, a blocking run's `data`, a `workflow_finished` event's `data` all carry them.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct FinishedRun {
+    /// The run's id, when the object names it (`id`).
+    pub id: Option<String>,
+    pub status: String,
+    pub total_tokens: Option<u64>,
+    pub total_steps: Option<u64>,
+    pub elapsed_time: Option<f64>,
+}
+
+impl FinishedRun {
+    /// The figures of a JSON object with Dify's fields; `None` when it is not one, or when its
+    /// status is not final (a run still going is not counted).
+    pub fn parse(json: &[u8]) -> Option<FinishedRun> {
+        let run: FinishedRun = serde_json::from_slice(json).ok()?;
+        is_final(&run.status).then_some(run)
+    }
+}
+
 /// Usage figures and quotas. Cheap to share behind the [`crate::Gateway`].
 pub struct Usage {
     /// Runs counted by this replica, by (app, run id).
@@ -192,6 +213,26 @@ impl Usage {
         };
         self.count(day_of(SystemTime::now()), app, client, run_id, figures)
             .await
+    }
+
+    /// [`Usage::finished`] with the figures of `run` (see [`FinishedRun::parse`]).
+    pub async fn finished_run(
+        &self,
+        app: &str,
+        client: &str,
+        run_id: &str,
+        run: &FinishedRun,
+    ) -> Counted {
+        self.finished(
+            app,
+            client,
+            run_id,
+            &run.status,
+            run.total_tokens.unwrap_or(0),
+            run.total_steps.unwrap_or(0),
+            run.elapsed_time.unwrap_or(0.0),
+        )
+        .await
     }
 
     /// [`Usage::finished`] on a given day (`YYYY-MM-DD`).
@@ -481,6 +522,11 @@ fn increments(
         ],
         floats: vec![(field(client, app, "run_seconds"), seconds)],
     }
+}
+
+/// Is `status` one a run ends in (Dify's terminal statuses)?
+fn is_final(status: &str) -> bool {
+    status_label(status) != "other"
 }
 
 /// A final status as a label: Dify's terminal statuses as they are, anything else `other`

@@ -147,3 +147,18 @@ fn midnight_is_the_next_utc_day() {
     assert_eq!(until_midnight(t), Duration::from_secs(DAY - 3600));
     assert_eq!(day_of(t), day_name(20_000));
 }
+
+#[test]
+fn finished_runs_parse_from_difys_shapes_and_running_ones_do_not() {
+    let detail = br#"{"id":"r1","status":"succeeded","total_tokens":12,"total_steps":3,"elapsed_time":0.5,"outputs":{}}"#;
+    let r = FinishedRun::parse(detail).unwrap();
+    assert_eq!(r.id.as_deref(), Some("r1"));
+    assert_eq!(
+        (r.total_tokens, r.total_steps, r.elapsed_time),
+        (Some(12), Some(3), Some(0.5))
+    );
+    assert!(FinishedRun::parse(br#"{"id":"r1","status":"running","total_tokens":0}"#).is_none());
+    assert!(FinishedRun::parse(b"not json").is_none());
+    let partial = FinishedRun::parse(br#"{"status":"partial-succeeded"}"#).unwrap();
+    assert_eq!(partial.total_tokens, None);
+}

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use serde::Deserialize;
 
 use crate::clients::Client;
 use crate::error::GatewayError;
@@ -25,7 +24,7 @@ use crate::policy::{Decision, EntryClass, Policy};
 use crate::run_id::RunId;
 use crate::shared::{LockResult, Lookup, PutOutcome, SharedTier, WaitOutcome};
 use crate::upstream::{App, Credentials, UpstreamAnswer, UpstreamError, Upstreams};
-use crate::usage::{Usage, OPEN_CLIENT};
+use crate::usage::{FinishedRun, Usage, OPEN_CLIENT};
 
 use super::{Cache, CacheKey, KeptHeaders, Stored};
 
@@ -38,15 +37,6 @@ pub struct Fetched {
     pub upstream_status: Option<StatusCode>,
     /// Time the upstream exchange took.
     pub upstream_elapsed: Duration,
-}
-
-/// The figures of a finished run's detail that usage counts (Dify's field names).
-#[derive(Deserialize)]
-struct FinishedRun {
-    status: String,
-    total_tokens: Option<u64>,
-    total_steps: Option<u64>,
-    elapsed_time: Option<f64>,
 }
 
 /// What a flight yields: a fresh fetch, or an entry found without one (the re-check under the
@@ -150,7 +140,7 @@ impl Fetch {
         if stored.status != StatusCode::OK || stored.class != Some(EntryClass::Terminal) {
             return;
         }
-        let Ok(detail) = serde_json::from_slice::<FinishedRun>(&stored.body) else {
+        let Some(detail) = FinishedRun::parse(&stored.body) else {
             return;
         };
         let owner = ownership.owner_of(key.app, Kind::Run, key.run.uuid()).await;
@@ -159,15 +149,7 @@ impl Fetch {
             .or(leader.map(|c| &*c.name))
             .unwrap_or(OPEN_CLIENT);
         usage
-            .finished(
-                &app.name,
-                client,
-                &key.run.to_string(),
-                &detail.status,
-                detail.total_tokens.unwrap_or(0),
-                detail.total_steps.unwrap_or(0),
-                detail.elapsed_time.unwrap_or(0.0),
-            )
+            .finished_run(&app.name, client, &key.run.to_string(), &detail)
             .await;
     }
 
