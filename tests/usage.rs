@@ -336,9 +336,9 @@ async fn usage_survives_a_restart_with_redis_and_quotas_are_fleet_wide() {
     let a = team("team-a", "quota_runs_per_day = 2\n");
     let toml = shared(&redis, &[&a]);
     let first = spawn_gateway(config(&up, &toml)).await;
-    for _ in 0..2 {
-        let run = finished_run(&up, "succeeded");
-        assert_eq!(read(&first, &a, &run).await.status, StatusCode::OK);
+    let runs: Vec<String> = (0..2).map(|_| finished_run(&up, "succeeded")).collect();
+    for run in &runs {
+        assert_eq!(read(&first, &a, run).await.status, StatusCode::OK);
     }
     assert!(first
         .gateway
@@ -346,12 +346,23 @@ async fn usage_survives_a_restart_with_redis_and_quotas_are_fleet_wide() {
         .check_quota("team-a", "default")
         .await
         .is_err());
+    // Over its quota, the client still reads its runs, old and new.
+    assert_eq!(read(&first, &a, &runs[0]).await.status, StatusCode::OK);
+    let fresh = finished_run(&up, "succeeded");
+    assert_eq!(read(&first, &a, &fresh).await.status, StatusCode::OK);
     first.shutdown().await;
 
     let second = spawn_gateway(config(&up, &toml)).await;
     let rows = usage_json(&second).await;
-    assert_eq!(rows[0]["runs"], serde_json::json!({"succeeded": 2}));
-    assert_eq!(rows[0]["tokens"], 2 * 1234);
+    assert_eq!(rows[0]["runs"], serde_json::json!({"succeeded": 3}));
+    assert_eq!(rows[0]["tokens"], 3 * 1234);
+    // A run counted before the restart is not counted again after it.
+    let again = second
+        .gateway
+        .usage()
+        .finished("default", "team-a", &runs[1], "succeeded", 1234, 4, 1.2)
+        .await;
+    assert_eq!(again, Counted::Duplicate);
     // The quota counts what the fleet (here: before the restart) ran today.
     let wait = second
         .gateway
@@ -360,11 +371,11 @@ async fn usage_survives_a_restart_with_redis_and_quotas_are_fleet_wide() {
         .await
         .unwrap_err();
     assert!(wait.as_secs() >= 1 && wait.as_secs() <= 86_400);
-    // A run counted before the restart is not counted again after it.
     let s = get(&client(), &second.admin_url("/admin/status"))
         .await
         .json();
-    assert_eq!(s["clients"][0]["runs_today"], 2);
+    assert_eq!(s["clients"][0]["runs_today"], 3);
+    assert_eq!(s["clients"][0]["quota_runs_per_day"], 2);
     assert_eq!(
         s["shared_tier"]["configured"],
         serde_json::Value::Bool(true)
