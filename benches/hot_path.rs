@@ -126,6 +126,7 @@ fn stored(body: Bytes) -> Arc<Stored> {
             x_env: Some(HeaderValue::from_static("PRODUCTION")),
             retry_after: None,
         }),
+        etag: dify_gateway::cache::etag_of(&body),
         body,
         class: Some(EntryClass::Terminal),
         ttl: None,

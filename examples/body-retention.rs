@@ -158,6 +158,7 @@ fn cache_only(count: u64, output_bytes: usize) {
                 // Each entry its own exact-size allocation, as after a copy on insert.
                 headers: headers.clone(),
                 body: Bytes::copy_from_slice(&template),
+                etag: dify_gateway::cache::etag_of(&template),
                 class: Some(EntryClass::Terminal),
                 ttl: None,
                 fetched_at: Instant::now(),

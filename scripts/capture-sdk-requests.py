@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Records the exact bytes real Dify SDKs send for the workflow run-detail call.
+"""Records the exact bytes real Dify SDKs send for the workflow run-detail call and for a
+blocking and a streaming run start.
 
 Installs each SDK from its registry (pip into a venv, npm into a folder, both under
 CAPTURE_DIR, /tmp/dify-sdk-capture by default), points it at a raw TCP listener on 127.0.0.1
@@ -43,6 +44,34 @@ RUN_BODY = (
     '"error":null,"total_steps":1,"total_tokens":1,"created_at":1700000000,'
     '"finished_at":1700000001,"elapsed_time":1.0}' % RUN
 ).encode()
+
+
+BLOCKING_BODY = (
+    '{"task_id":"t","workflow_run_id":"%s","data":{"id":"%s","workflow_id":"wf",'
+    '"status":"succeeded","outputs":{},"error":null,"elapsed_time":1.0,"total_tokens":1,'
+    '"total_steps":1,"created_at":1700000000,"finished_at":1700000001}}' % (RUN, RUN)
+).encode()
+
+STREAM_BODY = (
+    'data: {"event":"workflow_started","task_id":"t","workflow_run_id":"%s","data":{"id":"%s"}}\n\n'
+    'data: {"event":"workflow_finished","task_id":"t","workflow_run_id":"%s","data":{"id":"%s",'
+    '"status":"succeeded"}}\n\n' % (RUN, RUN, RUN, RUN)
+).encode()
+
+
+def answer_for(raw: bytes) -> bytes:
+    """What the listener answers: a run start in its mode, else a finished run's detail."""
+    if raw.startswith(b"POST") and b'"streaming"' in raw:
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            + STREAM_BODY
+        )
+    body = BLOCKING_BODY if raw.startswith(b"POST") else RUN_BODY
+    return (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
 
 
 def read_request(conn: socket.socket) -> bytes:
@@ -94,11 +123,7 @@ class Listener:
                 raw = read_request(conn)
                 with self.lock:
                     self.requests.append(raw)
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(RUN_BODY)
-                    + RUN_BODY
-                )
+                conn.sendall(answer_for(raw))
 
     def take(self) -> list[bytes]:
         with self.lock:
@@ -154,6 +179,33 @@ if (r.status !== 200 || r.data.id !== run) throw new Error(JSON.stringify(r.data
 """
 
 
+# Each SDK's run start, blocking then streaming (argv[4]); the SDK's own request function and,
+# for Node, its `runWorkflow`. The streaming answer is read to its end.
+PY_DIFY_CLIENT_RUN = """
+import sys
+from dify_client import DifyClient
+c = DifyClient(sys.argv[1])
+c.base_url = sys.argv[2]
+mode = sys.argv[4]
+r = c._send_request("POST", "/workflows/run",
+                    {"inputs": {"q": "hi"}, "response_mode": mode, "user": "abc-123"},
+                    stream=(mode == "streaming"))
+assert r.status_code == 200, r.text
+text = b"".join(r.iter_content(None)).decode()
+assert "succeeded" in text, text
+"""
+
+NODE_DIFY_CLIENT_RUN = """
+import { CompletionClient } from "dify-client";
+const [token, base, run, mode] = process.argv.slice(2);
+const stream = mode === "streaming";
+const r = await new CompletionClient(token, base).runWorkflow({ q: "hi" }, "abc-123", stream);
+if (r.status !== 200) throw new Error(String(r.status));
+if (stream) { let t = ""; for await (const c of r.data) t += c; if (!t.includes("succeeded")) throw new Error(t); }
+else if (r.data.data.status !== "succeeded") throw new Error(JSON.stringify(r.data));
+"""
+
+
 def capture(listener: Listener, name: str, cmd: list[str], cwd=None) -> None:
     run(cmd, cwd=cwd)
     got = listener.take()
@@ -178,7 +230,18 @@ def main() -> None:
     capture(listener, f"python-dify-client-python-{VERSIONS['dify-client-python']}-get-run",
             [str(py), "-c", PY_DIFY_CLIENT_PYTHON, *args])
 
+    py = python_env("dify-client")
+    for mode in ("blocking", "streaming"):
+        capture(listener, f"python-dify-client-{VERSIONS['dify-client']}-run-{mode}",
+                [str(py), "-c", PY_DIFY_CLIENT_RUN, *args, mode])
+
     node = node_env()
+    run_script = node / "capture-run.mjs"
+    run_script.write_text(NODE_DIFY_CLIENT_RUN)
+    for mode in ("blocking", "streaming"):
+        capture(listener, f"node-dify-client-{VERSIONS['node-dify-client']}-run-{mode}",
+                ["node", str(run_script), *args, mode], cwd=node)
+
     script = node / "capture.mjs"
     script.write_text(NODE_DIFY_CLIENT)
     version = VERSIONS["node-dify-client"]

@@ -150,6 +150,7 @@ mod tests {
             status: StatusCode::OK,
             headers: Arc::new(KeptHeaders::default()),
             body: Bytes::from(vec![b'x'; 1000]),
+            etag: crate::cache::etag_of(&[b'x'; 1000]),
             class: None,
             ttl: None,
             fetched_at: Instant::now(),

@@ -107,12 +107,31 @@ pub struct Stored {
     pub status: StatusCode,
     pub headers: Arc<KeptHeaders>,
     pub body: Bytes,
+    /// Its strong entity tag, [`etag_of`] the body: computed once when the entry is made, so a
+    /// hit only lends it.
+    pub etag: HeaderValue,
     /// What the policy made of it; `None` when it is not kept.
     pub class: Option<EntryClass>,
     /// How long after `fetched_at` it may be reused; `None` with a class means no expiry.
     pub ttl: Option<Duration>,
     /// When the upstream answered (for `Age`, and the start of `ttl`).
     pub fetched_at: Instant,
+}
+
+/// The strong entity tag of a body: the first 128 bits of its SHA-256, in hex, quoted. The same
+/// bytes give the same tag on every replica and across restarts.
+pub fn etag_of(body: &[u8]) -> HeaderValue {
+    use sha2::{Digest, Sha256};
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(body);
+    let mut tag = Vec::with_capacity(34);
+    tag.push(b'"');
+    for b in &digest[..16] {
+        tag.push(HEX[usize::from(b >> 4)]);
+        tag.push(HEX[usize::from(b & 0xf)]);
+    }
+    tag.push(b'"');
+    HeaderValue::from_maybe_shared(Bytes::from(tag)).expect("hex in quotes is a header value")
 }
 
 impl Stored {

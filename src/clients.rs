@@ -22,6 +22,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::ClientConfig;
 use crate::metrics::{ClientLabel, Metrics};
+use crate::rewrite::UserPrefix;
 
 /// One configured client.
 pub struct Client {
@@ -41,6 +42,11 @@ pub struct Client {
     /// The upstream slots its fetches may hold at once (its fair share, taken before the global
     /// cap); `None` when it may use them all.
     pub(crate) upstream_share: Option<Semaphore>,
+    /// Its requests that may be held at once (`[[clients]] max_waiters`); `None`: only the
+    /// global cap.
+    pub(crate) waiters: Option<Arc<Semaphore>>,
+    /// Put before each end-user id the client sends upstream (`[[clients]] user_prefix`).
+    pub user_prefix: Option<UserPrefix>,
 }
 
 impl std::fmt::Debug for Client {
@@ -120,6 +126,8 @@ impl ClientTable {
                     limiter,
                     read_app_logs: c.read_app_logs,
                     upstream_share: upstream_share.map(Semaphore::new),
+                    waiters: c.max_waiters.map(|n| Arc::new(Semaphore::new(n))),
+                    user_prefix: c.user_prefix.clone(),
                 };
                 (c.token_sha256, Arc::new(client))
             })
@@ -196,6 +204,8 @@ mod tests {
                 starts: Default::default(),
                 read_app_logs: false,
                 quota: Default::default(),
+                max_waiters: None,
+                user_prefix: None,
             }],
             None,
             &Metrics::new(),

@@ -17,6 +17,10 @@ pub enum GatewayError {
     /// The path's run id is not a hyphenated UUID.
     #[error("workflow_run_id must be a hyphenated UUID")]
     InvalidRunId,
+    /// A passed-through request names an id, or sends a body, its route cannot take; the
+    /// message says which (fixed text, never the client's bytes).
+    #[error("{0}")]
+    InvalidParam(&'static str),
     /// The request's framing is refused (`Transfer-Encoding`, alone or beside a
     /// `Content-Length`: the request-smuggling shape) or its body broke off. The connection is
     /// closed after the answer.
@@ -36,8 +40,8 @@ pub enum GatewayError {
     #[error("the requested URL was not found on this gateway")]
     RouteNotFound,
     /// The route exists but not for this method.
-    #[error("method not allowed; use GET or HEAD")]
-    MethodNotAllowed,
+    #[error("method not allowed; use {allow}")]
+    MethodNotAllowed { allow: &'static str },
     /// The upstream could not be reached (DNS, TCP, TLS).
     #[error("upstream connection failed")]
     UpstreamConnect,
@@ -93,11 +97,13 @@ impl GatewayError {
     /// The one HTTP status each error maps to.
     pub fn status(&self) -> StatusCode {
         match self {
-            GatewayError::InvalidRunId | GatewayError::BadFraming => StatusCode::BAD_REQUEST,
+            GatewayError::InvalidRunId
+            | GatewayError::InvalidParam(_)
+            | GatewayError::BadFraming => StatusCode::BAD_REQUEST,
             GatewayError::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::RouteNotFound => StatusCode::NOT_FOUND,
-            GatewayError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::UpstreamConnect
             | GatewayError::UpstreamBodyTooLarge
             | GatewayError::UpstreamProtocol
@@ -118,12 +124,12 @@ impl GatewayError {
     /// Dify-style `code`; also the label used in logs and metrics.
     pub fn as_str(&self) -> &'static str {
         match self {
-            GatewayError::InvalidRunId => "invalid_param",
+            GatewayError::InvalidRunId | GatewayError::InvalidParam(_) => "invalid_param",
             GatewayError::BadFraming => "bad_framing",
             GatewayError::RequestTooLarge => "request_too_large",
             GatewayError::RequestTimeout => "request_timeout",
             GatewayError::RouteNotFound => "not_found",
-            GatewayError::MethodNotAllowed => "method_not_allowed",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::UpstreamConnect => "upstream_unavailable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::UpstreamBodyTooLarge => "upstream_body_too_large",
@@ -152,8 +158,8 @@ impl GatewayError {
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match self {
-            GatewayError::MethodNotAllowed => {
-                h.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            GatewayError::MethodNotAllowed { allow } => {
+                h.insert(ALLOW, HeaderValue::from_static(allow));
             }
             GatewayError::Unauthorized => {
                 h.insert(
@@ -202,7 +208,8 @@ mod tests {
         for e in [
             GatewayError::InvalidRunId,
             GatewayError::RouteNotFound,
-            GatewayError::MethodNotAllowed,
+            GatewayError::MethodNotAllowed { allow: "GET, HEAD" },
+            GatewayError::InvalidParam("the request body is not valid JSON"),
             GatewayError::UpstreamConnect,
             GatewayError::UpstreamTimeout,
             GatewayError::UpstreamBodyTooLarge,
@@ -267,7 +274,9 @@ mod tests {
         assert_eq!(v["code"], "quota_exceeded");
         assert_eq!(v["status"], 429);
         assert_eq!(
-            GatewayError::MethodNotAllowed.to_response().headers()[ALLOW],
+            GatewayError::MethodNotAllowed { allow: "GET, HEAD" }
+                .to_response()
+                .headers()[ALLOW],
             "GET, HEAD"
         );
     }

@@ -10,14 +10,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::HeaderValue;
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use hyper::body::Body as HttpBody;
 use serde::Serialize;
 
 use crate::access_log::{AccessLine, AccessLog};
-use crate::body::Body;
+use crate::body::{Body, BodyError};
 use crate::cache::fetch::Fetch;
 use crate::cache::{AppId, Cache};
 use crate::clients::{Client, ClientTable};
@@ -27,18 +28,20 @@ use crate::intake;
 use crate::metrics::{ClassLabel, Metrics, RejectReason};
 use crate::outcome::CacheOutcome;
 use crate::ownership::{Access, Ownership};
+use crate::passthrough::{BodyKind, Forward, Passthrough, Served};
 use crate::policy::{EntryClass, Policy};
 use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
 use crate::request_id;
 use crate::routes::run_detail::RunDetail;
-use crate::routes::{health, merge_slashes, Misroute, Route};
+use crate::routes::{health, merge_slashes, passthrough, run_events, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
 use crate::starts::{StartRefused, Starts};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
 use crate::usage::Usage;
+use crate::watch::Watchers;
 
 /// Why the gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,10 @@ pub struct Gateway {
     shared: Option<SharedTier>,
     /// Each client's run-start and open-stream limits, following reloads.
     starts: Starts,
+    /// The passed-through routes.
+    passthrough: Passthrough,
+    /// `passthrough.allow_unlisted`: other paths under `/v1/` are passed, not refused.
+    allow_unlisted: bool,
     /// Time a request body (read and dropped) may take to arrive: `server.header_read_timeout`.
     body_read_timeout: Duration,
     /// The configured cap, reported by the admin API.
@@ -90,6 +97,8 @@ pub struct Gateway {
     access_log: Option<Arc<AccessLog>>,
     /// Reloads so far and the settings they cannot change.
     reloads: ReloadLog,
+    /// `stream.heartbeat`, for status streams.
+    heartbeat: Duration,
 }
 
 /// `/admin/cache/stats` body.
@@ -142,9 +151,10 @@ impl From<Misroute> for Refused {
     fn from(m: Misroute) -> Refused {
         match m {
             Misroute::NotFound => Refused::new(RejectReason::BadRoute, GatewayError::RouteNotFound),
-            Misroute::Method(_) => {
-                Refused::new(RejectReason::Method, GatewayError::MethodNotAllowed)
-            }
+            Misroute::Method(r) => Refused::new(
+                RejectReason::Method,
+                GatewayError::MethodNotAllowed { allow: r.allowed() },
+            ),
         }
     }
 }
@@ -194,8 +204,18 @@ impl Gateway {
             Arc::clone(&metrics),
         )
         .with_usage(Arc::clone(&usage), Arc::clone(&ownership));
+        let fetch = Arc::new(fetch);
+        let watchers = Arc::new(Watchers::new(
+            Arc::clone(&fetch),
+            config.cache.running_ttl,
+            config.longpoll.max_waiters,
+            Arc::clone(&metrics),
+        ));
         let reloads = ReloadLog::new(config, &metrics);
+        let passthrough = Passthrough::new(config, Arc::clone(&fetch), Arc::clone(&metrics));
         Ok(Arc::new(Gateway {
+            passthrough,
+            allow_unlisted: config.passthrough.allow_unlisted,
             clients: ArcSwap::from_pointee(ClientTable::new(
                 &config.clients,
                 client_share_slots(&config.upstream, config.clients.len()),
@@ -204,13 +224,16 @@ impl Gateway {
             run_detail: RunDetail::new(
                 Arc::clone(&ownership),
                 cache,
-                Arc::new(fetch),
+                fetch,
                 Arc::clone(&metrics),
+                watchers,
+                config.longpoll.max_wait,
             ),
             ownership,
             usage,
             shared,
             starts: Starts::new(&config.clients),
+            heartbeat: config.stream.heartbeat,
             upstreams,
             body_read_timeout: config.server.header_read_timeout,
             max_bytes: config.cache.max_bytes,
@@ -278,6 +301,12 @@ impl Gateway {
             keys_rotated,
             needs_restart: self.reloads.needs_restart(config),
         })
+    }
+
+    /// Shutdown has begun: held requests answer now with the state they have, status streams
+    /// end, and no request is held from now on.
+    pub fn release_waiters(&self) {
+        self.run_detail.watchers().shut_down();
     }
 
     /// Reloads so far (for `/admin/reload`).
@@ -353,7 +382,8 @@ impl Gateway {
     /// Answers one request. Never fails: every error becomes a response.
     pub async fn handle<B>(self: &Arc<Self>, req: Request<B>) -> Response<Body>
     where
-        B: HttpBody + Unpin,
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
     {
         let start = Instant::now();
         let (req, body) = req.into_parts();
@@ -415,7 +445,8 @@ impl Gateway {
         client: &mut Option<Arc<Client>>,
     ) -> Result<Response<Body>, Refused>
     where
-        B: HttpBody + Unpin,
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
     {
         // Where the request ends is settled first, on every path: a framing that could be
         // read two ways is refused before anything is answered for it.
@@ -424,10 +455,23 @@ impl Gateway {
         let (route, param) = Route::parse(&req.method, &path).inspect_err(|m| {
             info.route = m.route();
         })?;
-        info.route = Some(route);
-        if !route.takes_body() {
-            intake::discard_body(body, self.body_read_timeout).await?;
+        // An unlisted path is passed only when the operator allows it; an HTTP/1 request in
+        // absolute form (`GET http://host/v1/...`, a forward-proxy request) is never passed on.
+        let proxy_form = req.version < http::Version::HTTP_2 && req.uri.authority().is_some();
+        if route.is_passthrough()
+            && (proxy_form || route == Route::Unlisted && !self.allow_unlisted)
+        {
+            return Err(Misroute::NotFound.into());
         }
+        info.route = Some(route);
+        // The body of a route that takes none is read and dropped now; one that takes a body
+        // keeps it for its handler.
+        let body = if route.takes_body() {
+            Some(body)
+        } else {
+            intake::discard_body(body, self.body_read_timeout).await?;
+            None
+        };
         if route.needs_token() {
             // Let in before anything else is looked at: an outsider learns nothing.
             *client = self.authenticate(req, rid)?;
@@ -437,12 +481,19 @@ impl Gateway {
         }
         match route {
             Route::Health => Ok(health::answer()),
-            Route::RunDetail => {
+            Route::RunDetail | Route::RunEvents => {
                 let run = RunId::parse(param)
                     .map_err(|_| Refused::new(RejectReason::BadId, GatewayError::InvalidRunId))?;
                 let app = self.app_of(client.as_deref());
                 info.app = Some(app.id);
-                let (resp, served) = self.run_detail.serve(app, run, rid, client.as_ref()).await;
+                let client = client.as_ref();
+                let (resp, served) = if route == Route::RunEvents {
+                    let d = &self.run_detail;
+                    run_events::serve(d, app, run, rid, client, &req.headers, self.heartbeat).await
+                } else {
+                    let d = &self.run_detail;
+                    d.serve_request(app, run, rid, client, &req.headers).await
+                };
                 info.cache = Some(served.cache);
                 info.error = served.error;
                 info.upstream_status = served.upstream_status;
@@ -452,6 +503,95 @@ impl Gateway {
                 }
                 Ok(resp)
             }
+            _ => {
+                self.pass(route, param, &path, req, body, rid, info, client.as_deref())
+                    .await
+            }
+        }
+    }
+
+    /// A passed-through route: its id checked, then the request sent to the client's app.
+    #[allow(clippy::too_many_arguments)]
+    async fn pass<B>(
+        &self,
+        route: Route,
+        param: &str,
+        path: &str,
+        req: &Parts,
+        body: Option<B>,
+        rid: &HeaderValue,
+        info: &mut RequestInfo,
+        client: Option<&Client>,
+    ) -> Result<Response<Body>, Refused>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
+    {
+        let content_type = req.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let plan = passthrough::plan(route, &req.method, param, content_type)
+            .map_err(|e| Refused::new(RejectReason::BadId, e))?;
+        let app = self.app_of(client);
+        info.app = Some(app.id);
+        let prefix = client.and_then(|c| c.user_prefix.as_ref());
+        let path_and_query = passthrough::upstream_path(path, req.uri.query(), prefix)
+            .ok_or_else(|| Refused::from(Misroute::NotFound))?;
+        match body {
+            Some(body) if plan.body != BodyKind::None => {
+                self.pass_planned(app, path_and_query, plan, req, body, rid, info, prefix)
+                    .await
+            }
+            body => {
+                // A GET of a route that takes a body on POST: read and dropped like any GET's.
+                if let Some(body) = body {
+                    intake::discard_body(body, self.body_read_timeout).await?;
+                }
+                let none = http_body_util::Empty::<Bytes>::new();
+                self.pass_planned(app, path_and_query, plan, req, none, rid, info, prefix)
+                    .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pass_planned<B>(
+        &self,
+        app: &Arc<App>,
+        path_and_query: String,
+        plan: passthrough::Plan,
+        req: &Parts,
+        body: B,
+        rid: &HeaderValue,
+        info: &mut RequestInfo,
+        prefix: Option<&crate::rewrite::UserPrefix>,
+    ) -> Result<Response<Body>, Refused>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
+    {
+        let fwd = Forward {
+            app,
+            path_and_query,
+            body: plan.body,
+            follows_run: plan.follows_run,
+            prefix,
+        };
+        let mut served = Served::default();
+        let r = self
+            .passthrough
+            .serve(fwd, req, body, rid, &mut served)
+            .await;
+        info.upstream_status = served.upstream_status;
+        info.upstream_elapsed = served.upstream_elapsed;
+        match r {
+            Ok(resp) => Ok(resp),
+            Err(why) => match why.reason() {
+                Some(reason) => Err(Refused::new(reason, why)),
+                None => {
+                    let e = GatewayError::from(why);
+                    info.error = Some(e.as_str());
+                    Ok(e.to_response().map(Body::Full))
+                }
+            },
         }
     }
 

@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod mock;
 mod outcome;
 pub mod ownership;
+pub mod passthrough;
 pub mod policy;
 mod readiness;
 pub mod reload;
@@ -40,6 +41,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 pub mod usage;
+mod watch;
 
 pub use config::Config;
 pub use gateway::Gateway;

@@ -116,6 +116,8 @@ pub enum RejectReason {
     BadFraming,
     BodyTooLarge,
     BodyTimeout,
+    /// A passed-through request body that is not what its route takes (not JSON, bad multipart).
+    BadBody,
     Method,
     Auth,
     RateLimit,
@@ -141,6 +143,7 @@ impl RejectReason {
             RejectReason::BadFraming => "bad_framing",
             RejectReason::BodyTooLarge => "body_too_large",
             RejectReason::BodyTimeout => "body_timeout",
+            RejectReason::BadBody => "bad_body",
             RejectReason::Method => "method",
             RejectReason::Auth => "auth",
             RejectReason::RateLimit => "rate_limit",
@@ -185,6 +188,10 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabel, Counter>,
     pub retries: Counter,
     pub circuit_open: Gauge,
+    /// Requests held waiting for a run to change (long-polls and status streams).
+    pub longpoll_waiters: Gauge,
+    /// Running runs watched for them (one each, however many wait).
+    pub longpoll_watchers: Gauge,
     pub shared_tier_errors: Family<ReasonLabel, Counter>,
     pub shared_tier_hits: Counter,
     pub app_key_healthy: Family<AppLabel, Gauge>,
@@ -255,6 +262,18 @@ impl Metrics {
         registry.register("rejected", "Requests refused by reason", rejected.clone());
         let retries = Counter::default();
         registry.register("upstream_retries", "Upstream retries", retries.clone());
+        let longpoll_waiters = Gauge::default();
+        registry.register(
+            "longpoll_waiters",
+            "Requests held waiting for a run to change (long-polls and status streams)",
+            longpoll_waiters.clone(),
+        );
+        let longpoll_watchers = Gauge::default();
+        registry.register(
+            "longpoll_watchers",
+            "Running runs watched for held requests, one watcher per run",
+            longpoll_watchers.clone(),
+        );
         let circuit_open = Gauge::default();
         registry.register(
             "upstream_circuit_open",
@@ -342,6 +361,8 @@ impl Metrics {
             rejected,
             retries,
             circuit_open,
+            longpoll_waiters,
+            longpoll_watchers,
             shared_tier_errors,
             shared_tier_hits,
             app_key_healthy,

@@ -173,8 +173,10 @@ impl Prepared {
             clients = config.clients.len(),
             "dify-gateway serving"
         );
+        let held = Arc::clone(&gateway);
         let stop = async move {
             shutdown.await;
+            held.release_waiters();
             let _ = stop_tx.send(true);
         };
         let drain = server::run(listeners.public, gateway, &config.server, tls, stop).await;

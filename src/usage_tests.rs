@@ -10,6 +10,8 @@ fn client(name: &str, runs: Option<u64>, tokens: Option<u64>) -> ClientConfig {
         rate: None,
         starts: Default::default(),
         read_app_logs: false,
+        max_waiters: None,
+        user_prefix: None,
         quota: Quota {
             runs_per_day: runs.and_then(NonZeroU64::new),
             tokens_per_day: tokens.and_then(NonZeroU64::new),

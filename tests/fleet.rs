@@ -178,3 +178,31 @@ async fn a_corrupt_value_in_redis_is_not_served_and_is_overwritten() {
     assert_eq!((again.body.clone(), again.x_cache()), (body, "HIT"));
     assert_eq!(up.hits(&id), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
+    let redis = RedisServer::start();
+    let up = spawn_upstream().await;
+    up.set(RUN, Reply::run(RUN, "\"running\""));
+    // Entries stay fresh far longer than the wait: only another replica's fetch can wake it.
+    let extra = "[cache]\nrunning_ttl = \"60s\"\n";
+    let a = spawn_gateway(fleet_config(&up, &redis, extra)).await;
+    let b = spawn_gateway(fleet_config(&up, &redis, extra)).await;
+    let url = b.run_url(RUN);
+    let waiter = tokio::spawn(async move {
+        request(&client(), http::Method::GET, &url, &[("prefer", "wait=25")]).await
+    });
+    let m = std::sync::Arc::clone(b.gateway.metrics());
+    eventually("a held request on b", move || m.longpoll_waiters.get() == 1).await;
+    up.set(RUN, Reply::run(RUN, "\"succeeded\""));
+    // Replica a refreshes (its entry purged from both tiers) and publishes the new state.
+    a.gateway
+        .purge_run(dify_gateway::run_id::RunId::parse(RUN).unwrap(), None)
+        .await;
+    let fresh = get(&client(), &a.run_url(RUN)).await;
+    assert_eq!(fresh.json()["status"], "succeeded");
+    let got = waiter.await.unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["status"], "succeeded", "woken by a's refresh");
+    assert_eq!(got.header("preference-applied"), Some("wait=25"));
+}

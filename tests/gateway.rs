@@ -441,14 +441,25 @@ async fn routes_methods_and_head() {
     assert_eq!(health.status, StatusCode::OK);
     for path in [
         "/",
-        "/v1/workflows/run",
-        "/v1/workflows/logs",
         "/v1/workflows/run/a/b",
-        "/v1/parameters",
+        "/v1/chat-messages",
+        "/v2/parameters",
     ] {
         let got = get(&c, &gw.url(path)).await;
         assert_eq!(got.status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(got.json()["code"], "not_found");
+    }
+    // The rest of the Workflow App API is passed through (see tests/passthrough.rs): a run
+    // start is POST only, the app's descriptions and logs are read.
+    let start = get(&c, &gw.url("/v1/workflows/run")).await;
+    assert_eq!(start.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(start.header("allow"), Some("POST"));
+    for path in ["/v1/workflows/logs", "/v1/parameters"] {
+        assert_eq!(
+            get(&c, &gw.url(path)).await.status,
+            StatusCode::OK,
+            "{path}"
+        );
     }
     // Repeated slashes are merged before routing: this is the run-detail route, with an id
     // that is not a UUID.
@@ -468,7 +479,8 @@ async fn routes_methods_and_head() {
         head.header("content-length").map(str::to_owned),
         Some(full.body.len().to_string())
     );
-    assert_eq!(up.total(), 1, "HEAD and GET share one fetch");
+    assert_eq!(up.hits(RUN), 1, "HEAD and GET share one fetch");
+    assert_eq!(up.total(), 3, "the two passed-through reads and one fetch");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -236,7 +236,7 @@ async fn a_refusal_writes_its_error_code_in_the_access_line() {
                 Some("invalid_param"),
             ),
             (
-                b"GET /v1/parameters HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                b"GET /v1/chat-messages HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
                 404,
                 Some("not_found"),
             ),

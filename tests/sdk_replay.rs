@@ -53,7 +53,10 @@ fn with_host(request: &[u8], host: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn requests_recorded_from_real_sdks_get_the_run() {
-    let fixtures = fixtures();
+    let fixtures: Vec<_> = fixtures()
+        .into_iter()
+        .filter(|(n, _)| n.contains("-get-run"))
+        .collect();
     for lang in ["python-", "node-"] {
         assert!(
             fixtures.iter().any(|(n, _)| n.starts_with(lang)),
@@ -89,6 +92,63 @@ async fn requests_recorded_from_real_sdks_get_the_run() {
     // The SDK's token stayed with the gateway; Dify got the app key.
     let seen = up.last_headers().unwrap();
     assert_eq!(seen["authorization"], format!("Bearer {KEY}").as_str());
+}
+
+#[tokio::test]
+async fn run_starts_recorded_from_real_sdks_run_blocking_and_streaming() {
+    let fixtures: Vec<_> = fixtures()
+        .into_iter()
+        .filter(|(n, _)| n.contains("-run-blocking") || n.contains("-run-streaming"))
+        .collect();
+    for want in ["python-dify-client-", "node-dify-client-"] {
+        for mode in ["blocking", "streaming"] {
+            assert!(
+                fixtures
+                    .iter()
+                    .any(|(n, _)| n.starts_with(want) && n.contains(mode)),
+                "no {want}*-run-{mode} fixture"
+            );
+        }
+    }
+    let up = spawn_upstream().await;
+    let client = format!(
+        "[[clients]]\nname = \"sdk\"\ntoken_sha256 = \"{}\"\napp = \"default\"\nuser_prefix = \"sdk:\"\n",
+        token_sha256_hex(TOKEN)
+    );
+    let gw = spawn_gateway(config(&up, &client)).await;
+    for (i, (name, recorded)) in fixtures.iter().enumerate() {
+        let mut c = RawConn::open(gw.addr).await;
+        c.send(&with_host(recorded, &gw.addr.to_string())).await;
+        let got = c.response(false).await;
+        assert_eq!(got.status, 200, "{name}: {got:?}");
+        if name.contains("streaming") {
+            assert_eq!(
+                got.header("content-type")
+                    .map(|t| t.starts_with("text/event-stream")),
+                Some(true),
+                "{name}"
+            );
+            assert_eq!(got.header("x-accel-buffering"), Some("no"));
+            let body = String::from_utf8(c.until(b"0\r\n\r\n").await).unwrap();
+            assert!(
+                body.contains("workflow_started") && body.contains("workflow_finished"),
+                "{name}: {body}"
+            );
+        } else {
+            // The upstream's length is kept when it sent one; otherwise the answer is chunked.
+            let body = match got.header("content-length") {
+                Some(_) => String::from_utf8(got.body.clone()).unwrap(),
+                None => String::from_utf8(c.until(b"0\r\n\r\n").await).unwrap(),
+            };
+            assert!(body.contains("\"succeeded\""), "{name}: {body}");
+        }
+        // The SDK's bytes reached Dify with the client's user prefixed and its key swapped.
+        let runs = up.runs();
+        assert_eq!(runs.len(), i + 1, "{name}");
+        assert_eq!(runs[i].user, "sdk:abc-123");
+        let seen = up.last_headers().unwrap();
+        assert_eq!(seen["authorization"], format!("Bearer {KEY}").as_str());
+    }
 }
 
 #[test]

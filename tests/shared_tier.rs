@@ -51,6 +51,7 @@ fn entry(body: Vec<u8>, class: EntryClass, ttl: Option<Duration>) -> Stored {
             x_env: Some(HeaderValue::from_static("PRODUCTION")),
             retry_after: None,
         }),
+        etag: dify_gateway::cache::etag_of(&body),
         body: Bytes::from(body),
         class: Some(class),
         ttl,

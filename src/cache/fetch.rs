@@ -220,6 +220,25 @@ impl Fetch {
         }
     }
 
+    /// The shared tier, when configured.
+    pub(crate) fn shared(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// The entry the shared tier holds for `run` of `app` (put by any replica), warmed into
+    /// the in-process cache; `None` without a shared tier or entry.
+    pub(crate) async fn read_shared(&self, app: &App, run: RunId) -> Option<Arc<Stored>> {
+        let shared = self.shared.as_ref()?;
+        let key = CacheKey { app: app.id, run };
+        match shared.get(&app.credentials().tag, run).await {
+            Lookup::Hit(stored) => match self.warm_from_shared(key, stored) {
+                FlightValue::Cached(s) => Some(s),
+                FlightValue::Fetched(_) => None,
+            },
+            _ => None,
+        }
+    }
+
     /// An entry another replica fetched: warm the in-process cache with it.
     fn warm_from_shared(&self, key: CacheKey, stored: Arc<Stored>) -> FlightValue {
         self.metrics.shared_tier_hits.inc();
@@ -290,6 +309,7 @@ impl Fetch {
         Arc::new(Stored {
             status: a.status,
             headers: self.intern_headers(KeptHeaders::keep(&a.headers)),
+            etag: super::etag_of(&body),
             body,
             class,
             ttl,
@@ -330,6 +350,24 @@ impl Fetch {
             }
         }
         n
+    }
+
+    /// Drops the kept `running` answer of `run` for `app` (both tiers), once the gateway saw
+    /// the run finish, so the next read fetches its terminal answer. A terminal entry stays in
+    /// process; the shared tier's entry for the run is purged (a refetch at worst).
+    pub async fn drop_running(&self, app: &Arc<App>, run: RunId) {
+        let key = CacheKey { app: app.id, run };
+        let running = self
+            .cache
+            .lookup(&key)
+            .is_some_and(|f| f.stored.class == Some(EntryClass::Running));
+        if running {
+            self.cache.remove(&key);
+        }
+        if let Some(shared) = &self.shared {
+            // The shared tier may keep another replica's running answer for this run.
+            let _ = shared.purge(&app.tag(), run).await;
+        }
     }
 
     /// Drops every entry of both tiers; returns how many the larger one held.

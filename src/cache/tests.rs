@@ -13,6 +13,7 @@ fn stored(body: usize, class: Option<EntryClass>, ttl: Option<Duration>) -> Arc<
         status: StatusCode::OK,
         headers: Arc::default(),
         body: Bytes::from(vec![b'x'; body]),
+        etag: crate::cache::etag_of(&vec![b'x'; body]),
         class,
         ttl,
         fetched_at: Instant::now(),

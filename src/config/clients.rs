@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::apps::AppConfig;
 use super::context::{ConfigError, Context};
 use super::values::check_name;
+use crate::rewrite::UserPrefix;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +24,8 @@ pub struct RawClient {
     pub runs_per_minute: Option<u32>,
     pub max_open_streams: Option<u32>,
     pub read_app_logs: Option<bool>,
+    pub max_waiters: Option<usize>,
+    pub user_prefix: Option<String>,
     pub quota_runs_per_day: Option<u64>,
     pub quota_tokens_per_day: Option<u64>,
 }
@@ -41,6 +44,10 @@ pub struct ClientConfig {
     /// May read `/workflows/logs`, which lists every client's runs of the app, while the app
     /// isolates clients. Default false.
     pub read_app_logs: bool,
+    /// Requests of this client held at once (long-polls, status streams); past it, 429.
+    pub max_waiters: Option<usize>,
+    /// Put before every end-user id the client sends (`user`), so its users are its own in Dify.
+    pub user_prefix: Option<UserPrefix>,
     /// Its daily quotas (UTC days), enforced on run starts.
     pub quota: Quota,
 }
@@ -166,6 +173,19 @@ impl RawClient {
             runs_per_minute: at_least_one("clients.runs_per_minute", self.runs_per_minute)?,
             max_open_streams: at_least_one("clients.max_open_streams", self.max_open_streams)?,
         };
+        if self.max_waiters == Some(0) {
+            return Err(invalid(
+                "clients.max_waiters",
+                format!("client `{name}`: must be at least 1"),
+            ));
+        }
+        let user_prefix = self
+            .user_prefix
+            .map(|p| {
+                UserPrefix::new(&p)
+                    .map_err(|e| invalid("clients.user_prefix", format!("client `{name}`: {e}")))
+            })
+            .transpose()?;
         let at_least_one_64 = |key: &'static str, v: Option<u64>| {
             v.map(|n| {
                 NonZeroU64::new(n)
@@ -187,6 +207,8 @@ impl RawClient {
             rate,
             starts,
             read_app_logs: self.read_app_logs.unwrap_or(false),
+            max_waiters: self.max_waiters,
+            user_prefix,
             quota,
         })
     }

@@ -19,7 +19,9 @@ mod cache;
 mod clients;
 mod context;
 mod log;
+mod longpoll;
 mod ownership;
+mod passthrough;
 mod position;
 mod server;
 mod shared;
@@ -37,7 +39,11 @@ pub use cache::{CacheConfig, RawCache, DEFAULT_TERMINAL_STATUSES, NON_TERMINAL_S
 pub use clients::{ClientConfig, Quota, RateLimit, RawClient, StartLimits};
 pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
 pub use log::{LogConfig, LogFormat, RawLog};
+pub use longpoll::{LongPollConfig, RawLongPoll, DEFAULT_MAX_WAIT, DEFAULT_MAX_WAITERS};
 pub use ownership::{OwnershipConfig, RawOwnership, DEFAULT_MAX_RECORDS, DEFAULT_OWNERSHIP_TTL};
+pub use passthrough::{
+    PassthroughConfig, RawPassthrough, DEFAULT_MAX_JSON_BYTES, DEFAULT_MAX_UPLOAD_BYTES,
+};
 pub use position::{KeyPositions, TomlError};
 pub use server::{
     RawServer, RawTls, ServerConfig, TlsConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -78,6 +84,10 @@ pub struct RawConfig {
     pub stream: RawStream,
     #[serde(default)]
     pub ownership: RawOwnership,
+    #[serde(default)]
+    pub longpoll: RawLongPoll,
+    #[serde(default)]
+    pub passthrough: RawPassthrough,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -102,6 +112,10 @@ pub struct Config {
     pub stream: StreamConfig,
     /// Bounds of the records of which client created which run, task and file.
     pub ownership: OwnershipConfig,
+    /// Held requests: long-polls and status streams.
+    pub longpoll: LongPollConfig,
+    /// The passed-through routes' body caps and the unlisted-path switch.
+    pub passthrough: PassthroughConfig,
 }
 
 impl RawConfig {
@@ -159,6 +173,8 @@ impl RawConfig {
         let shared = shared::validate(self.shared, &ctx)?;
         let stream = self.stream.validate(&ctx)?;
         let ownership = self.ownership.validate(&ctx)?;
+        let longpoll = self.longpoll.validate(&ctx, server.max_response_time)?;
+        let passthrough = self.passthrough.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -170,6 +186,8 @@ impl RawConfig {
             shared,
             stream,
             ownership,
+            longpoll,
+            passthrough,
         })
     }
 }

@@ -37,6 +37,11 @@ pub(crate) const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Default [`UpstreamConfig::max_body_bytes`]: far above a run's usual inputs and outputs, while
 /// one answer cannot take a large part of the cache or of memory.
+/// Default [`UpstreamConfig::run_timeout`]: a started run (blocking answer or event stream) is
+/// read for at most this long, even when its client has left; long enough for workflows of many
+/// minutes, bounded so a stuck upstream cannot hold a connection for ever.
+pub(crate) const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Largest accepted [`UpstreamConfig::max_body_bytes`]: a kept body's length is held in 32 bits
@@ -97,6 +102,7 @@ pub struct RawUpstream {
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: Option<HumanDuration>,
     pub total_timeout: Option<HumanDuration>,
+    pub run_timeout: Option<HumanDuration>,
     pub max_body_bytes: Option<usize>,
     pub pool_idle_timeout: Option<HumanDuration>,
     pub pool_max_idle_per_host: Option<usize>,
@@ -123,6 +129,10 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Time allowed for one upstream exchange, head and body.
     pub total_timeout: Duration,
+    /// Time allowed for a whole passed-through exchange that starts or follows a run (a
+    /// blocking answer, an event stream), from request to last byte; the gateway keeps reading a
+    /// run's stream after its client left until the end or this bound.
+    pub run_timeout: Duration,
     /// Largest upstream body accepted; larger answers become 502.
     pub max_body_bytes: usize,
     /// Idle pooled connections are closed after this long.
@@ -182,6 +192,10 @@ impl RawUpstream {
         }
         if total_timeout.is_zero() {
             return Err(ctx.invalid("upstream.total_timeout", "must be above zero".into()));
+        }
+        let run_timeout = dur(self.run_timeout, DEFAULT_RUN_TIMEOUT);
+        if run_timeout.is_zero() {
+            return Err(ctx.invalid("upstream.run_timeout", "must be above zero".into()));
         }
         let max_body_bytes = self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
         if max_body_bytes == 0 || max_body_bytes > MAX_MAX_BODY_BYTES {
@@ -245,6 +259,7 @@ impl RawUpstream {
             ca_file: self.ca_file,
             connect_timeout,
             total_timeout,
+            run_timeout,
             max_body_bytes,
             pool_idle_timeout: dur(self.pool_idle_timeout, DEFAULT_POOL_IDLE_TIMEOUT),
             pool_max_idle_per_host: self

@@ -7,7 +7,10 @@
 //! handler.
 
 pub mod health;
+pub mod passthrough;
 pub mod run_detail;
+pub mod run_events;
+pub mod wait;
 
 use std::borrow::Cow;
 
@@ -15,6 +18,12 @@ use http::Method;
 
 /// Path prefix of the run-detail route, as Dify serves it under `/v1`.
 pub const RUN_DETAIL_PREFIX: &str = "/v1/workflows/run/";
+
+/// Path suffix of the status-stream route, after the run id.
+pub const RUN_EVENTS_SUFFIX: &str = "/events";
+
+/// Prefix of every Dify path.
+pub const API_PREFIX: &str = "/v1/";
 
 /// Path of the public health check.
 pub const HEALTH_PATH: &str = "/healthz";
@@ -27,8 +36,42 @@ pub const UNKNOWN: &str = "unknown";
 pub enum Route {
     /// `GET`/`HEAD /v1/workflows/run/{id}`: a run's detail, from the cache or the upstream.
     RunDetail,
+    /// `GET`/`HEAD /v1/workflows/run/{id}/events`: a run's status as an event stream.
+    RunEvents,
     /// `GET`/`HEAD /healthz`: the process is up.
     Health,
+    /// `POST /v1/workflows/run`: start a run of the app's published workflow.
+    RunStart,
+    /// `POST /v1/workflows/{workflow_id}/run`: start a run of one workflow version.
+    RunStartVersion,
+    /// `POST /v1/workflows/tasks/{task_id}/stop`: stop a streaming run.
+    TaskStop,
+    /// `GET /v1/workflows/logs`: the app's run logs (query passed through).
+    Logs,
+    /// `GET /v1/workflow/{workflow_run_id}/events`: resume a run's event stream.
+    Events,
+    /// `POST /v1/files/upload`: a multipart upload, streamed.
+    Upload,
+    /// `GET /v1/files/{file_id}/preview`.
+    FilePreview,
+    /// `GET /v1/info`.
+    Info,
+    /// `GET /v1/parameters`.
+    Parameters,
+    /// `GET /v1/meta`.
+    Meta,
+    /// `GET /v1/site`.
+    Site,
+    /// `GET /v1/end-users/{id}`.
+    EndUser,
+    /// `POST /v1/audio-to-text` (multipart).
+    AudioToText,
+    /// `POST /v1/text-to-audio` (JSON).
+    TextToAudio,
+    /// `GET`/`POST /v1/form/human_input/{form_token}`.
+    HumanInput,
+    /// Any other path under `/v1/`: Dify's 404 unless `passthrough.allow_unlisted`.
+    Unlisted,
 }
 
 /// Why no route serves a request.
@@ -57,8 +100,15 @@ impl Route {
     pub fn parse<'p>(method: &Method, path: &'p str) -> Result<(Route, &'p str), Misroute> {
         let (route, param) = match path.strip_prefix(RUN_DETAIL_PREFIX) {
             Some(id) if !id.contains('/') => (Route::RunDetail, id),
+            Some(rest) => match rest.strip_suffix(RUN_EVENTS_SUFFIX) {
+                Some(id) if !id.contains('/') => (Route::RunEvents, id),
+                _ => Route::parse_api(&path[API_PREFIX.len()..]),
+            },
             _ if path == HEALTH_PATH => (Route::Health, ""),
-            _ => return Err(Misroute::NotFound),
+            _ => match path.strip_prefix(API_PREFIX) {
+                Some(rest) => Route::parse_api(rest),
+                None => return Err(Misroute::NotFound),
+            },
         };
         if !route.allows(method) {
             return Err(Misroute::Method(route));
@@ -66,36 +116,120 @@ impl Route {
         Ok((route, param))
     }
 
+    /// The passed-through route of `rest`, the path after `/v1/`, and its path parameter.
+    fn parse_api(rest: &str) -> (Route, &str) {
+        let segments: Vec<&str> = rest.split('/').collect();
+        match segments.as_slice() {
+            ["workflows", "run"] => (Route::RunStart, ""),
+            ["workflows", "logs"] => (Route::Logs, ""),
+            ["workflows", "tasks", task, "stop"] => (Route::TaskStop, task),
+            ["workflows", workflow, "run"] => (Route::RunStartVersion, workflow),
+            ["workflow", run, "events"] => (Route::Events, run),
+            ["files", "upload"] => (Route::Upload, ""),
+            ["files", file, "preview"] => (Route::FilePreview, file),
+            ["info"] => (Route::Info, ""),
+            ["parameters"] => (Route::Parameters, ""),
+            ["meta"] => (Route::Meta, ""),
+            ["site"] => (Route::Site, ""),
+            ["end-users", id] => (Route::EndUser, id),
+            ["audio-to-text"] => (Route::AudioToText, ""),
+            ["text-to-audio"] => (Route::TextToAudio, ""),
+            ["form", "human_input", token] => (Route::HumanInput, token),
+            _ => (Route::Unlisted, ""),
+        }
+    }
+
     /// Does the route serve `method`?
     #[inline]
     pub fn allows(self, method: &Method) -> bool {
+        let get = method == Method::GET || method == Method::HEAD;
+        let post = method == Method::POST;
         match self {
-            Route::RunDetail | Route::Health => method == Method::GET || method == Method::HEAD,
+            Route::RunDetail
+            | Route::RunEvents
+            | Route::Health
+            | Route::Logs
+            | Route::Events
+            | Route::FilePreview
+            | Route::Info
+            | Route::Parameters
+            | Route::Meta
+            | Route::Site
+            | Route::EndUser => get,
+            Route::RunStart
+            | Route::RunStartVersion
+            | Route::TaskStop
+            | Route::Upload
+            | Route::AudioToText
+            | Route::TextToAudio => post,
+            Route::HumanInput => get || post,
+            Route::Unlisted => true,
         }
+    }
+
+    /// The methods [`Route::allows`], for `Allow`.
+    pub fn allowed(self) -> &'static str {
+        match self {
+            Route::RunStart
+            | Route::RunStartVersion
+            | Route::TaskStop
+            | Route::Upload
+            | Route::AudioToText
+            | Route::TextToAudio => "POST",
+            Route::HumanInput => "GET, HEAD, POST",
+            _ => "GET, HEAD",
+        }
+    }
+
+    /// Is the route passed to the upstream (as opposed to answered by the gateway or its cache)?
+    pub fn is_passthrough(self) -> bool {
+        !matches!(self, Route::RunDetail | Route::Health)
     }
 
     /// Does the route take a request body? A route that does not still reads a small one (some
     /// SDKs send `{}` with every GET) and drops it, see [`crate::intake::discard_body`].
     pub fn takes_body(self) -> bool {
-        match self {
-            Route::RunDetail | Route::Health => false,
-        }
+        matches!(
+            self,
+            Route::RunStart
+                | Route::RunStartVersion
+                | Route::TaskStop
+                | Route::Upload
+                | Route::AudioToText
+                | Route::TextToAudio
+                | Route::HumanInput
+                | Route::Unlisted
+        )
     }
 
     /// Is the route only for clients (a token, when clients are configured, under the
     /// client's rate limit)? Routes that are not answer anyone.
     pub fn needs_token(self) -> bool {
-        match self {
-            Route::RunDetail => true,
-            Route::Health => false,
-        }
+        !matches!(self, Route::Health)
     }
 
     /// The `route` word of logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
             Route::RunDetail => "run_detail",
+            Route::RunEvents => "run_events",
             Route::Health => "healthz",
+            Route::RunStart => "run_start",
+            Route::RunStartVersion => "run_start_version",
+            Route::TaskStop => "task_stop",
+            Route::Logs => "logs",
+            Route::Events => "events",
+            Route::Upload => "file_upload",
+            Route::FilePreview => "file_preview",
+            Route::Info => "info",
+            Route::Parameters => "parameters",
+            Route::Meta => "meta",
+            Route::Site => "site",
+            Route::EndUser => "end_user",
+            Route::AudioToText => "audio_to_text",
+            Route::TextToAudio => "text_to_audio",
+            Route::HumanInput => "human_input",
+            Route::Unlisted => "unlisted",
         }
     }
 
@@ -154,15 +288,68 @@ mod tests {
             Ok((Route::RunDetail, "a%2Fb"))
         );
         assert_eq!(Route::parse(&get, "/healthz"), Ok((Route::Health, "")));
+        assert_eq!(
+            Route::parse(&get, &format!("{run}/events")),
+            Ok((Route::RunEvents, ID))
+        );
+        assert_eq!(
+            Route::parse(&Method::POST, &format!("{run}/events")),
+            Err(Misroute::Method(Route::RunEvents))
+        );
+        for path in ["/healthz/", "/", "/v2/workflows/run", "/v1"] {
+            assert_eq!(Route::parse(&get, path), Err(Misroute::NotFound), "{path}");
+        }
+        // Other paths under `/v1/` are the unlisted route, refused unless configured.
         for path in [
-            "/v1/workflows/run",
             "/v1/workflows/run/x/y",
             "/v1/workflows/run/x/",
-            "/healthz/",
-            "/",
-            "/v1/workflows/logs",
+            "/v1/workflows/run/x/y/events",
+            "/v1/workflows/run/x/events/",
+            "/v1/chat-messages",
         ] {
-            assert_eq!(Route::parse(&get, path), Err(Misroute::NotFound), "{path}");
+            assert_eq!(
+                Route::parse(&get, path),
+                Ok((Route::Unlisted, "")),
+                "{path}"
+            );
+        }
+        let post = Method::POST;
+        for (path, route, param) in [
+            ("/v1/workflows/run", Route::RunStart, ""),
+            ("/v1/workflows/wf/run", Route::RunStartVersion, "wf"),
+            ("/v1/workflows/tasks/t/stop", Route::TaskStop, "t"),
+            ("/v1/files/upload", Route::Upload, ""),
+            ("/v1/audio-to-text", Route::AudioToText, ""),
+            ("/v1/text-to-audio", Route::TextToAudio, ""),
+            ("/v1/form/human_input/tok", Route::HumanInput, "tok"),
+        ] {
+            assert_eq!(Route::parse(&post, path), Ok((route, param)), "{path}");
+            assert_eq!(
+                Route::parse(&get, path).map(|r| r.0),
+                if route == Route::HumanInput {
+                    Ok(route)
+                } else {
+                    Err(Misroute::Method(route))
+                },
+                "{path}"
+            );
+        }
+        for (path, route, param) in [
+            ("/v1/workflows/logs", Route::Logs, ""),
+            ("/v1/workflow/r/events", Route::Events, "r"),
+            ("/v1/files/f/preview", Route::FilePreview, "f"),
+            ("/v1/info", Route::Info, ""),
+            ("/v1/parameters", Route::Parameters, ""),
+            ("/v1/meta", Route::Meta, ""),
+            ("/v1/site", Route::Site, ""),
+            ("/v1/end-users/u", Route::EndUser, "u"),
+        ] {
+            assert_eq!(Route::parse(&get, path), Ok((route, param)), "{path}");
+            assert_eq!(
+                Route::parse(&post, path),
+                Err(Misroute::Method(route)),
+                "{path}"
+            );
         }
         for m in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
             assert_eq!(

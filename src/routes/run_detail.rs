@@ -4,15 +4,21 @@
 //!
 //! Invariant: a client the ownership records call foreign to the run (see [`crate::ownership`])
 //! gets Dify's 404 for an unknown run, decided before the cache is looked at, so no cached
-//! answer reaches it and no upstream request is made for it. Every answer carries `X-Cache` with its [`CacheOutcome`], and `Age` when it comes
+//! answer reaches it and no upstream request is made for it. Every answer carries `X-Cache` with
+//! its [`CacheOutcome`], and `Age` when it comes
 //! from the cache; an upstream answer is served with its status, its kept headers and its body
-//! bytes as received.
+//! bytes as received. Every answer made from an upstream answer carries its strong `ETag` and a
+//! `Cache-Control` that tells the truth (immutable once terminal, revalidate otherwise); a 2xx
+//! whose ETag the client's `If-None-Match` names becomes a 304 with no body.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, AGE, CONTENT_TYPE, RETRY_AFTER, WARNING};
-use http::{Response, StatusCode};
+use http::header::{
+    HeaderName, HeaderValue, AGE, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH, RETRY_AFTER,
+    WARNING,
+};
+use http::{HeaderMap, Response, StatusCode};
 
 use crate::body::Body;
 use crate::cache::fetch::{Fetch, Fetched, FlightValue};
@@ -23,8 +29,12 @@ use crate::flight::Role;
 use crate::metrics::Metrics;
 use crate::outcome::CacheOutcome;
 use crate::ownership::{Access, Kind, Ownership};
+use crate::policy::EntryClass;
 use crate::run_id::RunId;
 use crate::upstream::{App, X_ENV, X_VERSION};
+use crate::watch::{is_running, Full, Watchers};
+
+use super::wait;
 
 /// `X-Cache` response header.
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -55,13 +65,16 @@ impl Served {
     }
 }
 
-/// The run-detail route's state: who may read which run, the cache it reads and the fetch that
-/// fills it.
+/// The run-detail route's state: who may read which run, the cache it reads, the fetch that
+/// fills it, and the watchers of running runs for the requests that wait.
 pub struct RunDetail {
     ownership: Arc<Ownership>,
     cache: Cache,
     fetch: Arc<Fetch>,
     metrics: Arc<Metrics>,
+    watchers: Arc<Watchers>,
+    /// `longpoll.max_wait`.
+    max_wait: Duration,
 }
 
 impl RunDetail {
@@ -70,13 +83,80 @@ impl RunDetail {
         cache: Cache,
         fetch: Arc<Fetch>,
         metrics: Arc<Metrics>,
+        watchers: Arc<Watchers>,
+        max_wait: Duration,
     ) -> RunDetail {
         RunDetail {
             ownership,
             cache,
             fetch,
             metrics,
+            watchers,
+            max_wait,
         }
+    }
+
+    /// The watchers of running runs (for the status stream and shutdown).
+    pub fn watchers(&self) -> &Arc<Watchers> {
+        &self.watchers
+    }
+
+    /// [`RunDetail::serve`], then the conditional answer; with `Prefer: wait=N` on a running
+    /// run whose body the client's `If-None-Match` (if any) still names, held until it changes
+    /// (see [`super::wait`]).
+    pub async fn serve_request(
+        &self,
+        app: &Arc<App>,
+        run: RunId,
+        rid: &HeaderValue,
+        client: Option<&Arc<Client>>,
+        req: &HeaderMap,
+    ) -> (Response<Body>, Served) {
+        let (resp, served) = self.serve(app, run, rid, client).await;
+        let Some(asked) = wait::preferred_wait(req) else {
+            return (conditional(resp, req), served);
+        };
+        let applied = asked.min(self.max_wait);
+        let inm = req.contains_key(IF_NONE_MATCH);
+        // Not yet there: still running and, with If-None-Match, still the body the client has.
+        let waiting = |s: &Stored| is_running(s) && (!inm || none_match_fails(req, &s.etag));
+        let current = match resp.body() {
+            Body::Entry(s) if served.cache != CacheOutcome::Stale && waiting(s) => Arc::clone(s),
+            _ => return (conditional(resp, req), served),
+        };
+        if applied.is_zero() || self.watchers.stopping() {
+            return (conditional(resp, req), served);
+        }
+        let key = CacheKey { app: app.id, run };
+        let mut waiter = match self.watchers.join(app, key, current, client) {
+            Ok(w) => w,
+            Err(full) => {
+                let e = match full {
+                    Full::Gateway => GatewayError::Overloaded,
+                    Full::Client => GatewayError::RateLimited {
+                        retry_after_secs: 1,
+                    },
+                };
+                let served = Served {
+                    error: Some(e.as_str()),
+                    ..served
+                };
+                return (error(&e, served.cache), served);
+            }
+        };
+        let deadline = tokio::time::Instant::now() + applied;
+        let now = waiter.until(deadline, |s| !waiting(s)).await;
+        drop(waiter);
+        let mut resp = conditional(answer(now, CacheOutcome::Hit), req);
+        resp.headers_mut()
+            .insert(wait::PREFERENCE_APPLIED.clone(), wait::applied(applied));
+        (
+            resp,
+            Served {
+                cache: CacheOutcome::Hit,
+                ..served
+            },
+        )
     }
 
     /// The cache this route reads (for operations).
@@ -193,13 +273,50 @@ fn refresh_failed(f: &Fetched) -> bool {
     }
 }
 
+/// `Cache-Control` of a terminal answer: it never changes.
+static IMMUTABLE: HeaderValue = HeaderValue::from_static("private, max-age=31536000, immutable");
+/// `Cache-Control` of any other answer: it may change, so it is revalidated before reuse.
+static NO_CACHE: HeaderValue = HeaderValue::from_static("private, no-cache");
+
+/// Turns a 2xx answer made from an entry into a 304 with no body when `req`'s `If-None-Match`
+/// names the entry's ETag; anything else is returned as it is.
+pub fn conditional(mut resp: Response<Body>, req: &HeaderMap) -> Response<Body> {
+    let Body::Entry(s) = resp.body() else {
+        return resp;
+    };
+    if !s.status.is_success() || !none_match_fails(req, &s.etag) {
+        return resp;
+    }
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    *resp.body_mut() = Body::empty();
+    resp
+}
+
+/// Does `req`'s `If-None-Match` name `etag` (or say `*`)? Weak comparison (RFC 9110 §13.1.2):
+/// `W/"x"` names `"x"`. Every header line counts; a malformed one names nothing.
+pub fn none_match_fails(req: &HeaderMap, etag: &HeaderValue) -> bool {
+    let tag = opaque(etag.as_bytes());
+    req.get_all(IF_NONE_MATCH).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(|t| t.trim_ascii())
+            .any(|t| t == b"*" || opaque(t) == tag)
+    })
+}
+
+/// The opaque part of an entity tag, its `W/` dropped.
+fn opaque(t: &[u8]) -> &[u8] {
+    t.strip_prefix(b"W/").unwrap_or(t)
+}
+
 /// Builds the client's response from a stored answer: the bytes as received (lent by the
-/// entry), the kept headers, `X-Cache`, and `Age` when served from the cache.
-fn answer(s: Arc<Stored>, outcome: CacheOutcome) -> Response<Body> {
+/// entry), the kept headers, `ETag`, `Cache-Control`, `X-Cache`, and `Age` when served from the
+/// cache.
+pub fn answer(s: Arc<Stored>, outcome: CacheOutcome) -> Response<Body> {
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = s.status;
     let h = resp.headers_mut();
-    h.reserve(6);
+    h.reserve(8);
     let KeptHeaders {
         content_type,
         x_version,
@@ -218,6 +335,13 @@ fn answer(s: Arc<Stored>, outcome: CacheOutcome) -> Response<Body> {
     if let Some(v) = retry_after {
         h.insert(RETRY_AFTER, v.clone());
     }
+    h.insert(ETAG, s.etag.clone());
+    let cc = if s.class == Some(EntryClass::Terminal) {
+        &IMMUTABLE
+    } else {
+        &NO_CACHE
+    };
+    h.insert(CACHE_CONTROL, cc.clone());
     h.insert(X_CACHE.clone(), outcome.header());
     if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Stale) {
         h.insert(AGE, age_header(s.fetched_at.elapsed().as_secs()));

@@ -327,6 +327,7 @@ pub fn decode_at(
             x_env,
             retry_after: None,
         }),
+        etag: crate::cache::etag_of(&body),
         body,
         class: Some(class),
         ttl: (flags & HAS_TTL != 0).then(|| Duration::from_millis(ttl_ms)),

@@ -22,6 +22,7 @@ fn entry(body: Vec<u8>, class: EntryClass, ttl: Option<Duration>) -> Stored {
             x_env: None,
             retry_after: None,
         }),
+        etag: crate::cache::etag_of(&body),
         body: Bytes::from(body),
         class: Some(class),
         ttl,
@@ -168,7 +169,8 @@ prop_compose! {
         Stored {
             status: StatusCode::from_u16(status).unwrap(),
             headers: Arc::new(KeptHeaders { content_type, x_version, x_env, retry_after: None }),
-            body: Bytes::from(body),
+            etag: crate::cache::etag_of(&body),
+        body: Bytes::from(body),
             class: Some(class),
             ttl: ttl_ms.map(Duration::from_millis),
             fetched_at: Instant::now(),

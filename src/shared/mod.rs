@@ -52,6 +52,8 @@ pub(crate) use usage::Increments;
 
 use conn::Conn;
 use errors::Health;
+/// Completions of one run's fetches, fleet-wide (see [`SharedTier::completions`]).
+pub(crate) use notify::Waiter as Completions;
 use notify::{Registry, Signal};
 
 /// Keys asked for per SCAN step of `purge_all`, and so the most unlinked per call.
@@ -319,6 +321,14 @@ impl SharedTier {
             Ok(Some(Signal::Lost)) | Ok(None) => WaitOutcome::Unavailable,
             Err(_) => WaitOutcome::TimedOut,
         }
+    }
+
+    /// Completions of fetches of (`app_tag`, `run`) on any replica, from now on, while the
+    /// returned waiter lives; `None` when the subscription is down.
+    pub(crate) fn completions(&self, app_tag: &str, run: RunId) -> Option<Completions> {
+        let keys = self.keys("watch", app_tag, run).ok()?;
+        let waiter = self.inner.registry.register(&keys.run);
+        self.inner.registry.connected().then_some(waiter)
     }
 
     /// Deletes the value of (`app_tag`, `run`); `true` if there was one.

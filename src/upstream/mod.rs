@@ -142,6 +142,8 @@ impl Upstreams {
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    /// The same connector's client for passed-through requests, whose bodies stream.
+    pass_client: Client<HttpsConnector<HttpConnector>, PassBody>,
     /// `scheme://authority/path` of the base, without a trailing slash.
     base: Arc<str>,
     /// The key and its tag, swapped together when the key rotates; a fetch loads them once
@@ -233,15 +235,18 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle_per_host)
-            .build(connector);
+            .pool_max_idle_per_host(cfg.pool_max_idle_per_host);
+        let pass_client = builder.build(connector.clone());
+        let client = builder.build(connector);
 
         Ok(Upstream {
             client,
+            pass_client,
             base: app.base_url.to_string().trim_end_matches('/').into(),
             credentials: Arc::new(ArcSwap::from_pointee(credentials)),
             user_agent: HeaderValue::from_static(concat!(
@@ -395,6 +400,40 @@ impl Upstream {
             headers: parts.headers,
             body,
         })
+    }
+}
+
+/// The body of a passed-through request: buffered or streamed, see [`crate::passthrough`].
+pub type PassBody = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::body::BodyError>;
+
+impl Upstream {
+    /// Sends a passed-through request: `path_and_query` (starting with `/`, relative to the
+    /// app's base URL) with the caller's filtered headers, plus the app key in use now, the
+    /// gateway's `User-Agent` and `Accept-Encoding: identity`. Returns once the answer's head is
+    /// in; its body streams. No retry and no deadline here: the caller owns both.
+    pub async fn pass(
+        &self,
+        mut req: Request<PassBody>,
+        path_and_query: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        *req.uri_mut() = self.path_url(path_and_query)?;
+        let credentials = self.credentials();
+        let h = req.headers_mut();
+        h.insert(AUTHORIZATION, credentials.authorization.clone());
+        h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        h.insert(USER_AGENT, self.user_agent.clone());
+        let resp = self
+            .pass_client
+            .request(req)
+            .await
+            .map_err(|e| classify_client_error(e, &self.base))?;
+        if resp.status().is_informational() {
+            return Err(UpstreamError::BadResponse);
+        }
+        if unasked_coding(resp.headers()).is_some() {
+            return Err(UpstreamError::BadResponse);
+        }
+        Ok(resp)
     }
 }
 

@@ -100,6 +100,17 @@ impl RawConn {
         }
     }
 
+    /// The bytes after a response head up to and including `end` (e.g. a chunked body's last
+    /// chunk), read as they come.
+    pub async fn until(&mut self, end: &[u8]) -> Vec<u8> {
+        loop {
+            if let Some(i) = self.buf.windows(end.len()).position(|w| w == end) {
+                return self.buf.drain(..i + end.len()).collect();
+            }
+            assert!(self.fill().await, "connection closed before {end:?}");
+        }
+    }
+
     /// True when the gateway closes the connection (nothing more is ever sent).
     pub async fn closed(&mut self) -> bool {
         self.buf.is_empty() && !self.fill().await

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod pass;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,296 @@
+//! Passing a request through to the client's app: the Workflow App API beyond the cached run
+//! detail (run starts and their streams, stops, logs, files, the app's descriptions).
+//!
+//! Invariant: a passed-through request reaches only its client's app, with that app's key; the
+//! upstream sees only the forwarded headers ([`headers::FORWARDED`] and the request id), the
+//! path as routed, the query and the body — with the client's `user` prefixed where it has a
+//! `user_prefix` and nothing else changed. Bodies stream both ways; only a JSON request body
+//! (capped) and a blocking run answer's first `upstream.max_body_bytes` (to read its status) are
+//! held. A run's answer is followed to its end even when its client has left ([`pump`]).
+//!
+//! Retries: none. A run start is not idempotent, and a streamed body cannot be sent twice; once
+//! a request may have reached the upstream the client decides. A connect failure is answered
+//! 502 `upstream_unavailable` and counts towards the app's circuit breaker like any other.
+
+pub mod headers;
+pub mod pump;
+pub mod request;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::request::Parts;
+use http::{HeaderName, Request, Response, StatusCode};
+use hyper::body::Body as HttpBody;
+use tokio::sync::mpsc;
+
+use crate::body::{Body, BodyError};
+use crate::cache::fetch::Fetch;
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::metrics::{Metrics, RejectReason};
+use crate::outcome::UpstreamOutcome;
+use crate::rewrite::UserPrefix;
+use crate::run_id::RunId;
+use crate::upstream::{App, UpstreamError, X_REQUEST_ID};
+
+pub use request::BodyKind;
+
+/// `X-Accel-Buffering: no`, so an nginx in front does not hold events back.
+pub static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
+/// Why a passed-through request was refused or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("request body too large")]
+    TooLarge,
+    #[error("the request body is not valid JSON")]
+    NotJson,
+    #[error("user must be a string")]
+    UserNotString,
+    #[error("the request body is not valid multipart/form-data")]
+    BadMultipart,
+    #[error("request body is incomplete")]
+    Broken,
+    #[error("request body was not received in time")]
+    TooSlow,
+    #[error("upstream failed")]
+    Upstream(UpstreamError),
+}
+
+impl Refusal {
+    /// The metric label of a refusal at the door; `None` for an upstream failure.
+    pub fn reason(self) -> Option<RejectReason> {
+        Some(match self {
+            Refusal::TooLarge => RejectReason::BodyTooLarge,
+            Refusal::NotJson | Refusal::UserNotString | Refusal::BadMultipart => {
+                RejectReason::BadBody
+            }
+            Refusal::Broken => RejectReason::BadFraming,
+            Refusal::TooSlow => RejectReason::BodyTimeout,
+            Refusal::Upstream(_) => return None,
+        })
+    }
+}
+
+impl From<Refusal> for GatewayError {
+    fn from(r: Refusal) -> GatewayError {
+        match r {
+            Refusal::TooLarge => GatewayError::RequestTooLarge,
+            Refusal::NotJson => GatewayError::InvalidParam("the request body is not valid JSON"),
+            Refusal::UserNotString => GatewayError::InvalidParam("user must be a string"),
+            Refusal::BadMultipart => GatewayError::InvalidParam(
+                "the request body must be multipart/form-data with a boundary",
+            ),
+            Refusal::Broken => GatewayError::BadFraming,
+            Refusal::TooSlow => GatewayError::RequestTimeout,
+            Refusal::Upstream(e) => e.into(),
+        }
+    }
+}
+
+/// One request to pass: where it goes and how its body and answer are handled.
+pub struct Forward<'a> {
+    /// The client's app.
+    pub app: &'a Arc<App>,
+    /// Path and query relative to the app's base URL (starting with `/`), prefix applied.
+    pub path_and_query: String,
+    pub body: BodyKind,
+    /// The answer follows a run (a run start, an event resume): followed to its end, bounded
+    /// by `upstream.run_timeout`, its finish drops the run's kept `running` answer.
+    pub follows_run: bool,
+    /// The client's end-user prefix.
+    pub prefix: Option<&'a UserPrefix>,
+}
+
+/// What the access log and metrics learn about a passed-through request.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Served {
+    pub upstream_status: Option<StatusCode>,
+    pub upstream_elapsed: Option<Duration>,
+}
+
+/// The passed-through routes' settings and what they touch.
+pub struct Passthrough {
+    max_json_bytes: u64,
+    max_upload_bytes: u64,
+    /// Time a JSON body may take to arrive: `server.header_read_timeout`.
+    body_read_timeout: Duration,
+    /// Head of a non-run answer: `upstream.total_timeout`.
+    total_timeout: Duration,
+    run_timeout: Duration,
+    heartbeat: Duration,
+    idle_timeout: Duration,
+    max_answer_bytes: usize,
+    /// The run-detail fetches, whose kept `running` answers a seen finish drops.
+    fetch: Arc<Fetch>,
+    metrics: Arc<Metrics>,
+}
+
+impl Passthrough {
+    pub fn new(config: &Config, fetch: Arc<Fetch>, metrics: Arc<Metrics>) -> Passthrough {
+        Passthrough {
+            max_json_bytes: config.passthrough.max_json_bytes,
+            max_upload_bytes: config.passthrough.max_upload_bytes,
+            body_read_timeout: config.server.header_read_timeout,
+            total_timeout: config.upstream.total_timeout,
+            run_timeout: config.upstream.run_timeout,
+            heartbeat: config.stream.heartbeat,
+            idle_timeout: config.stream.idle_timeout,
+            max_answer_bytes: config.upstream.max_body_bytes,
+            fetch,
+            metrics,
+        }
+    }
+
+    /// Passes one request; `Err` is answered by the gateway in Dify's error shape.
+    pub async fn serve<B>(
+        &self,
+        fwd: Forward<'_>,
+        req: &Parts,
+        body: B,
+        rid: &HeaderValue,
+        served: &mut Served,
+    ) -> Result<Response<Body>, Refusal>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BodyError>,
+    {
+        let start = Instant::now();
+        let fault = request::Fault::default();
+        let content_type = req
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let pass_body = match fwd.body {
+            BodyKind::None => request::empty(),
+            BodyKind::Json => {
+                request::json_body(
+                    body,
+                    self.max_json_bytes,
+                    self.body_read_timeout,
+                    fwd.prefix,
+                )
+                .await?
+            }
+            BodyKind::Multipart => {
+                let rewriter = match fwd.prefix {
+                    Some(p) => Some(request::rewriter(content_type, p)?),
+                    None if content_type
+                        .to_ascii_lowercase()
+                        .starts_with("multipart/form-data") =>
+                    {
+                        None
+                    }
+                    None => return Err(Refusal::BadMultipart),
+                };
+                request::streamed(body, self.max_upload_bytes, rewriter, fault.clone())?
+            }
+            BodyKind::Raw => request::streamed(body, self.max_upload_bytes, None, fault.clone())?,
+        };
+        let mut up = Request::new(pass_body);
+        *up.method_mut() = req.method.clone();
+        *up.headers_mut() = headers::request(&req.headers);
+        up.headers_mut().insert(X_REQUEST_ID.clone(), rid.clone());
+        if let Some(len) = req.headers.get(CONTENT_LENGTH) {
+            // Only an untouched streamed body keeps the client's length; hyper sets the others.
+            if fwd.body == BodyKind::Raw
+                || (fwd.body == BodyKind::Multipart && fwd.prefix.is_none())
+            {
+                up.headers_mut().insert(CONTENT_LENGTH, len.clone());
+            }
+        }
+
+        fwd.app
+            .breaker
+            .admit()
+            .map_err(|r| Refusal::Upstream(UpstreamError::CircuitOpen { retry_after: r.0 }))?;
+        // A run start (or an upload) may take as long as the run; other heads come within the
+        // total timeout.
+        let head_bound =
+            if fwd.follows_run || fwd.body != BodyKind::Json && fwd.body != BodyKind::None {
+                self.run_timeout
+            } else {
+                self.total_timeout
+            };
+        let sent =
+            tokio::time::timeout(head_bound, fwd.app.upstream.pass(up, &fwd.path_and_query)).await;
+        let elapsed = start.elapsed();
+        served.upstream_elapsed = Some(elapsed);
+        let resp = match sent {
+            Err(_) => Err(UpstreamError::Timeout),
+            Ok(r) => r,
+        };
+        // A refusal of the client's own body wins over what it did to the exchange.
+        if let Some(why) = fault.get() {
+            self.metrics
+                .upstream(UpstreamOutcome::BadResponse, Some(elapsed));
+            return Err(*why);
+        }
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                fwd.app.breaker.record(e.is_failure());
+                self.metrics.upstream(e.outcome(), Some(elapsed));
+                return Err(Refusal::Upstream(e));
+            }
+        };
+        let status = resp.status();
+        fwd.app.breaker.record(status.is_server_error());
+        self.metrics
+            .upstream(UpstreamOutcome::from_status(status), Some(elapsed));
+        served.upstream_status = Some(status);
+        let (parts, incoming) = resp.into_parts();
+        let mut out = Response::new(Body::empty());
+        *out.status_mut() = status;
+        *out.headers_mut() = headers::response(&parts.headers);
+        if !fwd.follows_run {
+            *out.body_mut() = Body::Streamed(incoming);
+            return Ok(out);
+        }
+        let events = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+            });
+        if events {
+            let h = out.headers_mut();
+            h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            h.insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
+            h.remove(CONTENT_LENGTH);
+        }
+        let (tx, rx) = mpsc::channel(pump::QUEUE);
+        *out.body_mut() = Body::Events(rx);
+        let bounds = pump::Bounds {
+            deadline: (start + self.run_timeout).into(),
+            idle: self.idle_timeout,
+            heartbeat: self.heartbeat,
+            max_answer_bytes: self.max_answer_bytes,
+        };
+        let app = Arc::clone(fwd.app);
+        let fetch = Arc::clone(&self.fetch);
+        let rid = rid.clone();
+        // NOTE for `server.max_response_time`: this answer (`Body::is_stream`) lasts as long as
+        // the run; it is bounded by `upstream.run_timeout` and `stream.idle_timeout` here and
+        // must be exempt from the connection's response-time bound.
+        tokio::spawn(async move {
+            let (end, stayed) = pump::follow(incoming, tx, events, bounds, |run| {
+                // Dropped now, not when the stream ends: pollers see the end at once.
+                if let Ok(run) = RunId::parse(run) {
+                    let (fetch, app) = (Arc::clone(&fetch), Arc::clone(&app));
+                    tokio::spawn(async move { fetch.drop_running(&app, run).await });
+                }
+            })
+            .await;
+            tracing::debug!(request_id = ?rid, end = end.as_str(), client_stayed = stayed, "run answer followed");
+        });
+        Ok(out)
+    }
+}

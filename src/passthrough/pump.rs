@@ -1,0 +1,207 @@
+//! Following a run's answer from the upstream to the client: an event stream event by event, a
+//! blocking answer chunk by chunk.
+//!
+//! Invariant: every upstream chunk is handed to the client as it arrives (nothing waits for
+//! more); the upstream answer is read to its end whether or not the client is still there,
+//! bounded by `upstream.run_timeout` and, between chunks, `stream.idle_timeout`, because Dify
+//! interrupts or strands a run whose reader goes away. A client that stops reading for
+//! `stream.idle_timeout` is let go the same way. While the upstream is silent for
+//! `stream.heartbeat`, the client gets a `: ping` comment, never inside an event. When the run
+//! is seen to finish, `on_finished` is called with its id at once.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+
+use crate::sse::{self, Data, DifyEvent, Observer};
+
+/// Chunks queued towards the client before the pump waits for it.
+pub const QUEUE: usize = 16;
+
+/// Largest event the observer buffers to read it (a larger one passes through unread).
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// The bounds of one followed answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// When the whole exchange must be over (`upstream.run_timeout` from its start).
+    pub deadline: Instant,
+    /// Longest upstream silence (`stream.idle_timeout`), also the longest wait on a client.
+    pub idle: Duration,
+    /// Silence towards the client after which a heartbeat goes (`stream.heartbeat`).
+    pub heartbeat: Duration,
+    /// Most bytes of a blocking answer kept to read its run's status.
+    pub max_answer_bytes: usize,
+}
+
+/// What the pump saw, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The upstream answer ended.
+    Complete,
+    /// The upstream was silent for `stream.idle_timeout`.
+    Idle,
+    /// `upstream.run_timeout` passed.
+    RunTimeout,
+    /// The upstream broke the answer off.
+    Broken,
+}
+
+impl End {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::Idle => "idle_timeout",
+            End::RunTimeout => "run_timeout",
+            End::Broken => "broken",
+        }
+    }
+}
+
+/// How a chunk is read for the run's end.
+enum Watch {
+    Events(Observer),
+    /// A blocking answer, kept up to the cap; `None` once past it.
+    Blocking(Option<BytesMut>),
+}
+
+/// Follows `upstream` to its end, sending every chunk to `tx` while the client takes them;
+/// `on_finished(run_id)` is called when the run is seen to end. Returns how it ended and
+/// whether the client stayed to the end.
+pub async fn follow<F>(
+    mut upstream: Incoming,
+    tx: mpsc::Sender<Bytes>,
+    events: bool,
+    bounds: Bounds,
+    mut on_finished: F,
+) -> (End, bool)
+where
+    F: FnMut(&str),
+{
+    let mut client = Some(tx);
+    let mut watch = if events {
+        Watch::Events(Observer::new(MAX_EVENT_BYTES))
+    } else {
+        Watch::Blocking(Some(BytesMut::new()))
+    };
+    let mut last_upstream = Instant::now();
+    let mut last_sent = Instant::now();
+    let end = loop {
+        let mut wake = (last_upstream + bounds.idle).min(bounds.deadline);
+        if events && client.is_some() {
+            wake = wake.min(last_sent + bounds.heartbeat);
+        }
+        let frame = tokio::select! {
+            f = upstream.frame() => f,
+            _ = sleep_until(wake) => {
+                let now = Instant::now();
+                if now >= bounds.deadline {
+                    break End::RunTimeout;
+                }
+                if now >= last_upstream + bounds.idle {
+                    break End::Idle;
+                }
+                let between = match &watch {
+                    Watch::Events(o) => o.is_between_events(),
+                    Watch::Blocking(_) => false,
+                };
+                if between {
+                    send(&mut client, sse::heartbeat(), bounds.idle).await;
+                }
+                last_sent = Instant::now();
+                continue;
+            }
+        };
+        let data = match frame {
+            None => break End::Complete,
+            Some(Err(_)) => break End::Broken,
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        last_upstream = Instant::now();
+        match &mut watch {
+            Watch::Events(o) => {
+                for e in o.feed(&data) {
+                    if let Data::Dify(DifyEvent::WorkflowFinished(f)) = &e.data {
+                        on_finished(&f.workflow_run_id);
+                    }
+                }
+            }
+            Watch::Blocking(kept) => {
+                if let Some(k) = kept {
+                    if k.len() + data.len() > bounds.max_answer_bytes {
+                        *kept = None;
+                    } else {
+                        k.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+        if send(&mut client, data, bounds.idle).await {
+            last_sent = Instant::now();
+        }
+    };
+    if let (End::Complete, Watch::Blocking(Some(kept))) = (end, &watch) {
+        if let Some(run) = finished_run(kept) {
+            on_finished(&run);
+        }
+    }
+    (end, client.is_some())
+}
+
+/// Sends `b` to the client while it is there; a client gone, or not taking a chunk for
+/// `patience`, is let go (the upstream is still read). True when sent.
+async fn send(client: &mut Option<mpsc::Sender<Bytes>>, b: Bytes, patience: Duration) -> bool {
+    let Some(tx) = client else {
+        return false;
+    };
+    match tokio::time::timeout(patience, tx.send(b)).await {
+        Ok(Ok(())) => true,
+        _ => {
+            *client = None;
+            false
+        }
+    }
+}
+
+/// The run id of a blocking answer whose run reached a terminal status.
+fn finished_run(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        workflow_run_id: Option<String>,
+        data: Option<RunData>,
+    }
+    #[derive(serde::Deserialize)]
+    struct RunData {
+        id: Option<String>,
+        status: Option<String>,
+    }
+    let a: Answer = serde_json::from_slice(body).ok()?;
+    let data = a.data?;
+    let status = data.status?;
+    if status == "running" || status == "paused" {
+        return None;
+    }
+    a.workflow_run_id.or(data.id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_blocking_answer_names_its_run() {
+        let body =
+            br#"{"task_id":"t","workflow_run_id":"r1","data":{"id":"r1","status":"succeeded"}}"#;
+        assert_eq!(finished_run(body).as_deref(), Some("r1"));
+        let running = br#"{"workflow_run_id":"r1","data":{"id":"r1","status":"running"}}"#;
+        assert_eq!(finished_run(running), None);
+        assert_eq!(finished_run(b"not json"), None);
+    }
+}
