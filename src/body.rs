@@ -30,6 +30,9 @@ pub enum Body {
     /// An event stream: each message is sent as it is produced; the stream ends when every
     /// sender is gone.
     Events(mpsc::Receiver<Bytes>),
+    /// A body with something held until the client's response is done with it (a client's
+    /// open-stream place): dropped with the body, when the answer ends or the client leaves.
+    Guarded(Box<Body>, Box<dyn std::any::Any + Send + Sync>),
 }
 
 impl Body {
@@ -41,7 +44,11 @@ impl Body {
     /// Is this an event stream, which may stay open as long as the events last (bounded by
     /// the stream's own timeouts, not `server.max_response_time`)?
     pub fn is_stream(&self) -> bool {
-        matches!(self, Body::Events(_))
+        match self {
+            Body::Events(_) => true,
+            Body::Guarded(b, _) => b.is_stream(),
+            _ => false,
+        }
     }
 }
 
@@ -88,6 +95,7 @@ impl HttpBody for Body {
             },
             Body::Streamed(b) => Pin::new(b).poll_frame(cx).map_err(BodyError::from),
             Body::Events(rx) => rx.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b)))),
+            Body::Guarded(b, _) => Pin::new(b.as_mut()).poll_frame(cx),
         }
     }
 
@@ -98,6 +106,7 @@ impl HttpBody for Body {
             Body::Entry(s) => s.body.is_empty(),
             Body::Streamed(b) => b.is_end_stream(),
             Body::Events(rx) => rx.is_closed() && rx.is_empty(),
+            Body::Guarded(b, _) => b.is_end_stream(),
         }
     }
 
@@ -108,6 +117,7 @@ impl HttpBody for Body {
             Body::Entry(s) => SizeHint::with_exact(s.body.len() as u64),
             Body::Streamed(b) => b.size_hint(),
             Body::Events(_) => SizeHint::default(),
+            Body::Guarded(b, _) => b.size_hint(),
         }
     }
 }

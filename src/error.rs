@@ -74,6 +74,16 @@ pub enum GatewayError {
     /// answered exactly as Dify answers an unknown run, so its existence is not revealed.
     #[error("Workflow run not found.")]
     RunNotFound,
+    /// The task belongs to another client of the app: Dify's 404 shape.
+    #[error("Task not found.")]
+    TaskNotFound,
+    /// The file belongs to another client of the app: Dify's 404 for an unknown file.
+    #[error("File not found.")]
+    FileNotFound,
+    /// The client may not read the app's logs: its app isolates clients and it lacks
+    /// `read_app_logs`.
+    #[error("this client may not read the app's logs (read_app_logs)")]
+    LogsForbidden,
     /// Too many upstream requests in flight; the fetch could not get a slot in time.
     #[error("the gateway is overloaded; retry shortly")]
     Overloaded,
@@ -114,7 +124,10 @@ impl GatewayError {
             | GatewayError::TooManyRunStarts { .. }
             | GatewayError::TooManyStreams { .. }
             | GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::RunNotFound => StatusCode::NOT_FOUND,
+            GatewayError::RunNotFound | GatewayError::TaskNotFound | GatewayError::FileNotFound => {
+                StatusCode::NOT_FOUND
+            }
+            GatewayError::LogsForbidden => StatusCode::FORBIDDEN,
             GatewayError::Overloaded | GatewayError::CircuitOpen { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -140,7 +153,9 @@ impl GatewayError {
             | GatewayError::TooManyRunStarts { .. }
             | GatewayError::TooManyStreams { .. } => "too_many_requests",
             GatewayError::QuotaExceeded { .. } => "quota_exceeded",
-            GatewayError::RunNotFound => "not_found",
+            GatewayError::RunNotFound | GatewayError::TaskNotFound => "not_found",
+            GatewayError::FileNotFound => "file_not_found",
+            GatewayError::LogsForbidden => "forbidden",
             GatewayError::Overloaded => "overloaded",
             GatewayError::CircuitOpen { .. } => "upstream_circuit_open",
         }
@@ -236,6 +251,9 @@ mod tests {
             GatewayError::QuotaExceeded {
                 retry_after_secs: 60,
             },
+            GatewayError::TaskNotFound,
+            GatewayError::FileNotFound,
+            GatewayError::LogsForbidden,
         ] {
             let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
             assert_eq!(v["code"], e.as_str());

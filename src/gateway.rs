@@ -27,7 +27,7 @@ use crate::error::GatewayError;
 use crate::intake;
 use crate::metrics::{ClassLabel, Metrics, RejectReason};
 use crate::outcome::CacheOutcome;
-use crate::ownership::{Access, Ownership};
+use crate::ownership::{Access, Kind, Ownership};
 use crate::passthrough::{BodyKind, Forward, Passthrough, Served};
 use crate::policy::{EntryClass, Policy};
 use crate::readiness::Readiness;
@@ -37,7 +37,7 @@ use crate::routes::run_detail::RunDetail;
 use crate::routes::{health, merge_slashes, passthrough, run_events, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
-use crate::starts::{StartRefused, Starts};
+use crate::starts::{StartRefused, Starts, StreamPermit};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
 use crate::usage::Usage;
@@ -212,7 +212,12 @@ impl Gateway {
             Arc::clone(&metrics),
         ));
         let reloads = ReloadLog::new(config, &metrics);
-        let passthrough = Passthrough::new(config, Arc::clone(&fetch), Arc::clone(&metrics));
+        let passthrough = Passthrough::new(
+            config,
+            Arc::clone(&fetch),
+            Arc::clone(&ownership),
+            Arc::clone(&metrics),
+        );
         Ok(Arc::new(Gateway {
             passthrough,
             allow_unlisted: config.passthrough.allow_unlisted,
@@ -535,9 +540,54 @@ impl Gateway {
         let prefix = client.and_then(|c| c.user_prefix.as_ref());
         let path_and_query = passthrough::upstream_path(path, req.uri.query(), prefix)
             .ok_or_else(|| Refused::from(Misroute::NotFound))?;
+        let name = client.map(|c| &*c.name);
+        // Another client's task, run or file is answered as Dify answers an unknown one.
+        let owned = match route {
+            Route::TaskStop => Some((Kind::Task, GatewayError::TaskNotFound)),
+            Route::Events => Some((Kind::Run, GatewayError::RunNotFound)),
+            Route::FilePreview => Some((Kind::File, GatewayError::FileNotFound)),
+            _ => None,
+        };
+        if let Some((kind, not_found)) = owned {
+            let id = uuid::Uuid::try_parse(param)
+                .map_err(|_| Refused::new(RejectReason::BadId, GatewayError::InvalidRunId))?;
+            if !self.ownership.check(app.id, kind, id, name).await.allowed() {
+                return Err(Refused::new(RejectReason::NotOwner, not_found));
+            }
+        }
+        if route == Route::Logs
+            && self.ownership.isolates(app.id)
+            && client.is_some_and(|c| !c.read_app_logs)
+        {
+            return Err(Refused::new(
+                RejectReason::Forbidden,
+                GatewayError::LogsForbidden,
+            ));
+        }
+        let permit = match route {
+            Route::Events => Some(self.starts.open_stream(name).map_err(Refused::from)?),
+            _ => None,
+        };
+        let starts = &self.starts;
+        let admit = move |streaming: bool| {
+            if streaming {
+                starts.start_streaming(name)
+            } else {
+                starts.start(name).map(|()| StreamPermit::none())
+            }
+        };
+        let starts_run = matches!(route, Route::RunStart | Route::RunStartVersion);
+        let ctl = Ctl {
+            owner: name
+                .filter(|_| starts_run || route == Route::Upload)
+                .map(Arc::from),
+            admit: starts_run.then_some(&admit as _),
+            permit,
+            records_file: route == Route::Upload,
+        };
         match body {
             Some(body) if plan.body != BodyKind::None => {
-                self.pass_planned(app, path_and_query, plan, req, body, rid, info, prefix)
+                self.pass_planned(app, path_and_query, plan, req, body, rid, info, prefix, ctl)
                     .await
             }
             body => {
@@ -546,7 +596,7 @@ impl Gateway {
                     intake::discard_body(body, self.body_read_timeout).await?;
                 }
                 let none = http_body_util::Empty::<Bytes>::new();
-                self.pass_planned(app, path_and_query, plan, req, none, rid, info, prefix)
+                self.pass_planned(app, path_and_query, plan, req, none, rid, info, prefix, ctl)
                     .await
             }
         }
@@ -563,6 +613,7 @@ impl Gateway {
         rid: &HeaderValue,
         info: &mut RequestInfo,
         prefix: Option<&crate::rewrite::UserPrefix>,
+        ctl: Ctl<'_>,
     ) -> Result<Response<Body>, Refused>
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
@@ -574,6 +625,10 @@ impl Gateway {
             body: plan.body,
             follows_run: plan.follows_run,
             prefix,
+            owner: ctl.owner,
+            admit: ctl.admit,
+            permit: ctl.permit,
+            records_file: ctl.records_file,
         };
         let mut served = Served::default();
         let r = self
@@ -656,6 +711,15 @@ impl Gateway {
             fetches_in_flight: self.run_detail.fetch().in_flight(),
         }
     }
+}
+
+/// What a passed request's handling needs from the door: who owns what it creates, its run
+/// start admission, its open-stream place.
+struct Ctl<'a> {
+    owner: Option<Arc<str>>,
+    admit: Option<&'a (dyn Fn(bool) -> Result<StreamPermit, StartRefused> + Sync)>,
+    permit: Option<StreamPermit>,
+    records_file: bool,
 }
 
 /// Refuses a request over `client`'s rate limit.

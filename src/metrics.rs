@@ -133,6 +133,8 @@ pub enum RejectReason {
     OpenStreams,
     /// The id belongs to another client of the app (answered as Dify's 404).
     NotOwner,
+    /// A route the client may not use (`/workflows/logs` without `read_app_logs`).
+    Forbidden,
 }
 
 impl RejectReason {
@@ -153,6 +155,7 @@ impl RejectReason {
             RejectReason::RunsPerMinute => "runs_per_minute",
             RejectReason::OpenStreams => "open_streams",
             RejectReason::NotOwner => "not_owner",
+            RejectReason::Forbidden => "forbidden",
         }
     }
 }

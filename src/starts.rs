@@ -80,6 +80,13 @@ pub struct StreamPermit {
     _slot: Option<OwnedSemaphorePermit>,
 }
 
+impl StreamPermit {
+    /// A permit that holds no place (a blocking run start, which follows no stream).
+    pub fn none() -> StreamPermit {
+        StreamPermit { _slot: None }
+    }
+}
+
 /// One client's limits and their state.
 struct ClientStarts {
     /// The limits this state was built for (a reload keeps the state when they are unchanged).

@@ -313,7 +313,11 @@ async fn an_upload_past_the_cap_is_413_even_mid_stream() {
 #[tokio::test]
 async fn end_users_are_prefixed_in_json_multipart_and_queries() {
     let up = spawn_upstream().await;
-    let (entry, auth) = client_entry("team-a", "default", "user_prefix = \"team-a:\"");
+    let (entry, auth) = client_entry(
+        "team-a",
+        "default",
+        "user_prefix = \"team-a:\"\nread_app_logs = true",
+    );
     let gw = spawn_gateway(config(&up, &entry)).await;
     let c = body_client();
     let auth = ("authorization", auth.as_str());
@@ -515,4 +519,173 @@ async fn stop_events_and_previews_pass_through() {
     let wrong = send(&c, Method::GET, &gw.url("/v1/workflows/run"), &[], "").await;
     assert_eq!(wrong.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(wrong.header("allow"), Some("POST"));
+}
+
+/// A run started through the gateway is its client's: another client of the same app gets
+/// Dify's 404 for its detail, its stop, its event stream and the file it uploaded, while the
+/// owner reaches them all; the logs need `read_app_logs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_client_cannot_read_stop_or_follow_a_run_or_see_a_file() {
+    let up = spawn_upstream().await;
+    up.hold_events();
+    let (a_entry, a) = client_entry("team-a", "default", "");
+    let (b_entry, b) = client_entry("team-b", "default", "");
+    let gw = spawn_gateway(config(&up, &format!("{a_entry}{b_entry}"))).await;
+    let c = body_client();
+    let (a, b) = (("authorization", a.as_str()), ("authorization", b.as_str()));
+    let mut events = start_stream(&c, &gw, a.1).await;
+    up.release_events(1);
+    let started = events.next_event().await.unwrap();
+    let run = EventReader::run_id(&started);
+    let task = up.run(&run).unwrap().task_id;
+    let before = up.total();
+    for (method, path, body, code) in [
+        (
+            Method::GET,
+            format!("/v1/workflows/run/{run}"),
+            "",
+            "not_found",
+        ),
+        (
+            Method::GET,
+            format!("/v1/workflow/{run}/events?user=u1"),
+            "",
+            "not_found",
+        ),
+        (
+            Method::POST,
+            format!("/v1/workflows/tasks/{task}/stop"),
+            "{\"user\": \"u1\"}",
+            "not_found",
+        ),
+    ] {
+        let got = send(&c, method.clone(), &gw.url(&path), &[JSON, b], body).await;
+        assert_eq!(got.status, StatusCode::NOT_FOUND, "{method} {path}");
+        assert_eq!(got.json()["code"], code, "{method} {path}");
+    }
+    assert_eq!(up.total(), before, "a foreign request reached the upstream");
+    let logs = send(&c, Method::GET, &gw.url("/v1/workflows/logs"), &[b], "").await;
+    assert_eq!(logs.status, StatusCode::FORBIDDEN);
+    assert_eq!(logs.json()["code"], "forbidden");
+    // The owner stops its own run.
+    let stop = send(
+        &c,
+        Method::POST,
+        &gw.url(&format!("/v1/workflows/tasks/{task}/stop")),
+        &[JSON, a],
+        "{\"user\": \"u1\"}",
+    )
+    .await;
+    assert_eq!(stop.status, StatusCode::OK, "{:?}", stop.body);
+    up.free_events();
+    while events.next_event().await.is_some() {}
+    let detail = send(&c, Method::GET, &gw.run_url(&run), &[a], "").await;
+    assert_eq!(detail.status, StatusCode::OK);
+    // A file is its uploader's.
+    let upload = send(
+        &c,
+        Method::POST,
+        &gw.url("/v1/files/upload"),
+        &[
+            ("content-type", "multipart/form-data; boundary=b0undary"),
+            a,
+        ],
+        multipart("b0undary", "u1", b"file bytes"),
+    )
+    .await;
+    assert_eq!(upload.status, StatusCode::CREATED, "{:?}", upload.body);
+    let file = upload.json()["id"].as_str().unwrap().to_owned();
+    let foreign = send(
+        &c,
+        Method::GET,
+        &gw.url(&format!("/v1/files/{file}/preview")),
+        &[b],
+        "",
+    )
+    .await;
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND);
+    assert_eq!(foreign.json()["code"], "file_not_found");
+    let own = send(
+        &c,
+        Method::GET,
+        &gw.url(&format!("/v1/files/{file}/preview")),
+        &[a],
+        "",
+    )
+    .await;
+    assert_eq!(own.status, StatusCode::OK, "{:?}", own.body);
+}
+
+/// Run starts have their own limits: `runs_per_minute` refuses the next start with 429 and
+/// `Retry-After`, `max_open_streams` refuses a second stream while the first is followed and
+/// lets one in once the client has left it; reads are not counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_starts_have_their_own_limits() {
+    let up = spawn_upstream().await;
+    up.hold_events();
+    let (entry, auth) = client_entry(
+        "team-a",
+        "default",
+        "runs_per_minute = 3\nmax_open_streams = 1",
+    );
+    let gw = spawn_gateway(config(&up, &entry)).await;
+    let c = body_client();
+    let first = start_stream(&c, &gw, &auth).await;
+    let second = send(
+        &c,
+        Method::POST,
+        &gw.url("/v1/workflows/run"),
+        &[JSON, ("authorization", &auth)],
+        streaming_run("u1"),
+    )
+    .await;
+    assert_eq!(second.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(second.json()["code"], "too_many_requests");
+    assert!(second.header("retry-after").is_some());
+    // The client leaves its stream: its place is free, though the gateway reads on.
+    drop(first);
+    let mut freed = false;
+    for _ in 0..100 {
+        let again = open(
+            &c,
+            Method::POST,
+            &gw.url("/v1/workflows/run"),
+            &[JSON, ("authorization", &auth)],
+            streaming_run("u1"),
+        )
+        .await;
+        if again.status() == StatusCode::OK {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "the left stream's place was never freed");
+    up.free_events();
+    // Two streams were started (a start refused for its stream place is not spent); a third
+    // start is within the minute's budget of 3, a fourth is over it.
+    let url = gw.url("/v1/workflows/run");
+    let headers = [JSON, ("authorization", auth.as_str())];
+    let run = "{\"inputs\": {}, \"response_mode\": \"blocking\", \"user\": \"u1\"}";
+    let third = send(&c, Method::POST, &url, &headers, run).await;
+    assert_eq!(third.status, StatusCode::OK);
+    let over = send(&c, Method::POST, &url, &headers, run).await;
+    assert_eq!(
+        over.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        over.body
+    );
+    assert_eq!(over.json()["code"], "too_many_requests");
+    assert!(over.header("retry-after").is_some());
+    // Reads are not run starts.
+    let params = send(
+        &c,
+        Method::GET,
+        &gw.url("/v1/parameters"),
+        &[("authorization", &auth)],
+        "",
+    )
+    .await;
+    assert_eq!(params.status, StatusCode::OK);
 }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::request::Parts;
 use http::{HeaderName, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
 use hyper::body::Body as HttpBody;
 use tokio::sync::mpsc;
 
@@ -32,11 +33,15 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::metrics::{Metrics, RejectReason};
 use crate::outcome::UpstreamOutcome;
+use crate::ownership::{Kind, Ownership};
 use crate::rewrite::UserPrefix;
-use crate::run_id::RunId;
+use crate::starts::{StartRefused, StreamPermit};
 use crate::upstream::{App, UpstreamError, X_REQUEST_ID};
 
 pub use request::BodyKind;
+
+/// Most bytes of an upload's answer (a file's description) read to learn the file's id.
+const MAX_UPLOAD_ANSWER: usize = 64 * 1024;
 
 /// `X-Accel-Buffering: no`, so an nginx in front does not hold events back.
 pub static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
@@ -58,6 +63,8 @@ pub enum Refusal {
     TooSlow,
     #[error("upstream failed")]
     Upstream(UpstreamError),
+    #[error("run start refused")]
+    Start(StartRefused),
 }
 
 impl Refusal {
@@ -70,6 +77,7 @@ impl Refusal {
             }
             Refusal::Broken => RejectReason::BadFraming,
             Refusal::TooSlow => RejectReason::BodyTimeout,
+            Refusal::Start(r) => r.reason(),
             Refusal::Upstream(_) => return None,
         })
     }
@@ -87,6 +95,7 @@ impl From<Refusal> for GatewayError {
             Refusal::Broken => GatewayError::BadFraming,
             Refusal::TooSlow => GatewayError::RequestTimeout,
             Refusal::Upstream(e) => e.into(),
+            Refusal::Start(r) => r.into(),
         }
     }
 }
@@ -103,6 +112,16 @@ pub struct Forward<'a> {
     pub follows_run: bool,
     /// The client's end-user prefix.
     pub prefix: Option<&'a UserPrefix>,
+    /// The client, recorded as the owner of the run or file this request creates; `None` in
+    /// open mode or when the request creates nothing.
+    pub owner: Option<Arc<str>>,
+    /// A run start's admission: given whether it streams, the client's start limits take it
+    /// (and, for a stream, one of its open-stream places) or refuse it.
+    pub admit: Option<&'a (dyn Fn(bool) -> Result<StreamPermit, StartRefused> + Sync)>,
+    /// A place among the client's open streams, taken at the door (a resumed stream).
+    pub permit: Option<StreamPermit>,
+    /// The answer names a file the client uploaded: it is read to record the file's owner.
+    pub records_file: bool,
 }
 
 /// What the access log and metrics learn about a passed-through request.
@@ -126,11 +145,18 @@ pub struct Passthrough {
     max_answer_bytes: usize,
     /// The run-detail fetches, whose kept `running` answers a seen finish drops.
     fetch: Arc<Fetch>,
+    /// Who created which run, task and file.
+    ownership: Arc<Ownership>,
     metrics: Arc<Metrics>,
 }
 
 impl Passthrough {
-    pub fn new(config: &Config, fetch: Arc<Fetch>, metrics: Arc<Metrics>) -> Passthrough {
+    pub fn new(
+        config: &Config,
+        fetch: Arc<Fetch>,
+        ownership: Arc<Ownership>,
+        metrics: Arc<Metrics>,
+    ) -> Passthrough {
         Passthrough {
             max_json_bytes: config.passthrough.max_json_bytes,
             max_upload_bytes: config.passthrough.max_upload_bytes,
@@ -141,6 +167,7 @@ impl Passthrough {
             idle_timeout: config.stream.idle_timeout,
             max_answer_bytes: config.upstream.max_body_bytes,
             fetch,
+            ownership,
             metrics,
         }
     }
@@ -148,7 +175,7 @@ impl Passthrough {
     /// Passes one request; `Err` is answered by the gateway in Dify's error shape.
     pub async fn serve<B>(
         &self,
-        fwd: Forward<'_>,
+        mut fwd: Forward<'_>,
         req: &Parts,
         body: B,
         rid: &HeaderValue,
@@ -168,13 +195,18 @@ impl Passthrough {
         let pass_body = match fwd.body {
             BodyKind::None => request::empty(),
             BodyKind::Json => {
-                request::json_body(
+                let json = request::json_bytes(
                     body,
                     self.max_json_bytes,
                     self.body_read_timeout,
                     fwd.prefix,
                 )
-                .await?
+                .await?;
+                if let Some(admit) = fwd.admit {
+                    let permit = admit(request::is_streaming(&json)).map_err(Refusal::Start)?;
+                    fwd.permit = Some(permit);
+                }
+                request::full(json)
             }
             BodyKind::Multipart => {
                 let rewriter = match fwd.prefix {
@@ -247,6 +279,11 @@ impl Passthrough {
         let mut out = Response::new(Body::empty());
         *out.status_mut() = status;
         *out.headers_mut() = headers::response(&parts.headers);
+        if fwd.records_file && status.is_success() {
+            if let Some(owner) = &fwd.owner {
+                return self.record_file(fwd.app, owner, out, incoming).await;
+            }
+        }
         if !fwd.follows_run {
             *out.body_mut() = Body::Streamed(incoming);
             return Ok(out);
@@ -267,30 +304,61 @@ impl Passthrough {
             h.remove(CONTENT_LENGTH);
         }
         let (tx, rx) = mpsc::channel(pump::QUEUE);
-        *out.body_mut() = Body::Events(rx);
+        *out.body_mut() = match fwd.permit.take() {
+            // The client's open-stream place goes when its answer does (it left, or it ended).
+            Some(p) => Body::Guarded(Box::new(Body::Events(rx)), Box::new(p)),
+            None => Body::Events(rx),
+        };
         let bounds = pump::Bounds {
             deadline: (start + self.run_timeout).into(),
             idle: self.idle_timeout,
             heartbeat: self.heartbeat,
             max_answer_bytes: self.max_answer_bytes,
         };
-        let app = Arc::clone(fwd.app);
-        let fetch = Arc::clone(&self.fetch);
+        let hooks = pump::Hooks {
+            fetch: Arc::clone(&self.fetch),
+            app: Arc::clone(fwd.app),
+            ownership: Arc::clone(&self.ownership),
+            owner: fwd.owner.clone(),
+        };
         let rid = rid.clone();
         // NOTE for `server.max_response_time`: this answer (`Body::is_stream`) lasts as long as
         // the run; it is bounded by `upstream.run_timeout` and `stream.idle_timeout` here and
         // must be exempt from the connection's response-time bound.
         tokio::spawn(async move {
-            let (end, stayed) = pump::follow(incoming, tx, events, bounds, |run| {
-                // Dropped now, not when the stream ends: pollers see the end at once.
-                if let Ok(run) = RunId::parse(run) {
-                    let (fetch, app) = (Arc::clone(&fetch), Arc::clone(&app));
-                    tokio::spawn(async move { fetch.drop_running(&app, run).await });
-                }
-            })
-            .await;
+            let (end, stayed) = pump::follow(incoming, tx, events, bounds, hooks).await;
             tracing::debug!(request_id = ?rid, end = end.as_str(), client_stayed = stayed, "run answer followed");
         });
+        Ok(out)
+    }
+
+    /// An upload's answer: read (it is a file's short description) to record the file as
+    /// `owner`'s before the client learns its id, then passed on whole.
+    async fn record_file(
+        &self,
+        app: &Arc<App>,
+        owner: &str,
+        mut out: Response<Body>,
+        incoming: hyper::body::Incoming,
+    ) -> Result<Response<Body>, Refusal> {
+        #[derive(serde::Deserialize)]
+        struct Uploaded {
+            id: String,
+        }
+        let bytes = http_body_util::Limited::new(incoming, MAX_UPLOAD_ANSWER)
+            .collect()
+            .await
+            .map_err(|_| Refusal::Upstream(UpstreamError::Protocol))?
+            .to_bytes();
+        if let Some(id) = serde_json::from_slice::<Uploaded>(&bytes)
+            .ok()
+            .and_then(|f| uuid::Uuid::try_parse(&f.id).ok())
+        {
+            self.ownership
+                .record(app.id, Kind::File, id, Some(owner))
+                .await;
+        }
+        *out.body_mut() = Body::Full(bytes);
         Ok(out)
     }
 }

@@ -17,7 +17,15 @@ use hyper::body::Incoming;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::cache::fetch::Fetch;
+use crate::ownership::Ownership;
+use crate::run_id::RunId;
 use crate::sse::{self, Data, DifyEvent, Observer};
+use crate::upstream::App;
 
 /// Chunks queued towards the client before the pump waits for it.
 pub const QUEUE: usize = 16;
@@ -69,19 +77,49 @@ enum Watch {
     Blocking(Option<BytesMut>),
 }
 
+/// What a followed answer does when it sees its run start and end.
+pub struct Hooks {
+    pub fetch: Arc<Fetch>,
+    pub app: Arc<App>,
+    pub ownership: Arc<Ownership>,
+    /// The client the answer goes to, recorded as the owner of a run it starts; `None` for a
+    /// resumed stream (not a new run) or in open mode.
+    pub owner: Option<Arc<str>>,
+}
+
+impl Hooks {
+    /// Records the started run (and its task) as the owner's; awaited before the chunk that
+    /// names them is passed on.
+    async fn started(&self, run: &str, task: Option<&str>) {
+        let Some(owner) = &self.owner else { return };
+        let Ok(run) = Uuid::try_parse(run) else {
+            return;
+        };
+        let task = task.and_then(|t| Uuid::try_parse(t).ok());
+        self.ownership
+            .record_run(self.app.id, run, task, Some(owner))
+            .await;
+    }
+
+    /// Drops the run's kept `running` answer, now, so pollers see the end at once.
+    fn finished(&self, run: &str) {
+        if let Ok(run) = RunId::parse(run) {
+            let (fetch, app) = (Arc::clone(&self.fetch), Arc::clone(&self.app));
+            tokio::spawn(async move { fetch.drop_running(&app, run).await });
+        }
+    }
+}
+
 /// Follows `upstream` to its end, sending every chunk to `tx` while the client takes them;
-/// `on_finished(run_id)` is called when the run is seen to end. Returns how it ended and
-/// whether the client stayed to the end.
-pub async fn follow<F>(
+/// `hooks` hear of the run's start (before the chunk naming it is sent) and end. Returns how it
+/// ended and whether the client stayed to the end.
+pub async fn follow(
     mut upstream: Incoming,
     tx: mpsc::Sender<Bytes>,
     events: bool,
     bounds: Bounds,
-    mut on_finished: F,
-) -> (End, bool)
-where
-    F: FnMut(&str),
-{
+    hooks: Hooks,
+) -> (End, bool) {
     let mut client = Some(tx);
     let mut watch = if events {
         Watch::Events(Observer::new(MAX_EVENT_BYTES))
@@ -128,8 +166,15 @@ where
         match &mut watch {
             Watch::Events(o) => {
                 for e in o.feed(&data) {
-                    if let Data::Dify(DifyEvent::WorkflowFinished(f)) = &e.data {
-                        on_finished(&f.workflow_run_id);
+                    match &e.data {
+                        Data::Dify(DifyEvent::WorkflowStarted {
+                            task_id,
+                            workflow_run_id,
+                        }) => hooks.started(workflow_run_id, Some(task_id)).await,
+                        Data::Dify(DifyEvent::WorkflowFinished(f)) => {
+                            hooks.finished(&f.workflow_run_id)
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -148,8 +193,11 @@ where
         }
     };
     if let (End::Complete, Watch::Blocking(Some(kept))) = (end, &watch) {
+        if let Some((run, task)) = started_run(kept) {
+            hooks.started(&run, task.as_deref()).await;
+        }
         if let Some(run) = finished_run(kept) {
-            on_finished(&run);
+            hooks.finished(&run);
         }
     }
     (end, client.is_some())
@@ -168,6 +216,17 @@ async fn send(client: &mut Option<mpsc::Sender<Bytes>>, b: Bytes, patience: Dura
             false
         }
     }
+}
+
+/// The run and task ids of a blocking answer.
+fn started_run(body: &[u8]) -> Option<(String, Option<String>)> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        workflow_run_id: String,
+        task_id: Option<String>,
+    }
+    let a: Answer = serde_json::from_slice(body).ok()?;
+    Some((a.workflow_run_id, a.task_id))
 }
 
 /// The run id of a blocking answer whose run reached a terminal status.

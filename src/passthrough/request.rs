@@ -44,12 +44,12 @@ pub type Fault = Arc<OnceLock<Refusal>>;
 
 /// Reads a JSON body whole (at most `cap` bytes, within `deadline`), checks it and prefixes
 /// its `user`.
-pub async fn json_body<B>(
+pub async fn json_bytes<B>(
     body: B,
     cap: u64,
     deadline: Duration,
     prefix: Option<&UserPrefix>,
-) -> Result<PassBody, Refusal>
+) -> Result<Bytes, Refusal>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BodyError>,
@@ -77,7 +77,25 @@ where
             bytes
         }
     };
-    Ok(Full::new(bytes).map_err(|e| match e {}).boxed_unsync())
+    Ok(bytes)
+}
+
+/// Bytes at hand as a request body.
+pub fn full(bytes: Bytes) -> PassBody {
+    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// Is a run start's `response_mode` `streaming`?
+pub fn is_streaming(json: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Mode<'a> {
+        #[serde(borrow)]
+        response_mode: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Mode<'_>>(json)
+        .ok()
+        .and_then(|m| m.response_mode)
+        .is_some_and(|m| m == "streaming")
 }
 
 /// No body.
@@ -240,22 +258,26 @@ mod tests {
     async fn json_is_capped_and_checked() {
         let d = Duration::from_secs(5);
         let body = |s: &'static str| Full::new(Bytes::from_static(s.as_bytes()));
-        assert!(json_body(body("{\"a\":1}"), 100, d, None).await.is_ok());
+        assert!(json_bytes(body("{\"a\":1}"), 100, d, None).await.is_ok());
         assert_eq!(
-            json_body(body("{\"a\":"), 100, d, None).await.err(),
+            json_bytes(body("{\"a\":"), 100, d, None).await.err(),
             Some(Refusal::NotJson)
         );
         assert_eq!(
-            json_body(body("{\"a\":1}"), 3, d, None).await.err(),
+            json_bytes(body("{\"a\":1}"), 3, d, None).await.err(),
             Some(Refusal::TooLarge)
         );
         let p = UserPrefix::new("t:").unwrap();
-        let out = json_body(body("{\"user\": \"u\", \"x\":1}"), 100, d, Some(&p))
+        let out = json_bytes(body("{\"user\": \"u\", \"x\":1}"), 100, d, Some(&p))
             .await
             .unwrap();
-        assert_eq!(
-            out.collect().await.unwrap().to_bytes(),
-            "{\"user\": \"t:u\", \"x\":1}"
-        );
+        assert_eq!(out, "{\"user\": \"t:u\", \"x\":1}");
+        assert!(is_streaming(
+            br#"{"inputs":{},"response_mode":"streaming"}"#
+        ));
+        assert!(!is_streaming(
+            br#"{"inputs":{},"response_mode":"blocking"}"#
+        ));
+        assert!(!is_streaming(br#"{"response_mode":1}"#));
     }
 }
