@@ -161,6 +161,14 @@ impl GatewayError {
         }
     }
 
+    /// The refusal of a client over its daily quota, to retry after `wait` (what
+    /// `Usage::check_quota` answers): whole seconds, at least one.
+    pub fn quota_exceeded(wait: std::time::Duration) -> GatewayError {
+        GatewayError::QuotaExceeded {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        }
+    }
+
     /// The JSON body bytes.
     pub fn body(&self) -> Bytes {
         dify_error_body(self.as_str(), &self.to_string(), self.status())
@@ -282,10 +290,8 @@ mod tests {
         .to_response();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[RETRY_AFTER], "4");
-        let r = GatewayError::QuotaExceeded {
-            retry_after_secs: 3600,
-        }
-        .to_response();
+        let r =
+            GatewayError::quota_exceeded(std::time::Duration::from_millis(3_599_200)).to_response();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[RETRY_AFTER], "3600");
         let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();

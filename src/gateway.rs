@@ -347,9 +347,11 @@ impl Gateway {
     }
 
     /// Usage figures and daily quotas. Run-start handlers call [`Usage::check_quota`] before
-    /// starting a run (a refusal becomes `GatewayError::QuotaExceeded`) and
-    /// [`Usage::finished`] with each finished run they see (a blocking run's answer, a
-    /// `workflow_finished` event); terminal run details are counted by the fetch.
+    /// starting a run (a refusal is `RejectReason::Quota` with
+    /// `GatewayError::quota_exceeded(wait)`; reads are never checked) and
+    /// [`Usage::finished_run`] with each finished run they see (a blocking run's `data`, a
+    /// `workflow_finished` event's `data`, parsed by `FinishedRun::parse`), counted to the
+    /// starting client or `usage::OPEN_CLIENT`; terminal run details are counted by the fetch.
     pub fn usage(&self) -> &Arc<Usage> {
         &self.usage
     }

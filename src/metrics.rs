@@ -131,6 +131,8 @@ pub enum RejectReason {
     RunsPerMinute,
     /// The client already followed its `max_open_streams` streams.
     OpenStreams,
+    /// The client has used its daily quota (`quota_runs_per_day`, `quota_tokens_per_day`).
+    Quota,
     /// The id belongs to another client of the app (answered as Dify's 404).
     NotOwner,
     /// A route the client may not use (`/workflows/logs` without `read_app_logs`).
@@ -154,6 +156,7 @@ impl RejectReason {
             RejectReason::OverloadApp => "overload_app",
             RejectReason::RunsPerMinute => "runs_per_minute",
             RejectReason::OpenStreams => "open_streams",
+            RejectReason::Quota => "quota",
             RejectReason::NotOwner => "not_owner",
             RejectReason::Forbidden => "forbidden",
         }

@@ -164,3 +164,12 @@ fn finished_runs_parse_from_difys_shapes_and_running_ones_do_not() {
     let partial = FinishedRun::parse(br#"{"status":"partial-succeeded"}"#).unwrap();
     assert_eq!(partial.total_tokens, None);
 }
+
+#[test]
+fn a_quota_refusal_is_429_quota_exceeded_until_midnight() {
+    let e = crate::error::GatewayError::quota_exceeded(Duration::from_millis(1500));
+    assert_eq!(e.as_str(), "quota_exceeded");
+    assert_eq!(e.status(), 429);
+    assert_eq!(e.to_response().headers()["retry-after"], "2");
+    assert_eq!(crate::metrics::RejectReason::Quota.as_str(), "quota");
+}
