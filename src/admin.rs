@@ -1,10 +1,12 @@
-//! The admin listener's routes: metrics, health, readiness and cache administration.
+//! The admin listener's routes: metrics, health, readiness, cache administration, usage
+//! figures and the status page.
 //!
 //! Invariant: these routes are served only on the admin listener, never on the public one; when
-//! an admin token is configured every route but `/healthz` and `/readyz` requires it, compared
-//! in constant time.
+//! an admin token is configured every route but `/healthz`, `/readyz` and the status page (`/`,
+//! which holds no data) requires it, compared in constant time.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, WWW_AUTHENTICATE};
@@ -19,6 +21,8 @@ use crate::clients::bearer_token;
 use crate::error::dify_error_body;
 use crate::gateway::Gateway;
 use crate::run_id::RunId;
+use crate::status::{StatusReport, PAGE};
+use crate::usage::{day_of, to_csv, UsageError};
 
 /// The admin side's state.
 pub struct Admin {
@@ -54,6 +58,15 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
     r
 }
 
+/// The value of `name` in a query string (no percent-decoding: the values read here are
+/// plain).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
 fn to_json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
     match serde_json::to_vec(v) {
         Ok(b) => json(status, b),
@@ -71,6 +84,44 @@ struct Purged {
 }
 
 impl Admin {
+    /// `GET /admin/usage?from=YYYY-MM-DD&to=YYYY-MM-DD[&format=csv]`: the figures of every
+    /// client and app, by UTC day (inclusive; each defaults to today).
+    async fn usage(&self, query: Option<&str>) -> Response<Body> {
+        let today = day_of(SystemTime::now());
+        let from = query_param(query, "from").unwrap_or(&today);
+        let to = query_param(query, "to").unwrap_or(&today);
+        let csv = match query_param(query, "format") {
+            None | Some("json") => false,
+            Some("csv") => true,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_param",
+                    "format must be json or csv",
+                )
+            }
+        };
+        match self.gateway.usage().read(from, to).await {
+            Ok(rows) if csv => {
+                let mut r = Response::new(Body::from(Bytes::from(to_csv(&rows))));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/csv; charset=utf-8"),
+                );
+                r
+            }
+            Ok(rows) => to_json(StatusCode::OK, &rows),
+            Err(e @ UsageError::BadRange(_)) => {
+                error(StatusCode::BAD_REQUEST, "invalid_param", &e.to_string())
+            }
+            Err(e @ UsageError::Unavailable) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shared_tier_unavailable",
+                &e.to_string(),
+            ),
+        }
+    }
+
     pub fn new(gateway: Arc<Gateway>, token: Option<&SecretString>) -> Arc<Admin> {
         Arc::new(Admin {
             gateway,
@@ -106,6 +157,15 @@ impl Admin {
             }
             _ => {}
         }
+        if (method, path) == (&Method::GET, "/") {
+            // The page holds no data: it asks `/admin/status`, which is guarded.
+            let mut r = Response::new(Body::Full(Bytes::from_static(PAGE.as_bytes())));
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            return r;
+        }
         if !self.authorized(&req) {
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
@@ -132,6 +192,10 @@ impl Admin {
             (&Method::GET, "/admin/cache/stats") => {
                 to_json(StatusCode::OK, &self.gateway.cache_report())
             }
+            (&Method::GET, "/admin/status") => {
+                to_json(StatusCode::OK, &StatusReport::of(&self.gateway).await)
+            }
+            (&Method::GET, "/admin/usage") => self.usage(req.uri().query()).await,
             (&Method::GET, "/admin/reload") => {
                 to_json(StatusCode::OK, &self.gateway.reloads().report())
             }
@@ -157,7 +221,11 @@ impl Admin {
                     None => error(StatusCode::NOT_FOUND, "not_found", "no such app"),
                 }
             }
-            (_, "/metrics" | "/admin/cache/stats" | "/admin/reload") => not_allowed("GET"),
+            (
+                _,
+                "/" | "/metrics" | "/admin/cache/stats" | "/admin/reload" | "/admin/status"
+                | "/admin/usage",
+            ) => not_allowed("GET"),
             (_, "/admin/cache") => not_allowed("DELETE"),
             (_, p) if p.starts_with("/admin/cache/runs/") => not_allowed("DELETE"),
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin route"),

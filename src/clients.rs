@@ -203,6 +203,7 @@ mod tests {
                 rate,
                 starts: Default::default(),
                 read_app_logs: false,
+                quota: Default::default(),
                 max_waiters: None,
                 user_prefix: None,
             }],

@@ -141,7 +141,7 @@ fn instructions(
 dify-gateway demo: the gateway in front of a built-in mock Dify, all on this machine (no key, no network).
 
   gateway    http://{gateway}   open: no client tokens, loopback only
-  admin      http://{admin}   /metrics /readyz /admin/cache/stats
+  admin      http://{admin}   / (status page) /metrics /readyz /admin/usage
   mock Dify  {mock_url}
 
 Every run id (a UUID) is a run that is \"running\" for {secs}s after it is first asked for, then

@@ -66,6 +66,10 @@ pub enum GatewayError {
     /// The client already follows its `max_open_streams` streams.
     #[error("too many open streams for this client (max_open_streams); retry when one ends")]
     TooManyStreams { retry_after_secs: u64 },
+    /// The client has used its `quota_runs_per_day` or `quota_tokens_per_day` (UTC days);
+    /// retry after this many seconds (the next UTC midnight). See [`crate::usage`].
+    #[error("daily quota exceeded (quota_runs_per_day or quota_tokens_per_day); retry after the next UTC midnight")]
+    QuotaExceeded { retry_after_secs: u64 },
     /// The run, task or file belongs to another client of the app (see [`crate::ownership`]):
     /// answered exactly as Dify answers an unknown run, so its existence is not revealed.
     #[error("Workflow run not found.")]
@@ -118,7 +122,8 @@ impl GatewayError {
             GatewayError::Unauthorized => StatusCode::UNAUTHORIZED,
             GatewayError::RateLimited { .. }
             | GatewayError::TooManyRunStarts { .. }
-            | GatewayError::TooManyStreams { .. } => StatusCode::TOO_MANY_REQUESTS,
+            | GatewayError::TooManyStreams { .. }
+            | GatewayError::QuotaExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::RunNotFound | GatewayError::TaskNotFound | GatewayError::FileNotFound => {
                 StatusCode::NOT_FOUND
             }
@@ -147,11 +152,20 @@ impl GatewayError {
             GatewayError::RateLimited { .. }
             | GatewayError::TooManyRunStarts { .. }
             | GatewayError::TooManyStreams { .. } => "too_many_requests",
+            GatewayError::QuotaExceeded { .. } => "quota_exceeded",
             GatewayError::RunNotFound | GatewayError::TaskNotFound => "not_found",
             GatewayError::FileNotFound => "file_not_found",
             GatewayError::LogsForbidden => "forbidden",
             GatewayError::Overloaded => "overloaded",
             GatewayError::CircuitOpen { .. } => "upstream_circuit_open",
+        }
+    }
+
+    /// The refusal of a client over its daily quota, to retry after `wait` (what
+    /// `Usage::check_quota` answers): whole seconds, at least one.
+    pub fn quota_exceeded(wait: std::time::Duration) -> GatewayError {
+        GatewayError::QuotaExceeded {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
         }
     }
 
@@ -179,6 +193,7 @@ impl GatewayError {
             GatewayError::RateLimited { retry_after_secs }
             | GatewayError::TooManyRunStarts { retry_after_secs }
             | GatewayError::TooManyStreams { retry_after_secs }
+            | GatewayError::QuotaExceeded { retry_after_secs }
             | GatewayError::CircuitOpen { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
@@ -241,6 +256,9 @@ mod tests {
                 retry_after_secs: 1,
             },
             GatewayError::RunNotFound,
+            GatewayError::QuotaExceeded {
+                retry_after_secs: 60,
+            },
             GatewayError::TaskNotFound,
             GatewayError::FileNotFound,
             GatewayError::LogsForbidden,
@@ -272,6 +290,13 @@ mod tests {
         .to_response();
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()[RETRY_AFTER], "4");
+        let r =
+            GatewayError::quota_exceeded(std::time::Duration::from_millis(3_599_200)).to_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[RETRY_AFTER], "3600");
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["code"], "quota_exceeded");
+        assert_eq!(v["status"], 429);
         assert_eq!(
             GatewayError::MethodNotAllowed { allow: "GET, HEAD" }
                 .to_response()

@@ -41,6 +41,7 @@ use crate::shared::{SharedConfigError, SharedTier};
 use crate::starts::{StartRefused, Starts, StreamPermit};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
+use crate::usage::Usage;
 use crate::watch::Watchers;
 
 /// Why the gateway could not be built.
@@ -77,6 +78,10 @@ pub struct Gateway {
     run_detail: RunDetail,
     /// Which client created which run, task and file (shared with the run-detail route).
     ownership: Arc<Ownership>,
+    /// Usage figures and daily quotas (see [`crate::usage`]).
+    usage: Arc<Usage>,
+    /// The shared tier, when configured (for the status page).
+    shared: Option<SharedTier>,
     /// Each client's run-start and open-stream limits, following reloads.
     starts: Starts,
     /// The passed-through routes.
@@ -186,13 +191,20 @@ impl Gateway {
             &config.apps,
             shared.clone(),
         ));
+        let usage = Arc::new(Usage::new(
+            &config.clients,
+            &app_names(config),
+            shared.clone(),
+            Arc::clone(&metrics),
+        ));
         let fetch = Fetch::new(
             cache.clone(),
             Policy::new(&config.cache),
-            shared,
+            shared.clone(),
             Arc::clone(&upstreams),
             Arc::clone(&metrics),
-        );
+        )
+        .with_usage(Arc::clone(&usage), Arc::clone(&ownership));
         let fetch = Arc::new(fetch);
         let watchers = Arc::new(Watchers::new(
             Arc::clone(&fetch),
@@ -224,6 +236,8 @@ impl Gateway {
                 config.longpoll.max_wait,
             ),
             ownership,
+            usage,
+            shared,
             starts: Starts::new(&config.clients),
             heartbeat: config.stream.heartbeat,
             upstreams,
@@ -286,6 +300,7 @@ impl Gateway {
         let clients = table.len();
         self.clients.store(Arc::new(table));
         self.starts.reload(&config.clients);
+        self.usage.reload(&config.clients, &app_names(config));
         self.ownership.set_isolation(&config.apps);
         Ok(Applied {
             clients,
@@ -330,6 +345,26 @@ impl Gateway {
     /// `too_many_requests` with `Retry-After` through `GatewayError::from`.
     pub fn starts(&self) -> &Starts {
         &self.starts
+    }
+
+    /// Usage figures and daily quotas. Run-start handlers call [`Usage::check_quota`] before
+    /// starting a run (a refusal is `RejectReason::Quota` with
+    /// `GatewayError::quota_exceeded(wait)`; reads are never checked) and
+    /// [`Usage::finished_run`] with each finished run they see (a blocking run's `data`, a
+    /// `workflow_finished` event's `data`, parsed by `FinishedRun::parse`), counted to the
+    /// starting client or `usage::OPEN_CLIENT`; terminal run details are counted by the fetch.
+    pub fn usage(&self) -> &Arc<Usage> {
+        &self.usage
+    }
+
+    /// The shared tier, when configured.
+    pub fn shared_tier(&self) -> Option<&SharedTier> {
+        self.shared.as_ref()
+    }
+
+    /// The configured apps, in order.
+    pub fn apps(&self) -> &[Arc<App>] {
+        self.upstreams.apps()
     }
 
     /// The cache (for operations and tests).
@@ -778,4 +813,9 @@ fn check_rate(client: &Client) -> Result<(), Refused> {
             GatewayError::RateLimited { retry_after_secs },
         )
     })
+}
+
+/// The configured apps' names, in order (index = `ClientConfig::app`).
+fn app_names(config: &Config) -> Vec<String> {
+    config.apps.iter().map(|a| a.name.clone()).collect()
 }

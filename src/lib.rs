@@ -36,9 +36,11 @@ pub mod server;
 pub mod shared;
 pub mod sse;
 pub mod starts;
+mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod usage;
 mod watch;
 
 pub use config::Config;

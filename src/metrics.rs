@@ -5,6 +5,7 @@
 //! bounded by the configuration; a run id or a token is never a label.
 
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -73,6 +74,40 @@ pub struct AppLabel {
     pub app: Cow<'static, str>,
 }
 
+/// Labels of the usage counters: the client a run is counted to and its app.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub client: String,
+    pub app: String,
+}
+
+/// Labels of `dify_gateway_usage_runs_total`: [`UsageLabels`] and the run's final status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageRunLabels {
+    pub client: String,
+    pub app: String,
+    pub status: &'static str,
+}
+
+/// The usage counters (see [`crate::usage`]); a run is counted by one replica only.
+#[derive(Clone, Default)]
+pub struct UsageMetrics {
+    pub runs: Family<UsageRunLabels, Counter>,
+    pub tokens: Family<UsageLabels, Counter>,
+    pub run_seconds: Family<UsageLabels, Counter<f64, AtomicU64>>,
+}
+
+/// Running totals the status page derives its rates from, without reading label sets.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Requests answered (every route and outcome).
+    pub answered: AtomicU64,
+    /// Run-detail answers that went through the cache (any cache outcome).
+    pub cache_answers: AtomicU64,
+    /// Of those, cache hits.
+    pub hits: AtomicU64,
+}
+
 /// Why a request was refused before reaching the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
@@ -96,6 +131,8 @@ pub enum RejectReason {
     RunsPerMinute,
     /// The client already followed its `max_open_streams` streams.
     OpenStreams,
+    /// The client has used its daily quota (`quota_runs_per_day`, `quota_tokens_per_day`).
+    Quota,
     /// The id belongs to another client of the app (answered as Dify's 404).
     NotOwner,
     /// A route the client may not use (`/workflows/logs` without `read_app_logs`).
@@ -119,6 +156,7 @@ impl RejectReason {
             RejectReason::OverloadApp => "overload_app",
             RejectReason::RunsPerMinute => "runs_per_minute",
             RejectReason::OpenStreams => "open_streams",
+            RejectReason::Quota => "quota",
             RejectReason::NotOwner => "not_owner",
             RejectReason::Forbidden => "forbidden",
         }
@@ -166,6 +204,8 @@ pub struct Metrics {
     /// Configuration reloads by result (`ok`, `invalid_config`, `apps_changed`, …).
     pub reloads: Family<ResultLabel, Counter>,
     pub cache: CacheMetrics,
+    pub usage: UsageMetrics,
+    pub totals: Totals,
     /// Pre-resolved handles for the hit path (run detail, 2xx, hit, no client), so a hit does
     /// not hash a label set.
     hot_hit: Counter,
@@ -286,6 +326,22 @@ impl Metrics {
             "Entries removed from the in-process cache, by cause",
             cache.evictions.clone(),
         );
+        let usage = UsageMetrics::default();
+        registry.register(
+            "usage_runs",
+            "Finished runs counted to a client and app, by final status (once per run fleet-wide)",
+            usage.runs.clone(),
+        );
+        registry.register(
+            "usage_tokens",
+            "Tokens (Dify's total_tokens) of finished runs, by client and app",
+            usage.tokens.clone(),
+        );
+        registry.register(
+            "usage_run_seconds",
+            "Run time (Dify's elapsed_time) of finished runs, by client and app",
+            usage.run_seconds.clone(),
+        );
         let hot_hit = requests
             .get_or_create(&RequestLabels {
                 route: Route::RunDetail.as_str(),
@@ -318,6 +374,8 @@ impl Metrics {
             app_key_healthy,
             reloads,
             cache,
+            usage,
+            totals: Totals::default(),
             hot_hit,
             hot_hit_latency,
         }
@@ -333,6 +391,13 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let class = status_class(status);
+        self.totals.answered.fetch_add(1, Ordering::Relaxed);
+        if cache.is_some() && route == Some(Route::RunDetail) {
+            self.totals.cache_answers.fetch_add(1, Ordering::Relaxed);
+            if cache == Some(CacheOutcome::Hit) {
+                self.totals.hits.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if route == Some(Route::RunDetail) && class == "2xx" && cache == Some(CacheOutcome::Hit) {
             match client {
                 None => self.hot_hit.inc(),

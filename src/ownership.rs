@@ -312,6 +312,23 @@ impl Ownership {
         }
     }
 
+    /// The client that created `id`, a `kind` of `app`, when a record says so: from memory when
+    /// held here, else from the shared tier (not kept here; a failed lookup is `None`). Unlike
+    /// [`Ownership::check`] it answers whether or not the app isolates clients (usage is counted
+    /// to a run's creator either way).
+    pub async fn owner_of(&self, app: AppId, kind: Kind, id: Uuid) -> Option<Arc<str>> {
+        if let Some(r) = self.local.get(&(app, kind, id)) {
+            if r.until > Instant::now() {
+                return r.client;
+            }
+        }
+        let (shared, a) = (self.shared.as_ref()?, self.app(app)?);
+        match shared.owner(&a.name, kind.as_str(), &id).await {
+            Ok(Some((owner, _))) => Some(Arc::from(owner)),
+            _ => None,
+        }
+    }
+
     /// Records held in memory (after moka's pending maintenance; for operations and tests).
     pub fn held(&self) -> u64 {
         self.local.run_pending_tasks();

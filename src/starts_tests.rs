@@ -13,6 +13,7 @@ fn client(name: &str, runs_per_minute: Option<u32>, max_open_streams: Option<u32
             max_open_streams: max_open_streams.and_then(NonZeroU32::new),
         },
         read_app_logs: false,
+        quota: Default::default(),
         max_waiters: None,
         user_prefix: None,
     }

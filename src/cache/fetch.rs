@@ -6,7 +6,8 @@
 //! brings back is in the cache before the flight's waiters are woken. With a shared tier the
 //! fetch follows its protocol (see [`crate::shared`]): get → lock → upstream → put → notify →
 //! release; every shared-tier failure falls back to the upstream, so Redis down is not an
-//! outage. Purges go to both tiers.
+//! outage. Purges go to both tiers. A terminal run detail fetched from the upstream is counted
+//! in [`crate::usage`] on the fetch's task before its waiters are woken.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -18,10 +19,12 @@ use crate::clients::Client;
 use crate::error::GatewayError;
 use crate::flight::{FlightLost, Role, SingleFlight};
 use crate::metrics::Metrics;
+use crate::ownership::{Kind, Ownership};
 use crate::policy::{Decision, EntryClass, Policy};
 use crate::run_id::RunId;
 use crate::shared::{LockResult, Lookup, PutOutcome, SharedTier, WaitOutcome};
 use crate::upstream::{App, Credentials, UpstreamAnswer, UpstreamError, Upstreams};
+use crate::usage::{FinishedRun, Usage, OPEN_CLIENT};
 
 use super::{Cache, CacheKey, KeptHeaders, Stored};
 
@@ -60,6 +63,8 @@ pub struct Fetch {
     /// The kept headers of the last upstream answer, shared by entries whose headers match.
     last_headers: Mutex<Option<Arc<KeptHeaders>>>,
     metrics: Arc<Metrics>,
+    /// Where a terminal answer fetched here is counted, and who created the run.
+    meter: Option<(Arc<Usage>, Arc<Ownership>)>,
 }
 
 impl Fetch {
@@ -78,7 +83,16 @@ impl Fetch {
             upstreams,
             last_headers: Mutex::new(None),
             metrics,
+            meter: None,
         }
+    }
+
+    /// Counts every terminal run this fetch brings from the upstream in `usage` (see
+    /// [`crate::usage`]): to the client `ownership` says created it, else to the client whose
+    /// request started the fetch ([`OPEN_CLIENT`] when the gateway runs open).
+    pub fn with_usage(mut self, usage: Arc<Usage>, ownership: Arc<Ownership>) -> Fetch {
+        self.meter = Some((usage, ownership));
+        self
     }
 
     /// Joins the fetch of `run` for `app` in flight, or starts it. A fetch this request starts
@@ -100,9 +114,43 @@ impl Fetch {
             .run(
                 key,
                 || self.cache.get(&key).map(FlightValue::Cached),
-                move || me.fetch(app, key, rid, leader),
+                move || async move {
+                    let value = Arc::clone(&me)
+                        .fetch(Arc::clone(&app), key, rid, leader.clone())
+                        .await;
+                    if let FlightValue::Fetched(f) = &value {
+                        me.count_usage(&app, key, leader.as_deref(), f).await;
+                    }
+                    value
+                },
             )
             .await
+    }
+
+    /// Counts a terminal run detail the upstream just gave (once per run: see
+    /// [`crate::usage`]). Runs on the fetch's own task, before its waiters are answered, so a
+    /// run read is counted by the time its first answer is out.
+    async fn count_usage(&self, app: &App, key: CacheKey, leader: Option<&Client>, f: &Fetched) {
+        let Some((usage, ownership)) = &self.meter else {
+            return;
+        };
+        let Ok(stored) = &f.result else {
+            return;
+        };
+        if stored.status != StatusCode::OK || stored.class != Some(EntryClass::Terminal) {
+            return;
+        }
+        let Some(detail) = FinishedRun::parse(&stored.body) else {
+            return;
+        };
+        let owner = ownership.owner_of(key.app, Kind::Run, key.run.uuid()).await;
+        let client = owner
+            .as_deref()
+            .or(leader.map(|c| &*c.name))
+            .unwrap_or(OPEN_CLIENT);
+        usage
+            .finished_run(&app.name, client, &key.run.to_string(), &detail)
+            .await;
     }
 
     /// Fetches in flight now.

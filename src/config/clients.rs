@@ -4,7 +4,7 @@
 //! Invariant: names and token digests are unique, every client names a configured app, and a
 //! token itself is never stored — only its SHA-256.
 
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 
 use serde::Deserialize;
 
@@ -26,6 +26,8 @@ pub struct RawClient {
     pub read_app_logs: Option<bool>,
     pub max_waiters: Option<usize>,
     pub user_prefix: Option<String>,
+    pub quota_runs_per_day: Option<u64>,
+    pub quota_tokens_per_day: Option<u64>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -46,6 +48,17 @@ pub struct ClientConfig {
     pub max_waiters: Option<usize>,
     /// Put before every end-user id the client sends (`user`), so its users are its own in Dify.
     pub user_prefix: Option<UserPrefix>,
+    /// Its daily quotas (UTC days), enforced on run starts.
+    pub quota: Quota,
+}
+
+/// A client's daily quotas (UTC days); `None` is unlimited. See [`crate::usage`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    /// Runs it may start per day, counted when they finish.
+    pub runs_per_day: Option<NonZeroU64>,
+    /// Tokens its runs may use per day (Dify's `total_tokens`).
+    pub tokens_per_day: Option<NonZeroU64>,
 }
 
 /// A client's limits on starting runs; `None` is unlimited.
@@ -173,6 +186,20 @@ impl RawClient {
                     .map_err(|e| invalid("clients.user_prefix", format!("client `{name}`: {e}")))
             })
             .transpose()?;
+        let at_least_one_64 = |key: &'static str, v: Option<u64>| {
+            v.map(|n| {
+                NonZeroU64::new(n)
+                    .ok_or_else(|| invalid(key, format!("client `{name}`: must be at least 1")))
+            })
+            .transpose()
+        };
+        let quota = Quota {
+            runs_per_day: at_least_one_64("clients.quota_runs_per_day", self.quota_runs_per_day)?,
+            tokens_per_day: at_least_one_64(
+                "clients.quota_tokens_per_day",
+                self.quota_tokens_per_day,
+            )?,
+        };
         Ok(ClientConfig {
             name: self.name,
             token_sha256,
@@ -182,6 +209,7 @@ impl RawClient {
             read_app_logs: self.read_app_logs.unwrap_or(false),
             max_waiters: self.max_waiters,
             user_prefix,
+            quota,
         })
     }
 }

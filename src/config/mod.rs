@@ -36,7 +36,7 @@ pub use admin::{
 };
 pub use apps::{AppConfig, KeySource, RawApp, DEFAULT_APP};
 pub use cache::{CacheConfig, RawCache, DEFAULT_TERMINAL_STATUSES, NON_TERMINAL_STATUSES};
-pub use clients::{ClientConfig, RateLimit, RawClient, StartLimits};
+pub use clients::{ClientConfig, Quota, RateLimit, RawClient, StartLimits};
 pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
 pub use log::{LogConfig, LogFormat, RawLog};
 pub use longpoll::{LongPollConfig, RawLongPoll, DEFAULT_MAX_WAIT, DEFAULT_MAX_WAITERS};

@@ -198,7 +198,23 @@ fn clients_turn_isolation_on_by_default_and_carry_their_start_limits() {
     )
     .unwrap();
     assert!(!off.apps[0].isolate_clients);
-    for key in ["runs_per_minute", "max_open_streams"] {
+    assert_eq!(c.clients[0].quota, Default::default());
+    let q = validate(
+        &format!("{CLIENT}quota_runs_per_day = 500\nquota_tokens_per_day = 5000000000\n"),
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(q.clients[0].quota.runs_per_day.map(|n| n.get()), Some(500));
+    assert_eq!(
+        q.clients[0].quota.tokens_per_day.map(|n| n.get()),
+        Some(5_000_000_000)
+    );
+    for key in [
+        "runs_per_minute",
+        "max_open_streams",
+        "quota_runs_per_day",
+        "quota_tokens_per_day",
+    ] {
         let e = validate(&format!("{CLIENT}{key} = 0\n"), &Overrides::default())
             .unwrap_err()
             .to_string();

@@ -49,6 +49,16 @@ pub(crate) fn owner_key(prefix: &str, app: &str, kind: &str, id: &uuid::Uuid) ->
     format!("{prefix}v1:own:{app}:{kind}:{}", id.hyphenated())
 }
 
+/// `{prefix}v1:usage:counted:{app}:{run}`: this run's usage was counted (see `crate::usage`).
+pub(crate) fn usage_claim_key(prefix: &str, app: &str, run: &str) -> String {
+    format!("{prefix}v1:usage:counted:{app}:{run}")
+}
+
+/// `{prefix}v1:usage:day:{day}`: the hash of one UTC day's usage figures.
+pub(crate) fn usage_day_key(prefix: &str, day: &str) -> String {
+    format!("{prefix}v1:usage:day:{day}")
+}
+
 /// The SCAN pattern that matches every value (not locks) of the deployment. The prefix holds no
 /// glob characters (config validation refuses them).
 pub(crate) fn value_pattern(prefix: &str) -> String {

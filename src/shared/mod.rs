@@ -25,6 +25,7 @@ mod lock;
 mod notify;
 mod outcome;
 mod owners;
+mod usage;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub use errors::{SharedError, SharedStats};
 pub use keys::{valid_app_tag, MAX_APP_TAG};
 pub use lock::{LockResult, LockToken, ReleaseOutcome};
 pub use outcome::{Lookup, NotifyOutcome, PutOutcome, WaitOutcome};
+pub(crate) use usage::Increments;
 
 use conn::Conn;
 use errors::Health;
