@@ -41,7 +41,7 @@ use crate::shared::{SharedConfigError, SharedTier};
 use crate::starts::{StartRefused, Starts, StreamPermit};
 use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
-use crate::usage::Usage;
+use crate::usage::{self, Usage};
 use crate::watch::Watchers;
 
 /// Why the gateway could not be built.
@@ -217,6 +217,7 @@ impl Gateway {
             config,
             Arc::clone(&fetch),
             Arc::clone(&ownership),
+            Arc::clone(&usage),
             Arc::clone(&metrics),
         );
         Ok(Arc::new(Gateway {
@@ -583,6 +584,15 @@ impl Gateway {
             }
         };
         let starts_run = matches!(route, Route::RunStart | Route::RunStartVersion);
+        if starts_run {
+            // A client over its day's quota starts nothing; its reads go on.
+            self.usage
+                .check_quota(name.unwrap_or(usage::OPEN_CLIENT), &app.name)
+                .await
+                .map_err(|wait| {
+                    Refused::new(RejectReason::Quota, GatewayError::quota_exceeded(wait))
+                })?;
+        }
         let ctl = Ctl {
             owner: name
                 .filter(|_| starts_run || route == Route::Upload)
@@ -590,6 +600,7 @@ impl Gateway {
             admit: starts_run.then_some(&admit as _),
             permit,
             records_file: route == Route::Upload,
+            counted_to: Arc::from(name.unwrap_or(usage::OPEN_CLIENT)),
         };
         if matches!(
             route,
@@ -711,6 +722,7 @@ impl Gateway {
             admit: ctl.admit,
             permit: ctl.permit,
             records_file: ctl.records_file,
+            counted_to: ctl.counted_to,
         };
         let mut served = Served::default();
         let r = self
@@ -802,6 +814,7 @@ struct Ctl<'a> {
     admit: Option<&'a (dyn Fn(bool) -> Result<StreamPermit, StartRefused> + Sync)>,
     permit: Option<StreamPermit>,
     records_file: bool,
+    counted_to: Arc<str>,
 }
 
 /// Refuses a request over `client`'s rate limit.

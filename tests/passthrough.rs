@@ -774,3 +774,75 @@ async fn a_chunked_upload_is_read_by_its_chunks() {
     .await;
     assert_eq!(read.status, 400);
 }
+
+/// Blocking and streaming runs are counted with the same figures to the client that started
+/// them, and a client over its day's quota starts nothing more while its reads go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_are_metered_and_bounded_by_the_quota() {
+    let up = spawn_upstream().await;
+    let (entry, auth) = client_entry("team-a", "default", "quota_runs_per_day = 2");
+    let gw = spawn_gateway(config(&up, &entry)).await;
+    let c = body_client();
+    let headers = [JSON, ("authorization", auth.as_str())];
+    let url = gw.url("/v1/workflows/run");
+    let blocking = send(
+        &c,
+        Method::POST,
+        &url,
+        &headers,
+        "{\"inputs\": {}, \"response_mode\": \"blocking\", \"user\": \"u1\"}",
+    )
+    .await;
+    assert_eq!(blocking.status, StatusCode::OK);
+    let mut events = start_stream(&c, &gw, &auth).await;
+    while events.next_event().await.is_some() {}
+    let mut today = Vec::new();
+    for _ in 0..200 {
+        today = gw.gateway.usage().today().await.unwrap();
+        if today.iter().map(|r| r.figures.total_runs()).sum::<u64>() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(today.len(), 1, "{today:?}");
+    let row = &today[0];
+    let f = &row.figures;
+    assert_eq!(
+        (row.client.as_str(), f.total_runs()),
+        ("team-a", 2),
+        "{row:?}"
+    );
+    assert_eq!(f.runs.get("succeeded"), Some(&2));
+    // The streaming run is counted with the same figures as the blocking one.
+    let data = &blocking.json()["data"];
+    let (tokens, steps) = (
+        data["total_tokens"].as_u64().unwrap(),
+        data["total_steps"].as_u64().unwrap(),
+    );
+    assert!(tokens > 0);
+    assert_eq!((f.tokens, f.steps), (2 * tokens, 2 * steps), "{row:?}");
+    let over = send(
+        &c,
+        Method::POST,
+        &url,
+        &headers,
+        "{\"inputs\": {}, \"response_mode\": \"blocking\", \"user\": \"u1\"}",
+    )
+    .await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(over.json()["code"], "quota_exceeded");
+    assert!(over.header("retry-after").is_some());
+    let run = blocking.json()["workflow_run_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let read = send(
+        &c,
+        Method::GET,
+        &gw.run_url(&run),
+        &[("authorization", auth.as_str())],
+        "",
+    )
+    .await;
+    assert_eq!(read.status, StatusCode::OK);
+}

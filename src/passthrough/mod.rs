@@ -38,6 +38,7 @@ use crate::ownership::{Kind, Ownership};
 use crate::rewrite::UserPrefix;
 use crate::starts::{StartRefused, StreamPermit};
 use crate::upstream::{App, UpstreamError, X_REQUEST_ID};
+use crate::usage::Usage;
 
 pub use request::BodyKind;
 
@@ -121,6 +122,8 @@ pub struct Forward<'a> {
     pub admit: Option<&'a (dyn Fn(bool) -> Result<StreamPermit, StartRefused> + Sync)>,
     /// A place among the client's open streams, taken at the door (a resumed stream).
     pub permit: Option<StreamPermit>,
+    /// The client a finished run's figures are counted to.
+    pub counted_to: Arc<str>,
     /// The answer names a file the client uploaded: it is read to record the file's owner.
     pub records_file: bool,
 }
@@ -148,6 +151,8 @@ pub struct Passthrough {
     fetch: Arc<Fetch>,
     /// Who created which run, task and file.
     ownership: Arc<Ownership>,
+    /// Where finished runs are counted.
+    usage: Arc<Usage>,
     /// The app descriptions kept for `cache.app_meta_ttl`.
     meta: meta::MetaCache,
     metrics: Arc<Metrics>,
@@ -158,6 +163,7 @@ impl Passthrough {
         config: &Config,
         fetch: Arc<Fetch>,
         ownership: Arc<Ownership>,
+        usage: Arc<Usage>,
         metrics: Arc<Metrics>,
     ) -> Passthrough {
         Passthrough {
@@ -171,6 +177,7 @@ impl Passthrough {
             max_answer_bytes: config.upstream.max_body_bytes,
             fetch,
             ownership,
+            usage,
             meta: meta::MetaCache::new(config.cache.app_meta_ttl),
             metrics,
         }
@@ -334,6 +341,8 @@ impl Passthrough {
             app: Arc::clone(fwd.app),
             ownership: Arc::clone(&self.ownership),
             owner: fwd.owner.clone(),
+            usage: Arc::clone(&self.usage),
+            counted_to: Arc::clone(&fwd.counted_to),
         };
         let rid = rid.clone();
         // NOTE for `server.max_response_time`: this answer (`Body::is_stream`) lasts as long as

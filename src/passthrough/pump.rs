@@ -26,6 +26,7 @@ use crate::ownership::Ownership;
 use crate::run_id::RunId;
 use crate::sse::{self, Data, DifyEvent, Observer};
 use crate::upstream::App;
+use crate::usage::{FinishedRun, Usage};
 
 /// Chunks queued towards the client before the pump waits for it.
 pub const QUEUE: usize = 16;
@@ -85,6 +86,11 @@ pub struct Hooks {
     /// The client the answer goes to, recorded as the owner of a run it starts; `None` for a
     /// resumed stream (not a new run) or in open mode.
     pub owner: Option<Arc<str>>,
+    /// Where a finished run's figures are counted.
+    pub usage: Arc<Usage>,
+    /// The client its figures are counted to (the starter, or the reader of a resumed stream;
+    /// [`crate::usage::OPEN_CLIENT`] in open mode).
+    pub counted_to: Arc<str>,
 }
 
 impl Hooks {
@@ -99,6 +105,19 @@ impl Hooks {
         self.ownership
             .record_run(self.app.id, run, task, Some(owner))
             .await;
+    }
+
+    /// Counts a finished run's figures (once per run, fleet-wide), off the answer's path.
+    fn count(&self, run: &str, figures: FinishedRun) {
+        let (usage, app, client) = (
+            Arc::clone(&self.usage),
+            Arc::clone(&self.app),
+            Arc::clone(&self.counted_to),
+        );
+        let run = run.to_owned();
+        tokio::spawn(async move {
+            usage.finished_run(&app.name, &client, &run, &figures).await;
+        });
     }
 
     /// Drops the run's kept `running` answer, now, so pollers see the end at once.
@@ -172,7 +191,11 @@ pub async fn follow(
                             workflow_run_id,
                         }) => hooks.started(workflow_run_id, Some(task_id)).await,
                         Data::Dify(DifyEvent::WorkflowFinished(f)) => {
-                            hooks.finished(&f.workflow_run_id)
+                            hooks.finished(&f.workflow_run_id);
+                            if let Some(figures) = f.run_data().and_then(|d| FinishedRun::parse(&d))
+                            {
+                                hooks.count(&f.workflow_run_id, figures);
+                            }
                         }
                         _ => {}
                     }
@@ -198,6 +221,9 @@ pub async fn follow(
         }
         if let Some(run) = finished_run(kept) {
             hooks.finished(&run);
+            if let Some(figures) = blocking_figures(kept) {
+                hooks.count(&run, figures);
+            }
         }
     }
     (end, client.is_some())
@@ -216,6 +242,17 @@ async fn send(client: &mut Option<mpsc::Sender<Bytes>>, b: Bytes, patience: Dura
             false
         }
     }
+}
+
+/// The figures of a blocking answer's finished run (its `data`).
+fn blocking_figures(body: &[u8]) -> Option<FinishedRun> {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(borrow)]
+        data: &'a serde_json::value::RawValue,
+    }
+    let a: Answer<'_> = serde_json::from_slice(body).ok()?;
+    FinishedRun::parse(a.data.get().as_bytes())
 }
 
 /// The run and task ids of a blocking answer.
