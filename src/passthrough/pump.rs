@@ -216,12 +216,12 @@ pub async fn follow(
         }
     };
     if let (End::Complete, Watch::Blocking(Some(kept))) = (end, &watch) {
-        if let Some((run, task)) = started_run(kept) {
-            hooks.started(&run, task.as_deref()).await;
-        }
-        if let Some(run) = finished_run(kept) {
-            hooks.finished(&run);
-            if let Some(figures) = blocking_figures(kept) {
+        if let Some(answer) = Blocking::parse(kept) {
+            if let Some(run) = &answer.run {
+                hooks.started(run, answer.task.as_deref()).await;
+            }
+            if let Some((run, figures)) = answer.finished() {
+                hooks.finished(&run);
                 hooks.count(&run, figures);
             }
         }
@@ -244,47 +244,37 @@ async fn send(client: &mut Option<mpsc::Sender<Bytes>>, b: Bytes, patience: Dura
     }
 }
 
-/// The figures of a blocking answer's finished run (its `data`).
-fn blocking_figures(body: &[u8]) -> Option<FinishedRun> {
-    #[derive(serde::Deserialize)]
-    struct Answer<'a> {
-        #[serde(borrow)]
-        data: &'a serde_json::value::RawValue,
-    }
-    let a: Answer<'_> = serde_json::from_slice(body).ok()?;
-    FinishedRun::parse(a.data.get().as_bytes())
+/// A blocking run's answer, read once: its ids and, when the run is over, its figures.
+struct Blocking {
+    run: Option<String>,
+    task: Option<String>,
+    /// The run's `data`, when its status is final (see [`FinishedRun::parse`]).
+    figures: Option<FinishedRun>,
 }
 
-/// The run and task ids of a blocking answer.
-fn started_run(body: &[u8]) -> Option<(String, Option<String>)> {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        workflow_run_id: String,
-        task_id: Option<String>,
+impl Blocking {
+    fn parse(body: &[u8]) -> Option<Blocking> {
+        #[derive(serde::Deserialize)]
+        struct Answer<'a> {
+            workflow_run_id: Option<String>,
+            task_id: Option<String>,
+            #[serde(borrow)]
+            data: Option<&'a serde_json::value::RawValue>,
+        }
+        let a: Answer<'_> = serde_json::from_slice(body).ok()?;
+        Some(Blocking {
+            run: a.workflow_run_id,
+            task: a.task_id,
+            figures: a.data.and_then(|d| FinishedRun::parse(d.get().as_bytes())),
+        })
     }
-    let a: Answer = serde_json::from_slice(body).ok()?;
-    Some((a.workflow_run_id, a.task_id))
-}
 
-/// The run id of a blocking answer whose run reached a terminal status.
-fn finished_run(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        workflow_run_id: Option<String>,
-        data: Option<RunData>,
+    /// The finished run's id (the answer's, else its `data.id`) and figures.
+    fn finished(self) -> Option<(String, FinishedRun)> {
+        let figures = self.figures?;
+        let run = self.run.or_else(|| figures.id.clone())?;
+        Some((run, figures))
     }
-    #[derive(serde::Deserialize)]
-    struct RunData {
-        id: Option<String>,
-        status: Option<String>,
-    }
-    let a: Answer = serde_json::from_slice(body).ok()?;
-    let data = a.data?;
-    let status = data.status?;
-    if status == "running" || status == "paused" {
-        return None;
-    }
-    a.workflow_run_id.or(data.id)
 }
 
 #[cfg(test)]
@@ -295,9 +285,19 @@ mod tests {
     fn a_terminal_blocking_answer_names_its_run() {
         let body =
             br#"{"task_id":"t","workflow_run_id":"r1","data":{"id":"r1","status":"succeeded"}}"#;
-        assert_eq!(finished_run(body).as_deref(), Some("r1"));
+        let finished = |b: &[u8]| {
+            Blocking::parse(b)
+                .and_then(Blocking::finished)
+                .map(|(r, _)| r)
+        };
+        assert_eq!(finished(body).as_deref(), Some("r1"));
         let running = br#"{"workflow_run_id":"r1","data":{"id":"r1","status":"running"}}"#;
-        assert_eq!(finished_run(running), None);
-        assert_eq!(finished_run(b"not json"), None);
+        assert_eq!(finished(running), None);
+        assert_eq!(finished(b"not json"), None);
+        // An unknown status is not terminal: the run's kept answer stays.
+        let unknown = br#"{"workflow_run_id":"r1","data":{"id":"r1","status":"queued"}}"#;
+        assert_eq!(finished(unknown), None);
+        let started = Blocking::parse(running).unwrap();
+        assert_eq!(started.run.as_deref(), Some("r1"));
     }
 }
