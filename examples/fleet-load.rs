@@ -10,15 +10,16 @@
 //! cargo run --release --example fleet-load
 //! ```
 
+#[path = "support/in_process.rs"]
+mod in_process;
+
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dify_gateway::config::{Overrides, RawConfig, API_KEY_ENV};
 use dify_gateway::mock::{AutoRuns, MockDify, Reply};
-use dify_gateway::{Listeners, RunOptions};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -78,36 +79,7 @@ async fn replica(mock: &MockDify, redis: Option<&str>) -> SocketAddr {
         .map(|u| format!("[shared]\nurls = [\"{u}\"]\n"))
         .unwrap_or_default();
     let toml = format!("[cache]\nrunning_ttl = \"1s\"\n[log]\naccess_log = false\n{shared}");
-    let config = RawConfig::from_toml(&toml)
-        .expect("toml")
-        .validate(
-            &Overrides {
-                upstream: Some(mock.base_url()),
-                ..Overrides::default()
-            },
-            None,
-            &|n| (n == API_KEY_ENV).then(|| KEY.to_owned()),
-        )
-        .expect("config");
-    let bind = || TcpListener::bind("127.0.0.1:0");
-    let listeners = Listeners {
-        public: bind().await.expect("bind"),
-        admin: bind().await.expect("bind"),
-    };
-    let addr = listeners.public.local_addr().expect("addr");
-    let options = RunOptions {
-        access_log: None,
-        reload: None,
-        // The upstream requests counted are the workload's alone.
-        probes: false,
-    };
-    tokio::spawn(dify_gateway::run(
-        listeners,
-        config,
-        options,
-        std::future::pending(),
-    ));
-    addr
+    in_process::gateway(&mock.base_url(), KEY, &toml).await
 }
 
 struct Figures {

@@ -9,13 +9,14 @@
 //! cargo run --release --example streams
 //! ```
 
+#[path = "support/in_process.rs"]
+mod in_process;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dify_gateway::config::{Overrides, RawConfig, API_KEY_ENV};
 use dify_gateway::mock::{MockDify, RunScript};
-use dify_gateway::{Listeners, RunOptions};
 use http::{Method, Request};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -23,7 +24,6 @@ use hyper::body::Frame;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpListener;
 
 const KEY: &str = "app-streams-bench";
 /// Streaming runs timed per path.
@@ -47,35 +47,7 @@ fn client() -> Client<HttpConnector, Body> {
 
 async fn gateway(mock: &MockDify) -> SocketAddr {
     let toml = "[log]\naccess_log = false\n[passthrough]\nmax_upload_bytes = 209715200\n";
-    let config = RawConfig::from_toml(toml)
-        .expect("toml")
-        .validate(
-            &Overrides {
-                upstream: Some(mock.base_url()),
-                ..Overrides::default()
-            },
-            None,
-            &|n| (n == API_KEY_ENV).then(|| KEY.to_owned()),
-        )
-        .expect("config");
-    let bind = || TcpListener::bind("127.0.0.1:0");
-    let listeners = Listeners {
-        public: bind().await.expect("bind"),
-        admin: bind().await.expect("bind"),
-    };
-    let addr = listeners.public.local_addr().expect("addr");
-    let options = RunOptions {
-        access_log: None,
-        reload: None,
-        probes: false,
-    };
-    tokio::spawn(dify_gateway::run(
-        listeners,
-        config,
-        options,
-        std::future::pending(),
-    ));
-    addr
+    in_process::gateway(&mock.base_url(), KEY, toml).await
 }
 
 fn start_request(base: &str, auth: bool) -> Request<Body> {
