@@ -90,6 +90,16 @@ pub enum GatewayError {
     /// The app's circuit breaker is open after repeated upstream failures.
     #[error("the upstream is failing; requests are paused briefly")]
     CircuitOpen { retry_after_secs: u64 },
+    /// The run start's `Idempotency-Key` is held by a start still being answered.
+    #[error("a request with this Idempotency-Key is still in progress; retry shortly")]
+    IdempotencyKeyInUse,
+    /// The `Idempotency-Key` was first used with another request (method, path or body).
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyMismatch,
+    /// The `Idempotency-Key` started a run whose answer (an event stream) cannot be replayed;
+    /// the ids let the client follow it.
+    #[error("a run was already started with this Idempotency-Key: workflow_run_id {run}, task_id {task}; follow it at /v1/workflows/run/{run}")]
+    IdempotentRunStarted { run: Box<str>, task: Box<str> },
     /// The fetch task ended without a result (it panicked); waiters get this.
     #[error("internal error while fetching from upstream")]
     Internal,
@@ -128,6 +138,10 @@ impl GatewayError {
                 StatusCode::NOT_FOUND
             }
             GatewayError::LogsForbidden => StatusCode::FORBIDDEN,
+            GatewayError::IdempotencyKeyInUse | GatewayError::IdempotentRunStarted { .. } => {
+                StatusCode::CONFLICT
+            }
+            GatewayError::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::Overloaded | GatewayError::CircuitOpen { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -156,6 +170,9 @@ impl GatewayError {
             GatewayError::RunNotFound | GatewayError::TaskNotFound => "not_found",
             GatewayError::FileNotFound => "file_not_found",
             GatewayError::LogsForbidden => "forbidden",
+            GatewayError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            GatewayError::IdempotencyKeyMismatch => "idempotency_key_mismatch",
+            GatewayError::IdempotentRunStarted { .. } => "run_already_started",
             GatewayError::Overloaded => "overloaded",
             GatewayError::CircuitOpen { .. } => "upstream_circuit_open",
         }
@@ -197,7 +214,7 @@ impl GatewayError {
             | GatewayError::CircuitOpen { retry_after_secs } => {
                 h.insert(RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             }
-            GatewayError::Overloaded => {
+            GatewayError::Overloaded | GatewayError::IdempotencyKeyInUse => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             GatewayError::BadFraming

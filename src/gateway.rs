@@ -24,12 +24,13 @@ use crate::cache::{AppId, Cache};
 use crate::clients::{Client, ClientTable};
 use crate::config::{Config, ConfigError};
 use crate::error::GatewayError;
+use crate::idempotency::{self, Idempotency};
 use crate::intake;
 use crate::metrics::{ClassLabel, Metrics, RejectReason};
 use crate::outcome::CacheOutcome;
 use crate::ownership::{Access, Kind, Ownership};
 use crate::passthrough::meta::Kept;
-use crate::passthrough::{BodyKind, Forward, Passthrough, Served};
+use crate::passthrough::{BodyKind, Forward, Idempotent, Passthrough, Served};
 use crate::policy::{EntryClass, Policy};
 use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
@@ -86,6 +87,8 @@ pub struct Gateway {
     starts: Starts,
     /// The passed-through routes.
     passthrough: Passthrough,
+    /// Run starts' `Idempotency-Key`s and what they made.
+    idempotency: Arc<Idempotency>,
     /// `passthrough.allow_unlisted`: other paths under `/v1/` are passed, not refused.
     allow_unlisted: bool,
     /// Time a request body (read and dropped) may take to arrive: `server.header_read_timeout`.
@@ -204,7 +207,8 @@ impl Gateway {
             Arc::clone(&upstreams),
             Arc::clone(&metrics),
         )
-        .with_usage(Arc::clone(&usage), Arc::clone(&ownership));
+        .with_usage(Arc::clone(&usage), Arc::clone(&ownership))
+        .with_not_found_grace(config.cache.not_found_grace);
         let fetch = Arc::new(fetch);
         let watchers = Arc::new(Watchers::new(
             Arc::clone(&fetch),
@@ -220,8 +224,14 @@ impl Gateway {
             Arc::clone(&usage),
             Arc::clone(&metrics),
         );
+        let idempotency = Idempotency::new(
+            &config.idempotency,
+            config.upstream.run_timeout,
+            shared.clone(),
+        );
         Ok(Arc::new(Gateway {
             passthrough,
+            idempotency,
             allow_unlisted: config.passthrough.allow_unlisted,
             clients: ArcSwap::from_pointee(ClientTable::new(
                 &config.clients,
@@ -584,6 +594,11 @@ impl Gateway {
             }
         };
         let starts_run = matches!(route, Route::RunStart | Route::RunStartVersion);
+        let idempotency_key = match starts_run {
+            true => idempotency::key_of(&req.headers)
+                .map_err(|e| Refused::new(RejectReason::Idempotency, e))?,
+            false => None,
+        };
         if starts_run {
             // A client over its day's quota starts nothing; its reads go on.
             self.usage
@@ -601,6 +616,11 @@ impl Gateway {
             permit,
             records_file: route == Route::Upload,
             counted_to: Arc::from(name.unwrap_or(usage::OPEN_CLIENT)),
+            idempotent: idempotency_key.map(|key| Idempotent {
+                store: &self.idempotency,
+                client: name.unwrap_or(usage::OPEN_CLIENT),
+                key,
+            }),
         };
         if matches!(
             route,
@@ -723,6 +743,7 @@ impl Gateway {
             permit: ctl.permit,
             records_file: ctl.records_file,
             counted_to: ctl.counted_to,
+            idempotent: ctl.idempotent,
         };
         let mut served = Served::default();
         let r = self
@@ -815,6 +836,7 @@ struct Ctl<'a> {
     permit: Option<StreamPermit>,
     records_file: bool,
     counted_to: Arc<str>,
+    idempotent: Option<Idempotent<'a>>,
 }
 
 /// Refuses a request over `client`'s rate limit.

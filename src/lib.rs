@@ -17,6 +17,7 @@ pub mod demo;
 mod error;
 mod flight;
 mod gateway;
+pub mod idempotency;
 pub mod intake;
 pub mod metrics;
 #[cfg(feature = "mock")]

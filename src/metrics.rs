@@ -137,6 +137,8 @@ pub enum RejectReason {
     NotOwner,
     /// A route the client may not use (`/workflows/logs` without `read_app_logs`).
     Forbidden,
+    /// A run start's `Idempotency-Key` is malformed, in use, or was sent with another request.
+    Idempotency,
 }
 
 impl RejectReason {
@@ -159,6 +161,7 @@ impl RejectReason {
             RejectReason::Quota => "quota",
             RejectReason::NotOwner => "not_owner",
             RejectReason::Forbidden => "forbidden",
+            RejectReason::Idempotency => "idempotency",
         }
     }
 }

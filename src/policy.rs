@@ -153,6 +153,7 @@ mod tests {
             terminal_max_age: None,
             running_ttl: Duration::from_secs(1),
             not_found_ttl: Duration::from_secs(2),
+            not_found_grace: Duration::from_secs(10),
             stale_if_error: Duration::ZERO,
             app_meta_ttl: Duration::from_secs(60),
         })

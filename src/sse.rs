@@ -68,6 +68,9 @@ pub enum DifyEvent {
     },
     /// `workflow_finished`.
     WorkflowFinished(Box<WorkflowFinished>),
+    /// `error`: Dify's failure reported in-stream (with HTTP 200), its data as received
+    /// (`{"event":"error","status":…,"code":…,"message":…}`).
+    Error { raw: Bytes },
     /// Any other event (`node_started`, `text_chunk`, `error`, …), or a started or finished
     /// event lacking its `workflow_run_id` (or `task_id`).
     Other { name: Box<str> },
@@ -464,6 +467,9 @@ fn read(data: &[u8]) -> Data {
                 run: span,
             }))
         }
+        ("error", _, _) => DifyEvent::Error {
+            raw: Bytes::copy_from_slice(data),
+        },
         _ => DifyEvent::Other { name },
     };
     Data::Dify(event)

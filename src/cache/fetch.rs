@@ -8,6 +8,11 @@
 //! release; every shared-tier failure falls back to the upstream, so Redis down is not an
 //! outage. Purges go to both tiers. A terminal run detail fetched from the upstream is counted
 //! in [`crate::usage`] on the fetch's task before its waiters are woken.
+//!
+//! A run this replica saw start (`workflow_started` passed through it) may not be written in
+//! Dify's database yet: an upstream 404 within `cache.not_found_grace` of the start is asked
+//! again shortly (every [`GRACE_RETRY`]) until the grace ends, and a 404 that outlasts it is
+//! answered but never kept.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -27,6 +32,15 @@ use crate::upstream::{App, Credentials, UpstreamAnswer, UpstreamError, Upstreams
 use crate::usage::{FinishedRun, Usage, OPEN_CLIENT};
 
 use super::{Cache, CacheKey, KeptHeaders, Stored};
+
+/// How often a 404 for a run seen starting is asked again within `cache.not_found_grace`.
+pub const GRACE_RETRY: Duration = Duration::from_millis(250);
+
+/// Most runs remembered as just started, for `cache.not_found_grace`.
+const MAX_RECENT_STARTS: u64 = 100_000;
+
+/// The request id of the fetch that brings a finished async run's answer into the cache.
+static WARM_REQUEST_ID: HeaderValue = HeaderValue::from_static("run-finished");
 
 /// The result of one shared upstream fetch, as every waiter sees it.
 #[derive(Debug)]
@@ -65,6 +79,8 @@ pub struct Fetch {
     metrics: Arc<Metrics>,
     /// Where a terminal answer fetched here is counted, and who created the run.
     meter: Option<(Arc<Usage>, Arc<Ownership>)>,
+    /// Runs seen starting within `cache.not_found_grace`, and when; `None` when it is zero.
+    recent_starts: Option<(moka::sync::Cache<CacheKey, Instant>, Duration)>,
 }
 
 impl Fetch {
@@ -84,7 +100,40 @@ impl Fetch {
             last_headers: Mutex::new(None),
             metrics,
             meter: None,
+            recent_starts: None,
         }
+    }
+
+    /// Takes an upstream 404 for a run seen starting less than `grace` ago for a row not yet
+    /// written (see the module's invariant); zero disables.
+    pub fn with_not_found_grace(mut self, grace: Duration) -> Fetch {
+        self.recent_starts = (!grace.is_zero()).then(|| {
+            let starts = moka::sync::Cache::builder()
+                .max_capacity(MAX_RECENT_STARTS)
+                .time_to_live(grace)
+                .build();
+            (starts, grace)
+        });
+        self
+    }
+
+    /// `run` of `app` was just seen starting.
+    pub fn saw_start(&self, app: &App, run: RunId) {
+        if let Some((starts, _)) = &self.recent_starts {
+            starts.insert(CacheKey { app: app.id, run }, Instant::now());
+        }
+    }
+
+    /// When the grace of a run seen starting ends, if it has not yet.
+    fn grace_end(&self, key: CacheKey) -> Option<Instant> {
+        let (starts, grace) = self.recent_starts.as_ref()?;
+        let end = starts.get(&key)? + *grace;
+        (end > Instant::now()).then_some(end)
+    }
+
+    /// Fetches `run` of `app` now (or joins the fetch in flight), so its answer is in the cache.
+    pub async fn warm(self: &Arc<Self>, app: &Arc<App>, run: RunId) {
+        let _ = self.run(app, run, &WARM_REQUEST_ID, None).await;
     }
 
     /// Counts every terminal run this fetch brings from the upstream in `usage` (see
@@ -258,14 +307,40 @@ impl Fetch {
     ) -> (FlightValue, Option<Arc<Stored>>) {
         let t = Instant::now();
         let share = leader.and_then(|c| c.upstream_share.as_ref());
-        let r = self
+        let mut r = self
             .upstreams
             .fetch_run(app, key.run, rid, share, creds)
             .await;
+        // A run seen starting whose row Dify has not written yet: ask again within the grace.
+        let mut in_grace = false;
+        while let Ok(a) = &r {
+            if a.status != StatusCode::NOT_FOUND {
+                break;
+            }
+            let Some(end) = self.grace_end(key) else {
+                break;
+            };
+            in_grace = true;
+            tokio::time::sleep(GRACE_RETRY.min(end.saturating_duration_since(Instant::now())))
+                .await;
+            r = self
+                .upstreams
+                .fetch_run(app, key.run, rid, share, creds)
+                .await;
+            if Instant::now() >= end {
+                break;
+            }
+        }
         let upstream_elapsed = t.elapsed();
         let fetched = match r {
             Ok(a) => {
-                let stored = self.keep(a, key, rid);
+                let not_yet = in_grace && a.status == StatusCode::NOT_FOUND;
+                let stored = if not_yet {
+                    tracing::debug!(request_id = ?rid, run = %key.run, "404 for a run seen starting: not kept");
+                    self.entry(a, None, None)
+                } else {
+                    self.keep(a, key, rid)
+                };
                 self.cache.insert(key, Arc::clone(&stored));
                 Fetched {
                     upstream_status: Some(stored.status),
@@ -299,6 +374,16 @@ impl Fetch {
                 (None, None)
             }
         };
+        self.entry(a, class, ttl)
+    }
+
+    /// The entry of an answer classed `class` (`None`: passed on, not kept).
+    fn entry(
+        &self,
+        a: UpstreamAnswer,
+        class: Option<EntryClass>,
+        ttl: Option<Duration>,
+    ) -> Arc<Stored> {
         // A kept body is copied out of the connection's read buffer: as received it is a slice
         // that would keep the whole (much larger) buffer alive in the cache.
         let body = if class.is_some() {

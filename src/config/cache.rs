@@ -40,6 +40,10 @@ pub(crate) const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(30);
 /// it; a minute is soon enough to see that, and saves every SDK's start-up requests.
 pub const DEFAULT_APP_META_TTL: Duration = Duration::from_secs(60);
 
+/// Default [`CacheConfig::not_found_grace`]: Dify may write a new run's row a moment after
+/// handing out its id.
+pub const DEFAULT_NOT_FOUND_GRACE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
@@ -49,6 +53,7 @@ pub struct RawCache {
     pub running_ttl: Option<HumanDuration>,
     pub app_meta_ttl: Option<HumanDuration>,
     pub not_found_ttl: Option<HumanDuration>,
+    pub not_found_grace: Option<HumanDuration>,
     pub stale_if_error: Option<HumanDuration>,
 }
 
@@ -69,6 +74,9 @@ pub struct CacheConfig {
     pub app_meta_ttl: Duration,
     /// How long an upstream 404 is reused; zero disables.
     pub not_found_ttl: Duration,
+    /// For a run the gateway saw start, how long after the start an upstream 404 is taken for
+    /// a row not yet written: retried shortly, never kept. Zero disables.
+    pub not_found_grace: Duration,
     /// How long past its TTL a running entry is still served (as `X-Cache: STALE`) when a
     /// refresh fails; zero disables.
     pub stale_if_error: Duration,
@@ -113,6 +121,7 @@ impl RawCache {
             running_ttl: dur(self.running_ttl, DEFAULT_RUNNING_TTL),
             app_meta_ttl: dur(self.app_meta_ttl, DEFAULT_APP_META_TTL),
             not_found_ttl: dur(self.not_found_ttl, DEFAULT_NOT_FOUND_TTL),
+            not_found_grace: dur(self.not_found_grace, DEFAULT_NOT_FOUND_GRACE),
             stale_if_error: dur(self.stale_if_error, DEFAULT_STALE_IF_ERROR),
         })
     }

@@ -18,6 +18,7 @@ mod apps;
 mod cache;
 mod clients;
 mod context;
+mod idempotency;
 mod log;
 mod longpoll;
 mod ownership;
@@ -38,6 +39,9 @@ pub use apps::{AppConfig, KeySource, RawApp, DEFAULT_APP};
 pub use cache::{CacheConfig, RawCache, DEFAULT_TERMINAL_STATUSES, NON_TERMINAL_STATUSES};
 pub use clients::{ClientConfig, Quota, RateLimit, RawClient, StartLimits};
 pub use context::{ConfigError, Context, Origins, Overrides, API_KEY_ENV};
+pub use idempotency::{
+    IdempotencyConfig, RawIdempotency, DEFAULT_IDEMPOTENCY_MAX_BYTES, DEFAULT_IDEMPOTENCY_TTL,
+};
 pub use log::{LogConfig, LogFormat, RawLog};
 pub use longpoll::{LongPollConfig, RawLongPoll, DEFAULT_MAX_WAIT, DEFAULT_MAX_WAITERS};
 pub use ownership::{OwnershipConfig, RawOwnership, DEFAULT_MAX_RECORDS, DEFAULT_OWNERSHIP_TTL};
@@ -88,6 +92,8 @@ pub struct RawConfig {
     pub longpoll: RawLongPoll,
     #[serde(default)]
     pub passthrough: RawPassthrough,
+    #[serde(default)]
+    pub idempotency: RawIdempotency,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -116,6 +122,8 @@ pub struct Config {
     pub longpoll: LongPollConfig,
     /// The passed-through routes' body caps and the unlisted-path switch.
     pub passthrough: PassthroughConfig,
+    /// Run starts made idempotent by an `Idempotency-Key`.
+    pub idempotency: IdempotencyConfig,
 }
 
 impl RawConfig {
@@ -175,6 +183,7 @@ impl RawConfig {
         let ownership = self.ownership.validate(&ctx)?;
         let longpoll = self.longpoll.validate(&ctx, server.max_response_time)?;
         let passthrough = self.passthrough.validate(&ctx)?;
+        let idempotency = self.idempotency.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -188,6 +197,7 @@ impl RawConfig {
             ownership,
             longpoll,
             passthrough,
+            idempotency,
         })
     }
 }

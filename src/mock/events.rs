@@ -173,6 +173,22 @@ fn node(run: &Run, i: usize) -> Obj {
 }
 
 /// A frame: `data: {"event": …, "task_id": …, "workflow_run_id": …, "data": …}`.
+/// Dify's in-stream failure: `{"event": "error", "task_id", "status", "code", "message"}`.
+pub(super) fn error(run: &Run, status: u16, code: &str, message: &str) -> Bytes {
+    let json = Obj::new()
+        .str("event", "error")
+        .str("task_id", &run.task_id)
+        .int("status", status.into())
+        .str("code", code)
+        .str("message", message)
+        .done();
+    Bytes::from(format!(
+        "data: {json}
+
+"
+    ))
+}
+
 fn event(run: &Run, name: &str, data: &str) -> Bytes {
     let json = Obj::new()
         .str("event", name)

@@ -33,6 +33,16 @@ pub(super) async fn produce(
     mut sink: Option<Sender<Bytes, std::io::Error>>,
 ) {
     let _done = Done(run);
+    if let RunEnd::Refused { code, message } = &script.end {
+        {
+            let mut p = lock(&run.progress);
+            p.status = "failed";
+            p.error = Some(message.clone());
+            p.finished_at = Some(super::now_epoch());
+        }
+        emit(st, run, &mut sink, events::error(run, 400, code, message)).await;
+        return;
+    }
     for step in steps(script) {
         if !turn(st, run).await {
             return finish(st, run, &mut sink, "stopped", None).await;

@@ -60,6 +60,10 @@ pub enum RunEnd {
     /// The stream ends after the last node with no `workflow_finished` and the run stays
     /// `running` (Dify sometimes leaves a stream so).
     Unfinished,
+    /// The run fails before it starts: a streaming start gets one `error` event (status 400,
+    /// with this code and message) and no `workflow_started`, as when Dify cannot set the run
+    /// up (a model's credentials or quota); the run is `failed`.
+    Refused { code: String, message: String },
 }
 
 /// A started run, as tests see it.

@@ -8,6 +8,13 @@
 //! (capped) and a blocking run answer's first `upstream.max_body_bytes` (to read its status) are
 //! held. A run's answer is followed to its end even when its client has left ([`pump`]).
 //!
+//! A run start with `"response_mode": "async"` is sent upstream as `streaming` and answered
+//! `202 Accepted` with the run's ids and `Location` once `workflow_started` arrives (or with
+//! Dify's error, when an `error` event comes first); the stream is then followed with no client,
+//! holding the client's open-stream place until the run ends. A run start with an
+//! `Idempotency-Key` is claimed before it is sent and settled by what its answer shows (see
+//! [`crate::idempotency`]).
+//!
 //! Retries: none. A run start is not idempotent, and a streamed body cannot be sent twice; once
 //! a request may have reached the upstream the client decides. A connect failure is answered
 //! 502 `upstream_unavailable` and counts towards the app's circuit breaker like any other.
@@ -26,21 +33,22 @@ use http::request::Parts;
 use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as HttpBody;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::body::{Body, BodyError};
 use crate::cache::fetch::Fetch;
 use crate::config::Config;
-use crate::error::GatewayError;
+use crate::error::{dify_error_body, GatewayError};
+use crate::idempotency::{Answer, Begin, Claimed, Idempotency};
 use crate::metrics::{Metrics, RejectReason};
 use crate::outcome::UpstreamOutcome;
 use crate::ownership::{Kind, Ownership};
-use crate::rewrite::UserPrefix;
+use crate::rewrite::{json, UserPrefix};
 use crate::starts::{StartRefused, StreamPermit};
 use crate::upstream::{App, UpstreamError, X_REQUEST_ID};
 use crate::usage::Usage;
 
-pub use request::BodyKind;
+pub use request::{BodyKind, Mode};
 
 /// Most bytes of an upload's answer (a file's description) read to learn the file's id.
 const MAX_UPLOAD_ANSWER: usize = 64 * 1024;
@@ -67,6 +75,10 @@ pub enum Refusal {
     Upstream(UpstreamError),
     #[error("run start refused")]
     Start(StartRefused),
+    #[error("the Idempotency-Key is in use")]
+    KeyInUse,
+    #[error("the Idempotency-Key was used with another request")]
+    KeyMismatch,
 }
 
 impl Refusal {
@@ -80,6 +92,7 @@ impl Refusal {
             Refusal::Broken => RejectReason::BadFraming,
             Refusal::TooSlow => RejectReason::BodyTimeout,
             Refusal::Start(r) => r.reason(),
+            Refusal::KeyInUse | Refusal::KeyMismatch => RejectReason::Idempotency,
             Refusal::Upstream(_) => return None,
         })
     }
@@ -98,6 +111,8 @@ impl From<Refusal> for GatewayError {
             Refusal::TooSlow => GatewayError::RequestTimeout,
             Refusal::Upstream(e) => e.into(),
             Refusal::Start(r) => r.into(),
+            Refusal::KeyInUse => GatewayError::IdempotencyKeyInUse,
+            Refusal::KeyMismatch => GatewayError::IdempotencyKeyMismatch,
         }
     }
 }
@@ -126,6 +141,16 @@ pub struct Forward<'a> {
     pub counted_to: Arc<str>,
     /// The answer names a file the client uploaded: it is read to record the file's owner.
     pub records_file: bool,
+    /// A run start's `Idempotency-Key`, with whose it is.
+    pub idempotent: Option<Idempotent<'a>>,
+}
+
+/// A run start's `Idempotency-Key` (checked) and the client it belongs to.
+pub struct Idempotent<'a> {
+    pub store: &'a Arc<Idempotency>,
+    /// The client's name ([`crate::usage::OPEN_CLIENT`] in open mode).
+    pub client: &'a str,
+    pub key: &'a str,
 }
 
 /// What the access log and metrics learn about a passed-through request.
@@ -156,6 +181,30 @@ pub struct Passthrough {
     /// The app descriptions kept for `cache.app_meta_ttl`.
     meta: meta::MetaCache,
     metrics: Arc<Metrics>,
+}
+
+/// Dify's in-stream `error` event (`{"event":"error","status","code","message"}`) as the
+/// error answer it stands for; a status outside 400–599 reads as 500.
+fn stream_error(raw: &[u8]) -> Response<Body> {
+    #[derive(serde::Deserialize, Default)]
+    struct Error {
+        status: Option<u16>,
+        code: Option<String>,
+        message: Option<String>,
+    }
+    let e: Error = serde_json::from_slice(raw).unwrap_or_default();
+    let status = e
+        .status
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = e.code.as_deref().unwrap_or("internal_server_error");
+    let message = e.message.as_deref().unwrap_or("the run failed to start");
+    let mut out = Response::new(Body::Full(dify_error_body(code, message, status)));
+    *out.status_mut() = status;
+    out.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    out
 }
 
 impl Passthrough {
@@ -208,6 +257,8 @@ impl Passthrough {
     {
         let start = Instant::now();
         let fault = request::Fault::default();
+        let mut mode = Mode::Blocking;
+        let mut claim = None;
         let content_type = req
             .headers
             .get(CONTENT_TYPE)
@@ -224,10 +275,35 @@ impl Passthrough {
                 )
                 .await?;
                 if let Some(admit) = fwd.admit {
-                    let permit = admit(request::is_streaming(&json)).map_err(Refusal::Start)?;
+                    mode = Mode::of(&json);
+                    if let Some(i) = &fwd.idempotent {
+                        let request = [
+                            req.method.as_str().as_bytes(),
+                            fwd.path_and_query.as_bytes(),
+                            &json[..],
+                        ];
+                        match i
+                            .store
+                            .begin(i.client, &fwd.app.name, i.key, &request)
+                            .await
+                        {
+                            Begin::Fresh(c) => claim = Some(c),
+                            Begin::Replay(answer) => return Ok(answer.replay()),
+                            Begin::InFlight => return Err(Refusal::KeyInUse),
+                            Begin::Mismatch => return Err(Refusal::KeyMismatch),
+                        }
+                    }
+                    // An async run holds a stream upstream for as long as it runs.
+                    let permit = admit(mode != Mode::Blocking).map_err(Refusal::Start)?;
                     fwd.permit = Some(permit);
                 }
-                request::full(json)
+                if mode == Mode::Async {
+                    let streaming = json::set_string(&json, "response_mode", "streaming")
+                        .map_err(|_| Refusal::NotJson)?;
+                    request::full(Bytes::from(streaming.into_owned()))
+                } else {
+                    request::full(json)
+                }
             }
             BodyKind::Multipart => {
                 let rewriter = match fwd.prefix {
@@ -318,6 +394,31 @@ impl Passthrough {
                     .to_ascii_lowercase()
                     .starts_with("text/event-stream")
             });
+        let bounds = pump::Bounds {
+            deadline: (start + self.run_timeout).into(),
+            idle: self.idle_timeout,
+            heartbeat: self.heartbeat,
+            max_answer_bytes: self.max_answer_bytes,
+        };
+        let mut hooks = pump::Hooks {
+            fetch: Arc::clone(&self.fetch),
+            app: Arc::clone(fwd.app),
+            ownership: Arc::clone(&self.ownership),
+            owner: fwd.owner.clone(),
+            usage: Arc::clone(&self.usage),
+            counted_to: Arc::clone(&fwd.counted_to),
+            on_start: None,
+            claim: None,
+            warm: false,
+            head: (status, parts.headers.get(CONTENT_TYPE).cloned()),
+        };
+        if mode == Mode::Async && events && status.is_success() {
+            return self
+                .start_async(incoming, bounds, hooks, fwd.permit.take(), claim, rid)
+                .await;
+        }
+        // A start that made no run frees its key (the claim is dropped).
+        hooks.claim = claim.filter(|_| status.is_success());
         if events {
             let h = out.headers_mut();
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -330,28 +431,76 @@ impl Passthrough {
             Some(p) => Body::Guarded(Box::new(Body::Events(rx)), Box::new(p)),
             None => Body::Events(rx),
         };
-        let bounds = pump::Bounds {
-            deadline: (start + self.run_timeout).into(),
-            idle: self.idle_timeout,
-            heartbeat: self.heartbeat,
-            max_answer_bytes: self.max_answer_bytes,
-        };
-        let hooks = pump::Hooks {
-            fetch: Arc::clone(&self.fetch),
-            app: Arc::clone(fwd.app),
-            ownership: Arc::clone(&self.ownership),
-            owner: fwd.owner.clone(),
-            usage: Arc::clone(&self.usage),
-            counted_to: Arc::clone(&fwd.counted_to),
-        };
         let rid = rid.clone();
         // NOTE for `server.max_response_time`: this answer (`Body::is_stream`) lasts as long as
         // the run; it is bounded by `upstream.run_timeout` and `stream.idle_timeout` here and
         // must be exempt from the connection's response-time bound.
         tokio::spawn(async move {
-            let (end, stayed) = pump::follow(incoming, tx, events, bounds, hooks).await;
+            let (end, stayed) = pump::follow(incoming, Some(tx), events, bounds, hooks).await;
             tracing::debug!(request_id = ?rid, end = end.as_str(), client_stayed = stayed, "run answer followed");
         });
+        Ok(out)
+    }
+
+    /// An async start: its stream is followed with no client (holding `permit`, the client's
+    /// open-stream place, until it ends); the client is answered `202 Accepted` with the run's
+    /// ids once `workflow_started` arrives, or Dify's error when an `error` event comes first.
+    async fn start_async(
+        &self,
+        incoming: hyper::body::Incoming,
+        bounds: pump::Bounds,
+        mut hooks: pump::Hooks,
+        permit: Option<StreamPermit>,
+        claim: Option<Claimed>,
+        rid: &HeaderValue,
+    ) -> Result<Response<Body>, Refusal> {
+        let (started_tx, started) = oneshot::channel();
+        hooks.on_start = Some(started_tx);
+        hooks.warm = true;
+        let rid_log = rid.clone();
+        tokio::spawn(async move {
+            let _place = permit;
+            let (end, _) = pump::follow(incoming, None, true, bounds, hooks).await;
+            tracing::debug!(request_id = ?rid_log, end = end.as_str(), "async run followed");
+        });
+        let start = match tokio::time::timeout(self.idle_timeout, started).await {
+            Ok(Ok(s)) => s,
+            // The stream ended, broke or stayed silent before the run started.
+            Ok(Err(_)) => return Err(Refusal::Upstream(UpstreamError::Protocol)),
+            Err(_) => return Err(Refusal::Upstream(UpstreamError::Timeout)),
+        };
+        let (run, task) = match start {
+            pump::Start::Started { run, task } => (run, task),
+            pump::Start::Failed(raw) => return Ok(stream_error(&raw)),
+        };
+        #[derive(serde::Serialize)]
+        struct Accepted<'a> {
+            task_id: &'a str,
+            workflow_run_id: &'a str,
+            status: &'static str,
+        }
+        let body = Bytes::from(
+            serde_json::to_vec(&Accepted {
+                task_id: &task,
+                workflow_run_id: &run,
+                status: "running",
+            })
+            .unwrap_or_default(),
+        );
+        let location = HeaderValue::try_from(format!("/v1/workflows/run/{run}"))
+            .map_err(|_| Refusal::Upstream(UpstreamError::Protocol))?;
+        let answer = Answer::Full {
+            status: StatusCode::ACCEPTED,
+            content_type: Some(HeaderValue::from_static("application/json")),
+            location: Some(location),
+            body,
+        };
+        let mut out = answer.replay();
+        out.headers_mut()
+            .remove(&crate::idempotency::IDEMPOTENT_REPLAYED);
+        if let Some(c) = claim {
+            c.made(answer).await;
+        }
         Ok(out)
     }
 

@@ -7,14 +7,18 @@
 //! interrupts or strands a run whose reader goes away. A client that stops reading for
 //! `stream.idle_timeout` is let go the same way. While the upstream is silent for
 //! `stream.heartbeat`, the client gets a `: ping` comment, never inside an event. When the run
-//! is seen to finish, `on_finished` is called with its id at once.
+//! is seen to finish, its kept `running` answer is dropped at once (and, for a run whose client
+//! left at once — an async start — its terminal answer is fetched into the cache). A run start
+//! holding an `Idempotency-Key` claim settles it here: with the run's ids when the run is seen
+//! to start (an event stream), with the whole answer when a blocking answer completes within
+//! `upstream.max_body_bytes`; a start that made no run frees the key (the claim is dropped).
 
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
 use std::sync::Arc;
@@ -22,6 +26,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::cache::fetch::Fetch;
+use crate::idempotency::{Answer, Claimed};
 use crate::ownership::Ownership;
 use crate::run_id::RunId;
 use crate::sse::{self, Data, DifyEvent, Observer};
@@ -91,16 +96,35 @@ pub struct Hooks {
     /// The client its figures are counted to (the starter, or the reader of a resumed stream;
     /// [`crate::usage::OPEN_CLIENT`] in open mode).
     pub counted_to: Arc<str>,
+    /// Told how the run's start went (an async start waits on it); `None` when nobody waits.
+    pub on_start: Option<oneshot::Sender<Start>>,
+    /// The `Idempotency-Key` claim this run start holds, settled by what the answer shows.
+    pub claim: Option<Claimed>,
+    /// On the run's finish, fetch its terminal answer into the cache (nobody else will ask
+    /// soon enough: an async start's client waits for a webhook or polls).
+    pub warm: bool,
+    /// The answer's status and content type, for a kept blocking answer.
+    pub head: (http::StatusCode, Option<http::HeaderValue>),
+}
+
+/// How an event stream's run started, for the one who waits on it.
+#[derive(Debug)]
+pub enum Start {
+    /// `workflow_started`, with the run's ids (the run is recorded as its owner's already).
+    Started { run: Box<str>, task: Box<str> },
+    /// An `error` event came first: the run did not start. Its data as received.
+    Failed(Bytes),
 }
 
 impl Hooks {
     /// Records the started run (and its task) as the owner's; awaited before the chunk that
     /// names them is passed on.
     async fn started(&self, run: &str, task: Option<&str>) {
-        let Some(owner) = &self.owner else { return };
         let Ok(run) = Uuid::try_parse(run) else {
             return;
         };
+        self.fetch.saw_start(&self.app, RunId::from(run));
+        let Some(owner) = &self.owner else { return };
         let task = task.and_then(|t| Uuid::try_parse(t).ok());
         self.ownership
             .record_run(self.app.id, run, task, Some(owner))
@@ -120,11 +144,44 @@ impl Hooks {
         });
     }
 
-    /// Drops the run's kept `running` answer, now, so pollers see the end at once.
+    /// An event stream's run started: recorded as its owner's, its claim kept with its ids,
+    /// and whoever waits on the start told — in that order, before the chunk naming it goes on.
+    async fn stream_started(&mut self, run: &str, task: &str) {
+        self.started(run, Some(task)).await;
+        if let Some(claim) = self.claim.take() {
+            let answer = Answer::Started {
+                run: run.to_owned(),
+                task: task.to_owned(),
+            };
+            claim.made(answer).await;
+        }
+        if let Some(tx) = self.on_start.take() {
+            let _ = tx.send(Start::Started {
+                run: run.into(),
+                task: task.into(),
+            });
+        }
+    }
+
+    /// An `error` event: before the start, the run did not start (its claim is freed).
+    fn stream_failed(&mut self, raw: &Bytes) {
+        self.claim = None;
+        if let Some(tx) = self.on_start.take() {
+            let _ = tx.send(Start::Failed(raw.clone()));
+        }
+    }
+
+    /// Drops the run's kept `running` answer, now, so pollers see the end at once; with
+    /// `warm`, fetches its terminal answer into the cache.
     fn finished(&self, run: &str) {
         if let Ok(run) = RunId::parse(run) {
-            let (fetch, app) = (Arc::clone(&self.fetch), Arc::clone(&self.app));
-            tokio::spawn(async move { fetch.drop_running(&app, run).await });
+            let (fetch, app, warm) = (Arc::clone(&self.fetch), Arc::clone(&self.app), self.warm);
+            tokio::spawn(async move {
+                fetch.drop_running(&app, run).await;
+                if warm {
+                    fetch.warm(&app, run).await;
+                }
+            });
         }
     }
 }
@@ -134,12 +191,12 @@ impl Hooks {
 /// ended and whether the client stayed to the end.
 pub async fn follow(
     mut upstream: Incoming,
-    tx: mpsc::Sender<Bytes>,
+    tx: Option<mpsc::Sender<Bytes>>,
     events: bool,
     bounds: Bounds,
-    hooks: Hooks,
+    mut hooks: Hooks,
 ) -> (End, bool) {
-    let mut client = Some(tx);
+    let mut client = tx;
     let mut watch = if events {
         Watch::Events(Observer::new(MAX_EVENT_BYTES))
     } else {
@@ -189,7 +246,8 @@ pub async fn follow(
                         Data::Dify(DifyEvent::WorkflowStarted {
                             task_id,
                             workflow_run_id,
-                        }) => hooks.started(workflow_run_id, Some(task_id)).await,
+                        }) => hooks.stream_started(workflow_run_id, task_id).await,
+                        Data::Dify(DifyEvent::Error { raw }) => hooks.stream_failed(raw),
                         Data::Dify(DifyEvent::WorkflowFinished(f)) => {
                             hooks.finished(&f.workflow_run_id);
                             if let Some(figures) = f.run_data().and_then(|d| FinishedRun::parse(&d))
@@ -219,12 +277,28 @@ pub async fn follow(
         if let Some(answer) = Blocking::parse(kept) {
             if let Some(run) = &answer.run {
                 hooks.started(run, answer.task.as_deref()).await;
+                if let Some(claim) = hooks.claim.take() {
+                    let (status, content_type) = hooks.head.clone();
+                    let whole = Answer::Full {
+                        status,
+                        content_type,
+                        location: None,
+                        body: kept.clone().freeze(),
+                    };
+                    claim.made(whole).await;
+                }
             }
             if let Some((run, figures)) = answer.finished() {
                 hooks.finished(&run);
                 hooks.count(&run, figures);
             }
         }
+    }
+    if let (Some(claim), Watch::Blocking(None)) = (hooks.claim.take(), &watch) {
+        // A blocking answer past the cap: a run was made, whose answer cannot be replayed and
+        // whose ids were not kept. The key stays in use until its lease ends rather than let a
+        // retry start a second run.
+        claim.hold();
     }
     (end, client.is_some())
 }

@@ -85,17 +85,44 @@ pub fn full(bytes: Bytes) -> PassBody {
     Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
 }
 
-/// Is a run start's `response_mode` `streaming`?
-pub fn is_streaming(json: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Mode<'a> {
-        #[serde(borrow)]
-        response_mode: Option<std::borrow::Cow<'a, str>>,
+/// How a run start asks to be answered (its `response_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `blocking`, or anything Dify reads as it (absent, unknown): the answer when it ends.
+    Blocking,
+    /// `streaming`: its events as they happen.
+    Streaming,
+    /// `async` (the gateway's own): `202 Accepted` once the run has started; the gateway
+    /// follows it upstream as a stream.
+    Async,
+}
+
+impl Mode {
+    /// A run start's mode, read from its JSON body.
+    pub fn of(json: &[u8]) -> Mode {
+        #[derive(serde::Deserialize)]
+        struct Body<'a> {
+            #[serde(borrow)]
+            response_mode: Option<std::borrow::Cow<'a, str>>,
+        }
+        let mode = serde_json::from_slice::<Body<'_>>(json)
+            .ok()
+            .and_then(|m| m.response_mode);
+        match mode.as_deref() {
+            Some("streaming") => Mode::Streaming,
+            Some("async") => Mode::Async,
+            _ => Mode::Blocking,
+        }
     }
-    serde_json::from_slice::<Mode<'_>>(json)
-        .ok()
-        .and_then(|m| m.response_mode)
-        .is_some_and(|m| m == "streaming")
+
+    /// Label for logs and tests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Blocking => "blocking",
+            Mode::Streaming => "streaming",
+            Mode::Async => "async",
+        }
+    }
 }
 
 /// No body.
@@ -272,12 +299,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out, "{\"user\": \"t:u\", \"x\":1}");
-        assert!(is_streaming(
-            br#"{"inputs":{},"response_mode":"streaming"}"#
-        ));
-        assert!(!is_streaming(
-            br#"{"inputs":{},"response_mode":"blocking"}"#
-        ));
-        assert!(!is_streaming(br#"{"response_mode":1}"#));
+        let mode = |b: &[u8]| Mode::of(b);
+        assert_eq!(
+            mode(br#"{"inputs":{},"response_mode":"streaming"}"#),
+            Mode::Streaming
+        );
+        assert_eq!(mode(br#"{"response_mode":"async"}"#), Mode::Async);
+        assert_eq!(
+            mode(br#"{"inputs":{},"response_mode":"blocking"}"#),
+            Mode::Blocking
+        );
+        assert_eq!(mode(br#"{"response_mode":1}"#), Mode::Blocking);
     }
 }

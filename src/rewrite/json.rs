@@ -1,4 +1,4 @@
-//! The top-level `user` of a JSON body, prefixed in place.
+//! The top-level `user` of a JSON body, prefixed in place (and any top-level string set).
 //!
 //! Invariant: only the bytes inside the top-level `"user"` string values change (the escaped
 //! prefix goes right after the opening quote); whitespace, key order, escapes and every nested
@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{self, DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -30,79 +31,95 @@ pub enum JsonError {
 /// `body` with the prefix inserted into every top-level `user` string; borrowed when there is
 /// nothing to change (no top-level `user`, or a document that is not an object).
 pub fn prefix_user<'b>(body: &'b [u8], prefix: &UserPrefix) -> Result<Cow<'b, [u8]>, JsonError> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        // Arrays and scalars carry no `user`; only their validity is checked.
-        serde_json::from_slice::<IgnoredAny>(body)?;
-        return Ok(Cow::Borrowed(body));
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let found = de.deserialize_map(UserSpans { body })?;
-    de.end()?;
-    if found.not_string {
+    let spans = top_level(body, "user")?;
+    if spans.iter().any(|s| body[s.start] != b'"') {
         return Err(JsonError::UserNotString);
     }
-    if found.inserts.is_empty() {
-        return Ok(Cow::Borrowed(body));
+    // Each prefix goes just past the opening quote.
+    let edits = spans
+        .iter()
+        .map(|s| (s.start + 1..s.start + 1, &prefix.json[..]));
+    Ok(splice(body, edits, spans.len() * prefix.json.len()))
+}
+
+/// `body` with every top-level `key` set to the string `value` (written as a JSON string);
+/// borrowed when the document has no top-level `key` (or is not an object).
+pub fn set_string<'b>(body: &'b [u8], key: &str, value: &str) -> Result<Cow<'b, [u8]>, JsonError> {
+    let spans = top_level(body, key)?;
+    let json = serde_json::to_vec(value)?;
+    let edits = spans.iter().map(|s| (s.clone(), &json[..]));
+    Ok(splice(body, edits, spans.len() * json.len()))
+}
+
+/// The spans of the values of every top-level `key` of a valid JSON document, in body order;
+/// none when it is not an object.
+fn top_level(body: &[u8], key: &str) -> Result<Vec<Range<usize>>, JsonError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Arrays and scalars have no keys; only their validity is checked.
+        serde_json::from_slice::<IgnoredAny>(body)?;
+        return Ok(Vec::new());
     }
-    let mut out = Vec::with_capacity(body.len() + found.inserts.len() * prefix.json.len());
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let spans = de.deserialize_map(ValueSpans { body, key })?;
+    de.end()?;
+    Ok(spans)
+}
+
+/// `body` with each span replaced by its bytes (spans in body order, not overlapping).
+fn splice<'b, 'e>(
+    body: &'b [u8],
+    edits: impl Iterator<Item = (Range<usize>, &'e [u8])>,
+    extra: usize,
+) -> Cow<'b, [u8]> {
+    let mut edits = edits.peekable();
+    if edits.peek().is_none() {
+        return Cow::Borrowed(body);
+    }
+    let mut out = Vec::with_capacity(body.len() + extra);
     let mut from = 0;
-    for at in found.inserts {
-        out.extend_from_slice(&body[from..at]);
-        out.extend_from_slice(&prefix.json);
-        from = at;
+    for (span, with) in edits {
+        out.extend_from_slice(&body[from..span.start]);
+        out.extend_from_slice(with);
+        from = span.end;
     }
     out.extend_from_slice(&body[from..]);
-    Ok(Cow::Owned(out))
+    Cow::Owned(out)
 }
 
-/// What the scan of the top-level object found.
-#[derive(Default)]
-struct Found {
-    /// Offsets just past the opening quote of each top-level `user` string, in body order.
-    inserts: Vec<usize>,
-    /// A top-level `user` held something other than a string.
-    not_string: bool,
-}
-
-/// Visits the top-level object, locating its `user` values in `body` by their borrowed spans.
-struct UserSpans<'b> {
+/// Visits the top-level object, locating the values of `key` in `body` by their borrowed spans.
+struct ValueSpans<'b, 'k> {
     body: &'b [u8],
+    key: &'k str,
 }
 
-impl<'de> Visitor<'de> for UserSpans<'de> {
-    type Value = Found;
+impl<'de> Visitor<'de> for ValueSpans<'de, '_> {
+    type Value = Vec<Range<usize>>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
-        let mut found = Found::default();
-        while let Some(is_user) = map.next_key_seed(KeyIsUser)? {
-            if !is_user {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut spans = Vec::new();
+        while let Some(is_key) = map.next_key_seed(KeyIs(self.key))? {
+            if !is_key {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             }
             let raw: &'de RawValue = map.next_value()?;
-            let text = raw.get();
-            if text.starts_with('"') {
-                // The raw value borrows from the body, so its address gives its offset.
-                found
-                    .inserts
-                    .push(text.as_ptr() as usize - self.body.as_ptr() as usize + 1);
-            } else {
-                found.not_string = true;
-            }
+            // The raw value borrows from the body, so its address gives its offset.
+            let at = raw.get().as_ptr() as usize - self.body.as_ptr() as usize;
+            spans.push(at..at + raw.get().len());
         }
-        Ok(found)
+        Ok(spans)
     }
 }
 
-/// Deserialises an object key to "is it `user`?" without allocating for unescaped keys.
-struct KeyIsUser;
+/// Deserialises an object key to "is it this key?" without allocating for unescaped keys.
+struct KeyIs<'k>(&'k str);
 
-impl<'de> DeserializeSeed<'de> for KeyIsUser {
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
     type Value = bool;
 
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
@@ -110,7 +127,7 @@ impl<'de> DeserializeSeed<'de> for KeyIsUser {
     }
 }
 
-impl Visitor<'_> for KeyIsUser {
+impl Visitor<'_> for KeyIs<'_> {
     type Value = bool;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -118,7 +135,7 @@ impl Visitor<'_> for KeyIsUser {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<bool, E> {
-        Ok(key == "user")
+        Ok(key == self.0)
     }
 }
 
@@ -221,6 +238,21 @@ mod tests {
                 "{body:?}"
             );
         }
+    }
+
+    #[test]
+    fn set_string_replaces_every_top_level_value_and_nothing_else() {
+        let body = br#"{"inputs":{"response_mode":"x"}, "response_mode" : "async","user":"u"}"#;
+        let out = set_string(body, "response_mode", "streaming").unwrap();
+        assert_eq!(
+            &out[..],
+            br#"{"inputs":{"response_mode":"x"}, "response_mode" : "streaming","user":"u"}"#
+        );
+        let dup = set_string(br#"{"m":1,"m":[2]}"#, "m", "a\"b").unwrap();
+        assert_eq!(&dup[..], br#"{"m":"a\"b","m":"a\"b"}"#);
+        let none = set_string(br#"{"a":1}"#, "m", "x").unwrap();
+        assert!(matches!(none, Cow::Borrowed(_)));
+        assert!(set_string(b"{", "m", "x").is_err());
     }
 
     proptest! {

@@ -54,6 +54,13 @@ pub(crate) fn usage_claim_key(prefix: &str, app: &str, run: &str) -> String {
     format!("{prefix}v1:usage:counted:{app}:{run}")
 }
 
+/// `{prefix}v1:idem:{id}`: what a run start with an `Idempotency-Key` made (see
+/// `crate::idempotency`); `id` is the hex hash of client, app and key, so no client bytes enter
+/// the key space.
+pub(crate) fn idempotency_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}v1:idem:{id}")
+}
+
 /// `{prefix}v1:usage:day:{day}`: the hash of one UTC day's usage figures.
 pub(crate) fn usage_day_key(prefix: &str, day: &str) -> String {
     format!("{prefix}v1:usage:day:{day}")

@@ -18,8 +18,8 @@ use super::keys::RunKeys;
 use super::{SharedTier, Unavailable};
 use crate::run_id::RunId;
 
-/// Deletes the lock only if it still holds our token.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+/// Deletes a key (a lock, a pending claim) only if it still holds our token.
+pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])

@@ -20,6 +20,7 @@
 mod codec;
 mod conn;
 mod errors;
+mod idempotency;
 mod keys;
 mod lock;
 mod notify;
@@ -45,6 +46,7 @@ use crate::run_id::RunId;
 pub use codec::{decode, decode_at, encode, unix_ms_now, DecodeError, EncodeError};
 pub use conn::SharedConfigError;
 pub use errors::{SharedError, SharedStats};
+pub(crate) use idempotency::Claim;
 pub use keys::{valid_app_tag, MAX_APP_TAG};
 pub use lock::{LockResult, LockToken, ReleaseOutcome};
 pub use outcome::{Lookup, NotifyOutcome, PutOutcome, WaitOutcome};
