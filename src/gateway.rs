@@ -224,10 +224,11 @@ impl Gateway {
             Arc::clone(&usage),
             Arc::clone(&metrics),
         );
-        let idempotency = Idempotency::new(
+        let idempotency = Idempotency::with_metrics(
             &config.idempotency,
             config.upstream.run_timeout,
             shared.clone(),
+            Arc::clone(&metrics),
         );
         Ok(Arc::new(Gateway {
             passthrough,

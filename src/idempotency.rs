@@ -25,6 +25,7 @@ use crate::body::Body;
 use crate::clients::hex;
 use crate::config::IdempotencyConfig;
 use crate::error::GatewayError;
+use crate::metrics::{Metrics, OutcomeLabel};
 use crate::shared::{Claim, SharedTier};
 
 /// The request header.
@@ -283,6 +284,7 @@ pub struct Idempotency {
     local: moka::sync::Cache<String, Arc<Record>>,
     shared: Option<SharedTier>,
     tokens: AtomicU64,
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// A held key: say what the start made with [`Claimed::made`]; dropped, the key is freed.
@@ -323,12 +325,45 @@ impl Idempotency {
             local,
             shared,
             tokens: AtomicU64::new(random_u64()),
+            metrics: None,
         })
+    }
+
+    /// Counts every key's outcome in `metrics` (`dify_gateway_idempotency_keys_total`).
+    pub fn with_metrics(
+        config: &IdempotencyConfig,
+        run_timeout: Duration,
+        shared: Option<SharedTier>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Idempotency> {
+        let mut i = Idempotency::new(config, run_timeout, shared);
+        if let Some(i) = Arc::get_mut(&mut i) {
+            i.metrics = Some(metrics);
+        }
+        i
     }
 
     /// Claims `key` of `client` for `app`, for a request whose method, upstream path and body
     /// `request` hashes; or answers what the key already made.
     pub async fn begin(
+        self: &Arc<Self>,
+        client: &str,
+        app: &str,
+        key: &str,
+        request: &[&[u8]],
+    ) -> Begin {
+        let begin = self.decide(client, app, key, request).await;
+        if let Some(m) = &self.metrics {
+            m.idempotency
+                .get_or_create(&OutcomeLabel {
+                    outcome: begin.as_str(),
+                })
+                .inc();
+        }
+        begin
+    }
+
+    async fn decide(
         self: &Arc<Self>,
         client: &str,
         app: &str,

@@ -195,6 +195,8 @@ pub struct Metrics {
     pub coalesced_waiters: Counter,
     pub stale_served: Counter,
     pub rejected: Family<ReasonLabel, Counter>,
+    /// Run starts with an `Idempotency-Key`, by what the key decided.
+    pub idempotency: Family<OutcomeLabel, Counter>,
     pub retries: Counter,
     pub circuit_open: Gauge,
     /// Requests held waiting for a run to change (long-polls and status streams).
@@ -269,6 +271,12 @@ impl Metrics {
         );
         let rejected = Family::<ReasonLabel, Counter>::default();
         registry.register("rejected", "Requests refused by reason", rejected.clone());
+        let idempotency = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "idempotency_keys",
+            "Run starts with an Idempotency-Key, by outcome (fresh, replay, in_flight, mismatch)",
+            idempotency.clone(),
+        );
         let retries = Counter::default();
         registry.register("upstream_retries", "Upstream retries", retries.clone());
         let longpoll_waiters = Gauge::default();
@@ -368,6 +376,7 @@ impl Metrics {
             coalesced_waiters,
             stale_served,
             rejected,
+            idempotency,
             retries,
             circuit_open,
             longpoll_waiters,

@@ -215,6 +215,11 @@ async fn one_idempotency_key_starts_one_run_and_replays_its_answer() {
         Some(format!("/v1/workflows/run/{run}").as_str())
     );
     assert_eq!(up.runs().len(), runs);
+    let metrics = gw.gateway.metrics_text();
+    for (outcome, n) in [("fresh", 3), ("replay", 3), ("mismatch", 2)] {
+        let line = format!("dify_gateway_idempotency_keys_total{{outcome=\"{outcome}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
     // A malformed key is refused before anything is sent.
     let total = up.total();
     let bad = start(
