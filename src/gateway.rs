@@ -327,6 +327,11 @@ impl Gateway {
         self.run_detail.watchers().shut_down();
     }
 
+    /// The run answers followed upstream now (a drain waits for them).
+    pub fn followed_runs(&self) -> &Arc<crate::passthrough::Followed> {
+        self.passthrough.followed()
+    }
+
     /// Reloads so far (for `/admin/reload`).
     pub fn reloads(&self) -> &ReloadLog {
         &self.reloads

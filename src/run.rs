@@ -61,7 +61,8 @@ pub enum RunError {
     Tls(#[from] TlsError),
 }
 
-/// Serves `config` on `listeners` until `shutdown` resolves, then drains; how the public
+/// Serves `config` on `listeners` until `shutdown` resolves, then drains (connections, then
+/// the runs still followed upstream, all within `server.drain_timeout`); how the public
 /// listener's drain ended.
 pub async fn run(
     listeners: Listeners,
@@ -174,12 +175,35 @@ impl Prepared {
             "dify-gateway serving"
         );
         let held = Arc::clone(&gateway);
+        let stopped_at = Arc::new(std::sync::OnceLock::new());
+        let mark = Arc::clone(&stopped_at);
         let stop = async move {
             shutdown.await;
+            let _ = mark.set(tokio::time::Instant::now());
             held.release_waiters();
             let _ = stop_tx.send(true);
         };
+        let followed = Arc::clone(gateway.followed_runs());
         let drain = server::run(listeners.public, gateway, &config.server, tls, stop).await;
+        // Runs still followed upstream (async runs, streams whose client left) get the rest of
+        // the drain timeout: Dify may interrupt a run whose stream reader goes away.
+        if !followed.is_empty() {
+            let start = stopped_at
+                .get()
+                .copied()
+                .unwrap_or_else(tokio::time::Instant::now);
+            let deadline = start + config.server.drain_timeout;
+            tracing::info!(runs = followed.len(), "waiting for runs followed upstream");
+            if tokio::time::timeout_at(deadline, followed.until_idle())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    runs = followed.len(),
+                    "drain timeout passed with runs still followed upstream; their streams are cut and Dify may interrupt them"
+                );
+            }
+        }
         for task in probes.into_iter().chain(reloader) {
             task.abort();
         }

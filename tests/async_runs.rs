@@ -360,3 +360,54 @@ async fn without_the_grace_a_late_row_is_a_404() {
     assert_eq!(detail.status, StatusCode::NOT_FOUND);
     assert_eq!(up.hits(&run), 1);
 }
+
+/// Starts an async run while the mock holds events (released one by one); its id.
+async fn held_async_start(up: &MockDify, gw: &TestGateway) -> String {
+    let answer = {
+        let (c, url) = (body_client(), gw.url("/v1/workflows/run"));
+        tokio::spawn(async move {
+            send(&c, Method::POST, &url, &[JSON], start_body("async", "u1")).await
+        })
+    };
+    up.release_events(1);
+    let got = answer.await.unwrap();
+    assert_eq!(got.status, StatusCode::ACCEPTED);
+    got.json()["workflow_run_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_drain_waits_for_the_runs_it_follows_within_the_drain_timeout() {
+    let up = spawn_upstream().await;
+    up.hold_events();
+    let mut gw = spawn_gateway(config(&up, "[server]\ndrain_timeout = \"20s\"\n")).await;
+    let run = held_async_start(&up, &gw).await;
+    assert_eq!(gw.gateway.followed_runs().len(), 1);
+    gw.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !gw.task.is_finished(),
+        "the drain waits for the followed run"
+    );
+    up.free_events();
+    let drain = tokio::time::timeout(Duration::from_secs(15), &mut gw.task)
+        .await
+        .expect("the drain ends once the run has")
+        .unwrap();
+    assert_eq!(drain, dify_gateway::server::Drain::Complete);
+    assert_eq!(up.run(&run).unwrap().status, "succeeded");
+}
+
+#[tokio::test]
+async fn a_drain_cuts_a_followed_run_at_the_drain_timeout() {
+    let up = spawn_upstream().await;
+    up.hold_events();
+    let mut gw = spawn_gateway(config(&up, "[server]\ndrain_timeout = \"500ms\"\n")).await;
+    let run = held_async_start(&up, &gw).await;
+    gw.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(10), &mut gw.task)
+        .await
+        .expect("the drain ends at its timeout")
+        .unwrap();
+    assert_eq!(up.run(&run).unwrap().status, "running");
+    up.free_events();
+}

@@ -24,6 +24,7 @@ pub mod meta;
 pub mod pump;
 pub mod request;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,7 @@ use http::request::Parts;
 use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as HttpBody;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::body::{Body, BodyError};
 use crate::cache::fetch::Fetch;
@@ -117,6 +118,55 @@ impl From<Refusal> for GatewayError {
     }
 }
 
+/// The run answers this gateway follows upstream (with or without their client), so a drain
+/// can wait for them: Dify may interrupt a run whose stream reader goes away.
+#[derive(Debug, Default)]
+pub struct Followed {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One followed answer; dropped when its pump ends.
+struct Following(Arc<Followed>);
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Followed {
+    fn enter(self: &Arc<Self>) -> Following {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Following(Arc::clone(self))
+    }
+
+    /// Answers followed now.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// True when none is followed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Returns once no answer is followed.
+    pub async fn until_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
 /// One request to pass: where it goes and how its body and answer are handled.
 pub struct Forward<'a> {
     /// The client's app.
@@ -181,6 +231,8 @@ pub struct Passthrough {
     /// The app descriptions kept for `cache.app_meta_ttl`.
     meta: meta::MetaCache,
     metrics: Arc<Metrics>,
+    /// Run answers followed now.
+    followed: Arc<Followed>,
 }
 
 /// Dify's in-stream `error` event (`{"event":"error","status","code","message"}`) as the
@@ -229,7 +281,13 @@ impl Passthrough {
             usage,
             meta: meta::MetaCache::new(config.cache.app_meta_ttl),
             metrics,
+            followed: Arc::default(),
         }
+    }
+
+    /// The run answers followed now (each to its end, whether or not its client stayed).
+    pub fn followed(&self) -> &Arc<Followed> {
+        &self.followed
     }
 
     /// The app descriptions kept per app.
@@ -435,7 +493,9 @@ impl Passthrough {
         // NOTE for `server.max_response_time`: this answer (`Body::is_stream`) lasts as long as
         // the run; it is bounded by `upstream.run_timeout` and `stream.idle_timeout` here and
         // must be exempt from the connection's response-time bound.
+        let following = self.followed.enter();
         tokio::spawn(async move {
+            let _following = following;
             let (end, stayed) = pump::follow(incoming, Some(tx), events, bounds, hooks).await;
             tracing::debug!(request_id = ?rid, end = end.as_str(), client_stayed = stayed, "run answer followed");
         });
@@ -458,7 +518,9 @@ impl Passthrough {
         hooks.on_start = Some(started_tx);
         hooks.warm = true;
         let rid_log = rid.clone();
+        let following = self.followed.enter();
         tokio::spawn(async move {
+            let _following = following;
             let _place = permit;
             let (end, _) = pump::follow(incoming, None, true, bounds, hooks).await;
             tracing::debug!(request_id = ?rid_log, end = end.as_str(), "async run followed");
