@@ -411,3 +411,32 @@ async fn a_drain_cuts_a_followed_run_at_the_drain_timeout() {
     assert_eq!(up.run(&run).unwrap().status, "running");
     up.free_events();
 }
+
+#[tokio::test]
+async fn another_replica_gives_a_run_seen_starting_the_same_grace() {
+    let redis = RedisServer::start();
+    let up = spawn_upstream().await;
+    up.set_run_row_delay(Duration::from_millis(1200));
+    let toml = format!(
+        "[shared]\nurls = [\"{}\"]\ntimeout = \"500ms\"\n",
+        redis.url()
+    );
+    let a = spawn_gateway(config(&up, &toml)).await;
+    let b = spawn_gateway(config(&up, &toml)).await;
+    let (_events, run) = start_stream(&a).await;
+    // The start passed through A; B is asked first, while Dify still answers 404.
+    eventually("A marked the start for the fleet", || {
+        let mut c = redis.raw();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("*started*").query(&mut c).unwrap();
+        !keys.is_empty()
+    })
+    .await;
+    let detail = get(&client(), &b.run_url(&run)).await;
+    assert_eq!(detail.status, StatusCode::OK, "{:?}", detail.body);
+    assert!(up.hits(&run) >= 2, "asked again: {}", up.hits(&run));
+    // No replica kept (or shared) a 404 for it.
+    assert_eq!(
+        get(&client(), &a.run_url(&run)).await.status,
+        StatusCode::OK
+    );
+}

@@ -9,8 +9,8 @@
 //! outage. Purges go to both tiers. A terminal run detail fetched from the upstream is counted
 //! in [`crate::usage`] on the fetch's task before its waiters are woken.
 //!
-//! A run this replica saw start (`workflow_started` passed through it) may not be written in
-//! Dify's database yet: an upstream 404 within `cache.not_found_grace` of the start is asked
+//! A run this replica (or, with the shared tier, any replica) saw start (`workflow_started`
+//! passed through it) may not be written in Dify's database yet: an upstream 404 within `cache.not_found_grace` of the start is asked
 //! again shortly (every [`GRACE_RETRY`]) until the grace ends, and a 404 that outlasts it is
 //! answered but never kept.
 
@@ -117,18 +117,32 @@ impl Fetch {
         self
     }
 
-    /// `run` of `app` was just seen starting.
+    /// `run` of `app` was just seen starting: marked here and, with the shared tier, for the
+    /// other replicas (off the caller's path).
     pub fn saw_start(&self, app: &App, run: RunId) {
-        if let Some((starts, _)) = &self.recent_starts {
-            starts.insert(CacheKey { app: app.id, run }, Instant::now());
+        let Some((starts, grace)) = &self.recent_starts else {
+            return;
+        };
+        starts.insert(CacheKey { app: app.id, run }, Instant::now());
+        if let Some(shared) = self.shared.clone() {
+            let (tag, grace) = (app.credentials().tag.clone(), *grace);
+            tokio::spawn(async move {
+                let _ = shared.mark_started(&tag, run, grace).await;
+            });
         }
     }
 
-    /// When the grace of a run seen starting ends, if it has not yet.
-    fn grace_end(&self, key: CacheKey) -> Option<Instant> {
+    /// When the grace of a run seen starting (here, or by another replica) ends, if it has not
+    /// yet.
+    async fn grace_end(&self, key: CacheKey, creds: &Credentials) -> Option<Instant> {
         let (starts, grace) = self.recent_starts.as_ref()?;
-        let end = starts.get(&key)? + *grace;
-        (end > Instant::now()).then_some(end)
+        let now = Instant::now();
+        if let Some(end) = starts.get(&key).map(|at| at + *grace) {
+            return (end > now).then_some(end);
+        }
+        let shared = self.shared.as_ref()?;
+        let left = shared.started_left(&creds.tag, key.run).await.ok()??;
+        Some(now + left.min(*grace))
     }
 
     /// Fetches `run` of `app` now (or joins the fetch in flight), so its answer is in the cache.
@@ -313,11 +327,15 @@ impl Fetch {
             .await;
         // A run seen starting whose row Dify has not written yet: ask again within the grace.
         let mut in_grace = false;
+        let mut grace_end = None;
         while let Ok(a) = &r {
             if a.status != StatusCode::NOT_FOUND {
                 break;
             }
-            let Some(end) = self.grace_end(key) else {
+            if grace_end.is_none() {
+                grace_end = self.grace_end(key, creds).await;
+            }
+            let Some(end) = grace_end else {
                 break;
             };
             in_grace = true;

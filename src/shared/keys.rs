@@ -61,6 +61,13 @@ pub(crate) fn idempotency_key(prefix: &str, id: &str) -> String {
     format!("{prefix}v1:idem:{id}")
 }
 
+/// `{prefix}v1:started:{app_tag}:{run}`: a replica saw this run start within
+/// `cache.not_found_grace` (see `crate::shared::starts`). The app tag is the opaque fingerprint
+/// of [`RunKeys`], so the key space holds no app key.
+pub(crate) fn started_key(prefix: &str, app_tag: &str, run: RunId) -> String {
+    format!("{prefix}v1:started:{app_tag}:{run}")
+}
+
 /// `{prefix}v1:usage:day:{day}`: the hash of one UTC day's usage figures.
 pub(crate) fn usage_day_key(prefix: &str, day: &str) -> String {
     format!("{prefix}v1:usage:day:{day}")

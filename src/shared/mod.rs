@@ -26,6 +26,7 @@ mod lock;
 mod notify;
 mod outcome;
 mod owners;
+mod starts;
 mod usage;
 
 use std::future::Future;
