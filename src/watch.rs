@@ -158,7 +158,8 @@ impl Watchers {
                     let (tx, rx) = watch::channel(current);
                     runs.insert(key, tx.clone());
                     self.metrics.longpoll_watchers.inc();
-                    tokio::spawn(Arc::clone(self).watch(Arc::clone(app), key, tx));
+                    let leader = client.cloned();
+                    tokio::spawn(Arc::clone(self).watch(Arc::clone(app), key, tx, leader));
                     rx
                 }
             }
@@ -172,8 +173,16 @@ impl Watchers {
     }
 
     /// The watcher of one run: refreshes it once per TTL (or reads what another replica
-    /// fetched) while anyone waits and it runs.
-    async fn watch(self: Arc<Self>, app: Arc<App>, key: CacheKey, tx: watch::Sender<Arc<Stored>>) {
+    /// fetched) while anyone waits and it runs. Its fetches are charged to `leader`, the client
+    /// whose waiter started the watch (its upstream share; a run it ends is counted to it as its
+    /// first reader when no starter is on record).
+    async fn watch(
+        self: Arc<Self>,
+        app: Arc<App>,
+        key: CacheKey,
+        tx: watch::Sender<Arc<Stored>>,
+        leader: Option<Arc<Client>>,
+    ) {
         let mut stop = self.stop.subscribe();
         let mut fleet = self
             .fetch
@@ -212,7 +221,12 @@ impl Watchers {
                 self.fetch.read_shared(&app, key.run).await
             } else {
                 last_try = Some(Instant::now());
-                match self.fetch.run(&app, key.run, &WATCH_REQUEST_ID, None).await {
+                let leader = leader.as_ref();
+                match self
+                    .fetch
+                    .run(&app, key.run, &WATCH_REQUEST_ID, leader)
+                    .await
+                {
                     Ok((FlightValue::Cached(s), _)) => Some(s),
                     Ok((FlightValue::Fetched(f), _)) => f.result.as_ref().ok().cloned(),
                     Err(_) => None,

@@ -381,3 +381,36 @@ async fn usage_survives_a_restart_with_redis_and_quotas_are_fleet_wide() {
         serde_json::Value::Bool(true)
     );
 }
+
+#[tokio::test]
+async fn a_run_that_ends_while_its_first_reader_long_polls_is_counted_to_that_reader() {
+    let up = spawn_upstream().await;
+    let a = team("team-a", "");
+    let gw = spawn_gateway(config(
+        &up,
+        &format!("[cache]\nrunning_ttl = \"100ms\"\n{}", a.entry),
+    ))
+    .await;
+    let run = new_run();
+    up.set_sequence(
+        &run,
+        vec![
+            Reply::run(&run, "\"running\""),
+            Reply::run(&run, "\"running\""),
+            Reply::run(&run, "\"succeeded\""),
+        ],
+    );
+    // The first read is the long-poll itself: the run ends while the watcher refreshes it.
+    let auth = format!("Bearer {}", a.token);
+    let got = request(
+        &client(),
+        Method::GET,
+        &gw.run_url(&run),
+        &[("authorization", &auth), ("prefer", "wait=10")],
+    )
+    .await;
+    assert_eq!(got.json()["status"], "succeeded");
+    let usage = usage_json(&gw).await;
+    assert_eq!(usage[0]["client"], "team-a", "{usage}");
+    assert_eq!(usage[0]["runs"]["succeeded"], 1);
+}
