@@ -591,29 +591,34 @@ impl Gateway {
             Route::Events => Some(self.starts.open_stream(name).map_err(Refused::from)?),
             _ => None,
         };
+        let starts_run = matches!(route, Route::RunStart | Route::RunStartVersion);
+        // A client over its day's quota starts nothing (its reads go on); told once its start's
+        // `Idempotency-Key` has been looked at, so a retry of a start already made gets its
+        // answer.
+        let over_quota = match starts_run {
+            true => self
+                .usage
+                .check_quota(name.unwrap_or(usage::OPEN_CLIENT), &app.name)
+                .await
+                .err(),
+            false => None,
+        };
         let starts = &self.starts;
         let admit = move |streaming: bool| {
+            if let Some(retry_after) = over_quota {
+                return Err(StartRefused::Quota { retry_after });
+            }
             if streaming {
                 starts.start_streaming(name)
             } else {
                 starts.start(name).map(|()| StreamPermit::none())
             }
         };
-        let starts_run = matches!(route, Route::RunStart | Route::RunStartVersion);
         let idempotency_key = match starts_run {
             true => idempotency::key_of(&req.headers)
                 .map_err(|e| Refused::new(RejectReason::Idempotency, e))?,
             false => None,
         };
-        if starts_run {
-            // A client over its day's quota starts nothing; its reads go on.
-            self.usage
-                .check_quota(name.unwrap_or(usage::OPEN_CLIENT), &app.name)
-                .await
-                .map_err(|wait| {
-                    Refused::new(RejectReason::Quota, GatewayError::quota_exceeded(wait))
-                })?;
-        }
         let ctl = Ctl {
             owner: name
                 .filter(|_| starts_run || route == Route::Upload)

@@ -34,6 +34,10 @@ pub enum StartRefused {
     /// The client already follows `max_open_streams` streams.
     #[error("too many open streams")]
     OpenStreams,
+    /// The client has used its daily quota; the next start is allowed after `retry_after`
+    /// (the next UTC day).
+    #[error("daily quota exceeded")]
+    Quota { retry_after: Duration },
 }
 
 impl StartRefused {
@@ -47,13 +51,16 @@ impl StartRefused {
         match self {
             StartRefused::RunsPerMinute { .. } => RejectReason::RunsPerMinute,
             StartRefused::OpenStreams => RejectReason::OpenStreams,
+            StartRefused::Quota { .. } => RejectReason::Quota,
         }
     }
 
     /// How long the client should wait before trying again.
     pub fn retry_after(self) -> Duration {
         match self {
-            StartRefused::RunsPerMinute { retry_after } => retry_after,
+            StartRefused::RunsPerMinute { retry_after } | StartRefused::Quota { retry_after } => {
+                retry_after
+            }
             StartRefused::OpenStreams => OPEN_STREAMS_RETRY_AFTER,
         }
     }
@@ -68,6 +75,7 @@ impl From<StartRefused> for GatewayError {
                 GatewayError::TooManyRunStarts { retry_after_secs }
             }
             StartRefused::OpenStreams => GatewayError::TooManyStreams { retry_after_secs },
+            StartRefused::Quota { retry_after } => GatewayError::quota_exceeded(retry_after),
         }
     }
 }

@@ -440,3 +440,33 @@ async fn another_replica_gives_a_run_seen_starting_the_same_grace() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_retry_of_a_start_already_made_gets_its_answer_past_the_quota() {
+    let up = spawn_upstream().await;
+    let (entry, auth) = client_entry("team-a", "quota_runs_per_day = 1");
+    let gw = spawn_gateway(config(&up, &entry)).await;
+    let c = body_client();
+    let auth = auth.as_str();
+    let send_with = |key: &'static str| {
+        let h = [("authorization", auth), ("idempotency-key", key)];
+        let (c, gw) = (c.clone(), &gw);
+        async move { start(&c, gw, &h, start_body("blocking", "u1")).await }
+    };
+    let first = send_with("q-1").await;
+    assert_eq!(first.status, StatusCode::OK);
+    // The run is counted once it has finished (off the answer's path).
+    eventually("the run is counted", || {
+        gw.gateway
+            .metrics_text()
+            .contains("dify_gateway_usage_runs_total")
+    })
+    .await;
+    let again = send_with("q-1").await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    assert_eq!(again.body, first.body);
+    let next = send_with("q-2").await;
+    assert_eq!(next.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(next.json()["code"], "quota_exceeded");
+    assert_eq!(up.runs().len(), 1);
+}
