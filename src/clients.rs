@@ -204,6 +204,7 @@ mod tests {
                 starts: Default::default(),
                 read_app_logs: false,
                 quota: Default::default(),
+                webhook: None,
                 max_waiters: None,
                 user_prefix: None,
             }],

@@ -100,6 +100,10 @@ pub enum GatewayError {
     /// the ids let the client follow it.
     #[error("a run was already started with this Idempotency-Key: workflow_run_id {run}, task_id {task}; follow it at /v1/workflows/run/{run}")]
     IdempotentRunStarted { run: Box<str>, task: Box<str> },
+    /// A webhook subscription from a client without a `webhook_url` (or from nobody, in open
+    /// mode).
+    #[error("this client has no webhook (webhook_url); a subscription needs one")]
+    WebhookNotConfigured,
     /// The fetch task ended without a result (it panicked); waiters get this.
     #[error("internal error while fetching from upstream")]
     Internal,
@@ -142,6 +146,7 @@ impl GatewayError {
                 StatusCode::CONFLICT
             }
             GatewayError::IdempotencyKeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::WebhookNotConfigured => StatusCode::BAD_REQUEST,
             GatewayError::Overloaded | GatewayError::CircuitOpen { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -173,6 +178,7 @@ impl GatewayError {
             GatewayError::IdempotencyKeyInUse => "idempotency_key_in_use",
             GatewayError::IdempotencyKeyMismatch => "idempotency_key_mismatch",
             GatewayError::IdempotentRunStarted { .. } => "run_already_started",
+            GatewayError::WebhookNotConfigured => "webhook_not_configured",
             GatewayError::Overloaded => "overloaded",
             GatewayError::CircuitOpen { .. } => "upstream_circuit_open",
         }

@@ -36,7 +36,7 @@ use crate::readiness::Readiness;
 use crate::reload::{check_apps, Applied, ReloadError, ReloadLog};
 use crate::request_id;
 use crate::routes::run_detail::{RunDetail, X_CACHE};
-use crate::routes::{health, merge_slashes, passthrough, run_events, Misroute, Route};
+use crate::routes::{health, merge_slashes, passthrough, run_events, subscribe, Misroute, Route};
 use crate::run_id::RunId;
 use crate::shared::{SharedConfigError, SharedTier};
 use crate::starts::{StartRefused, Starts, StreamPermit};
@@ -44,6 +44,7 @@ use crate::tls::TlsAcceptor;
 use crate::upstream::{client_share_slots, App, UpstreamSetupError, Upstreams, X_REQUEST_ID};
 use crate::usage::{self, Usage};
 use crate::watch::Watchers;
+use crate::webhooks::Webhooks;
 
 /// Why the gateway could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,8 @@ pub struct Gateway {
     starts: Starts,
     /// The passed-through routes.
     passthrough: Passthrough,
+    /// Finished runs announced to clients' webhooks.
+    webhooks: Arc<Webhooks>,
     /// Run starts' `Idempotency-Key`s and what they made.
     idempotency: Arc<Idempotency>,
     /// `passthrough.allow_unlisted`: other paths under `/v1/` are passed, not refused.
@@ -217,12 +220,23 @@ impl Gateway {
             Arc::clone(&metrics),
         ));
         let reloads = ReloadLog::new(config, &metrics);
+        let webhooks = Webhooks::new(
+            &config.webhooks,
+            &config.clients,
+            Arc::clone(&fetch),
+            config.cache.running_ttl,
+            config.upstream.run_timeout,
+            shared.clone(),
+            Arc::clone(&metrics),
+        );
+        fetch.announce_to(&webhooks);
         let passthrough = Passthrough::new(
             config,
             Arc::clone(&fetch),
             Arc::clone(&ownership),
             Arc::clone(&usage),
             Arc::clone(&metrics),
+            Arc::clone(&webhooks),
         );
         let idempotency = Idempotency::with_metrics(
             &config.idempotency,
@@ -232,6 +246,7 @@ impl Gateway {
         );
         Ok(Arc::new(Gateway {
             passthrough,
+            webhooks,
             idempotency,
             allow_unlisted: config.passthrough.allow_unlisted,
             clients: ArcSwap::from_pointee(ClientTable::new(
@@ -314,6 +329,7 @@ impl Gateway {
         self.starts.reload(&config.clients);
         self.usage.reload(&config.clients, &app_names(config));
         self.ownership.set_isolation(&config.apps);
+        self.webhooks.reload(&config.clients);
         Ok(Applied {
             clients,
             keys_rotated,
@@ -325,6 +341,12 @@ impl Gateway {
     /// end, and no request is held from now on.
     pub fn release_waiters(&self) {
         self.run_detail.watchers().shut_down();
+    }
+
+    /// The drain is over: webhook followers and the sender stop (deliveries queued in Redis
+    /// are made by the replicas that go on, or the next start).
+    pub fn stop_webhooks(&self) {
+        self.webhooks.shut_down();
     }
 
     /// The run answers followed upstream now (a drain waits for them).
@@ -509,18 +531,24 @@ impl Gateway {
         }
         match route {
             Route::Health => Ok(health::answer()),
-            Route::RunDetail | Route::RunEvents => {
+            Route::RunDetail | Route::RunEvents | Route::RunSubscribe => {
                 let run = RunId::parse(param)
                     .map_err(|_| Refused::new(RejectReason::BadId, GatewayError::InvalidRunId))?;
                 let app = self.app_of(client.as_deref());
                 info.app = Some(app.id);
                 let client = client.as_ref();
-                let (resp, served) = if route == Route::RunEvents {
-                    let d = &self.run_detail;
-                    run_events::serve(d, app, run, rid, client, &req.headers, self.heartbeat).await
-                } else {
-                    let d = &self.run_detail;
-                    d.serve_request(app, run, rid, client, &req.headers).await
+                let d = &self.run_detail;
+                let (resp, served) = match route {
+                    Route::RunEvents => {
+                        run_events::serve(d, app, run, rid, client, &req.headers, self.heartbeat)
+                            .await
+                    }
+                    Route::RunSubscribe => {
+                        subscribe::serve(d, &self.webhooks, app, run, rid, client)
+                            .await
+                            .map_err(|e| Refused::new(RejectReason::NoWebhook, e))?
+                    }
+                    _ => d.serve_request(app, run, rid, client, &req.headers).await,
                 };
                 info.cache = Some(served.cache);
                 info.error = served.error;

@@ -43,6 +43,7 @@ pub mod tls;
 pub mod upstream;
 pub mod usage;
 mod watch;
+pub mod webhooks;
 
 pub use config::Config;
 pub use gateway::Gateway;

@@ -139,6 +139,8 @@ pub enum RejectReason {
     Forbidden,
     /// A run start's `Idempotency-Key` is malformed, in use, or was sent with another request.
     Idempotency,
+    /// A webhook subscription from a client without a webhook.
+    NoWebhook,
 }
 
 impl RejectReason {
@@ -162,6 +164,7 @@ impl RejectReason {
             RejectReason::NotOwner => "not_owner",
             RejectReason::Forbidden => "forbidden",
             RejectReason::Idempotency => "idempotency",
+            RejectReason::NoWebhook => "no_webhook",
         }
     }
 }
@@ -197,6 +200,12 @@ pub struct Metrics {
     pub rejected: Family<ReasonLabel, Counter>,
     /// Run starts with an `Idempotency-Key`, by what the key decided.
     pub idempotency: Family<OutcomeLabel, Counter>,
+    /// Webhook delivery attempts, by outcome.
+    pub webhook_attempts: Family<OutcomeLabel, Counter>,
+    /// Webhook deliveries ended: delivered, failed (given up) or dropped (over the bound).
+    pub webhook_deliveries: Family<OutcomeLabel, Counter>,
+    /// Webhook deliveries queued (fleet-wide with the shared tier).
+    pub webhook_queue: Gauge,
     pub retries: Counter,
     pub circuit_open: Gauge,
     /// Requests held waiting for a run to change (long-polls and status streams).
@@ -276,6 +285,24 @@ impl Metrics {
             "idempotency_keys",
             "Run starts with an Idempotency-Key, by outcome (fresh, replay, in_flight, mismatch)",
             idempotency.clone(),
+        );
+        let webhook_attempts = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts by outcome (delivered, status, timeout, connect, no_target)",
+            webhook_attempts.clone(),
+        );
+        let webhook_deliveries = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook deliveries ended, by outcome (delivered, failed, dropped)",
+            webhook_deliveries.clone(),
+        );
+        let webhook_queue = Gauge::default();
+        registry.register(
+            "webhook_queue_depth",
+            "Webhook deliveries queued (fleet-wide with the shared tier)",
+            webhook_queue.clone(),
         );
         let retries = Counter::default();
         registry.register("upstream_retries", "Upstream retries", retries.clone());
@@ -377,6 +404,9 @@ impl Metrics {
             stale_served,
             rejected,
             idempotency,
+            webhook_attempts,
+            webhook_deliveries,
+            webhook_queue,
             retries,
             circuit_open,
             longpoll_waiters,

@@ -184,6 +184,7 @@ impl Prepared {
             let _ = stop_tx.send(true);
         };
         let followed = Arc::clone(gateway.followed_runs());
+        let after_drain = Arc::clone(&gateway);
         let drain = server::run(listeners.public, gateway, &config.server, tls, stop).await;
         // Runs still followed upstream (async runs, streams whose client left) get the rest of
         // the drain timeout: Dify may interrupt a run whose stream reader goes away.
@@ -204,6 +205,7 @@ impl Prepared {
                 );
             }
         }
+        after_drain.stop_webhooks();
         for task in probes.into_iter().chain(reloader) {
             task.abort();
         }

@@ -14,6 +14,7 @@ fn client(name: &str, runs_per_minute: Option<u32>, max_open_streams: Option<u32
         },
         read_app_logs: false,
         quota: Default::default(),
+        webhook: None,
         max_waiters: None,
         user_prefix: None,
     }

@@ -16,6 +16,7 @@ fn client(name: &str, runs: Option<u64>, tokens: Option<u64>) -> ClientConfig {
             runs_per_day: runs.and_then(NonZeroU64::new),
             tokens_per_day: tokens.and_then(NonZeroU64::new),
         },
+        webhook: None,
     }
 }
 

@@ -81,6 +81,8 @@ pub struct Fetch {
     meter: Option<(Arc<Usage>, Arc<Ownership>)>,
     /// Runs seen starting within `cache.not_found_grace`, and when; `None` when it is zero.
     recent_starts: Option<(moka::sync::Cache<CacheKey, Instant>, Duration)>,
+    /// Told of every terminal run detail fetched from the upstream (set once, after both exist).
+    webhooks: std::sync::OnceLock<std::sync::Weak<crate::webhooks::Webhooks>>,
 }
 
 impl Fetch {
@@ -101,7 +103,13 @@ impl Fetch {
             metrics,
             meter: None,
             recent_starts: None,
+            webhooks: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Tells `webhooks` of every terminal run detail fetched from the upstream from now on.
+    pub fn announce_to(&self, webhooks: &Arc<crate::webhooks::Webhooks>) {
+        let _ = self.webhooks.set(Arc::downgrade(webhooks));
     }
 
     /// Takes an upstream 404 for a run seen starting less than `grace` ago for a row not yet
@@ -183,6 +191,7 @@ impl Fetch {
                         .await;
                     if let FlightValue::Fetched(f) = &value {
                         me.count_usage(&app, key, leader.as_deref(), f).await;
+                        me.announce(&app, key, f);
                     }
                     value
                 },
@@ -214,6 +223,19 @@ impl Fetch {
         usage
             .finished_run(&app.name, client, &key.run.to_string(), &detail)
             .await;
+    }
+
+    /// A terminal run detail from the upstream, to the webhooks (off the fetch's path).
+    fn announce(&self, app: &Arc<App>, key: CacheKey, f: &Fetched) {
+        let Some(webhooks) = self.webhooks.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let Ok(stored) = &f.result else { return };
+        if stored.class != Some(EntryClass::Terminal) {
+            return;
+        }
+        let (app, body) = (Arc::clone(app), stored.body.clone());
+        tokio::spawn(async move { webhooks.terminal_fetched(&app, key.run, &body).await });
     }
 
     /// Fetches in flight now.

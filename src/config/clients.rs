@@ -28,6 +28,9 @@ pub struct RawClient {
     pub user_prefix: Option<String>,
     pub quota_runs_per_day: Option<u64>,
     pub quota_tokens_per_day: Option<u64>,
+    pub webhook_url: Option<String>,
+    pub webhook_secret_env: Option<String>,
+    pub webhook_secret_file: Option<std::path::PathBuf>,
 }
 
 /// One client: who it is, how it proves it, what it may use.
@@ -50,6 +53,8 @@ pub struct ClientConfig {
     pub user_prefix: Option<UserPrefix>,
     /// Its daily quotas (UTC days), enforced on run starts.
     pub quota: Quota,
+    /// Where its finished runs are announced (see [`crate::webhooks`]).
+    pub webhook: Option<super::webhooks::WebhookTarget>,
 }
 
 /// A client's daily quotas (UTC days); `None` is unlimited. See [`crate::usage`].
@@ -200,7 +205,15 @@ impl RawClient {
                 self.quota_tokens_per_day,
             )?,
         };
+        let webhook = super::webhooks::target(
+            self.webhook_url,
+            self.webhook_secret_env,
+            self.webhook_secret_file,
+            ctx,
+            &|key, m| invalid(key, format!("client `{name}`: {m}")),
+        )?;
         Ok(ClientConfig {
+            webhook,
             name: self.name,
             token_sha256,
             app,

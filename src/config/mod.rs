@@ -31,6 +31,7 @@ mod upstream;
 #[cfg(test)]
 mod validation_tests;
 mod values;
+mod webhooks;
 
 pub use admin::{
     AdminConfig, RawAdmin, ADMIN_TOKEN_ENV, DEFAULT_ADMIN_LISTEN, DEFAULT_ADMIN_MAX_CONNECTIONS,
@@ -64,6 +65,9 @@ pub use upstream::{
     DEFAULT_MAX_SHARE_PER_CLIENT, DEFAULT_UPSTREAM,
 };
 pub use values::{parse_listen, redact_url, HumanDuration};
+pub use webhooks::{
+    RawWebhooks, WebhookTarget, WebhooksConfig, DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BASE_DELAY,
+};
 
 /// The file as written. Every field is optional; defaults live in each section's `validate`.
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +98,8 @@ pub struct RawConfig {
     pub passthrough: RawPassthrough,
     #[serde(default)]
     pub idempotency: RawIdempotency,
+    #[serde(default)]
+    pub webhooks: RawWebhooks,
     /// Where each key sits in the file, for errors found by [`RawConfig::validate`].
     #[serde(skip)]
     pub positions: KeyPositions,
@@ -124,6 +130,8 @@ pub struct Config {
     pub passthrough: PassthroughConfig,
     /// Run starts made idempotent by an `Idempotency-Key`.
     pub idempotency: IdempotencyConfig,
+    /// How finished runs are announced to clients' webhooks.
+    pub webhooks: WebhooksConfig,
 }
 
 impl RawConfig {
@@ -184,6 +192,7 @@ impl RawConfig {
         let longpoll = self.longpoll.validate(&ctx, server.max_response_time)?;
         let passthrough = self.passthrough.validate(&ctx)?;
         let idempotency = self.idempotency.validate(&ctx)?;
+        let webhooks = self.webhooks.validate(&ctx)?;
         Ok(Config {
             server,
             upstream,
@@ -198,6 +207,7 @@ impl RawConfig {
             longpoll,
             passthrough,
             idempotency,
+            webhooks,
         })
     }
 }

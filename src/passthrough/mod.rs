@@ -48,6 +48,7 @@ use crate::rewrite::{json, UserPrefix};
 use crate::starts::{StartRefused, StreamPermit};
 use crate::upstream::{App, UpstreamError, X_REQUEST_ID};
 use crate::usage::Usage;
+use crate::webhooks::Webhooks;
 
 pub use request::{BodyKind, Mode};
 
@@ -233,6 +234,8 @@ pub struct Passthrough {
     metrics: Arc<Metrics>,
     /// Run answers followed now.
     followed: Arc<Followed>,
+    /// Where a started run's end is announced.
+    webhooks: Arc<Webhooks>,
 }
 
 /// Dify's in-stream `error` event (`{"event":"error","status","code","message"}`) as the
@@ -266,6 +269,7 @@ impl Passthrough {
         ownership: Arc<Ownership>,
         usage: Arc<Usage>,
         metrics: Arc<Metrics>,
+        webhooks: Arc<Webhooks>,
     ) -> Passthrough {
         Passthrough {
             max_json_bytes: config.passthrough.max_json_bytes,
@@ -282,6 +286,7 @@ impl Passthrough {
             meta: meta::MetaCache::new(config.cache.app_meta_ttl),
             metrics,
             followed: Arc::default(),
+            webhooks,
         }
     }
 
@@ -469,6 +474,8 @@ impl Passthrough {
             claim: None,
             warm: false,
             head: (status, parts.headers.get(CONTENT_TYPE).cloned()),
+            webhooks: Some(Arc::clone(&self.webhooks)),
+            run: None,
         };
         if mode == Mode::Async && events && status.is_success() {
             return self

@@ -32,6 +32,7 @@ use crate::run_id::RunId;
 use crate::sse::{self, Data, DifyEvent, Observer};
 use crate::upstream::App;
 use crate::usage::{FinishedRun, Usage};
+use crate::webhooks::Webhooks;
 
 /// Chunks queued towards the client before the pump waits for it.
 pub const QUEUE: usize = 16;
@@ -105,6 +106,11 @@ pub struct Hooks {
     pub warm: bool,
     /// The answer's status and content type, for a kept blocking answer.
     pub head: (http::StatusCode, Option<http::HeaderValue>),
+    /// Told of a run the owner started (its end is announced to the owner's webhook) and of
+    /// the end of this reading of it.
+    pub webhooks: Option<Arc<Webhooks>>,
+    /// The run this answer is about, once seen.
+    pub run: Option<RunId>,
 }
 
 /// How an event stream's run started, for the one who waits on it.
@@ -119,12 +125,16 @@ pub enum Start {
 impl Hooks {
     /// Records the started run (and its task) as the owner's; awaited before the chunk that
     /// names them is passed on.
-    async fn started(&self, run: &str, task: Option<&str>) {
+    async fn started(&mut self, run: &str, task: Option<&str>) {
         let Ok(run) = Uuid::try_parse(run) else {
             return;
         };
         self.fetch.saw_start(&self.app, RunId::from(run));
+        self.run = Some(RunId::from(run));
         let Some(owner) = &self.owner else { return };
+        if let Some(w) = &self.webhooks {
+            w.started(&self.app, RunId::from(run), owner);
+        }
         let task = task.and_then(|t| Uuid::try_parse(t).ok());
         self.ownership
             .record_run(self.app.id, run, task, Some(owner))
@@ -299,6 +309,9 @@ pub async fn follow(
         // whose ids were not kept. The key stays in use until its lease ends rather than let a
         // retry start a second run.
         claim.hold();
+    }
+    if let (Some(w), Some(run)) = (&hooks.webhooks, hooks.run) {
+        w.stream_ended(&hooks.app, run);
     }
     (end, client.is_some())
 }

@@ -10,6 +10,7 @@ pub mod health;
 pub mod passthrough;
 pub mod run_detail;
 pub mod run_events;
+pub mod subscribe;
 pub mod wait;
 
 use std::borrow::Cow;
@@ -21,6 +22,9 @@ pub const RUN_DETAIL_PREFIX: &str = "/v1/workflows/run/";
 
 /// Path suffix of the status-stream route, after the run id.
 pub const RUN_EVENTS_SUFFIX: &str = "/events";
+
+/// Path suffix of the webhook-subscription route, after the run id.
+pub const RUN_SUBSCRIBE_SUFFIX: &str = "/subscribe";
 
 /// Prefix of every Dify path.
 pub const API_PREFIX: &str = "/v1/";
@@ -38,6 +42,8 @@ pub enum Route {
     RunDetail,
     /// `GET`/`HEAD /v1/workflows/run/{id}/events`: a run's status as an event stream.
     RunEvents,
+    /// `POST /v1/workflows/run/{id}/subscribe`: announce the run's end to the client's webhook.
+    RunSubscribe,
     /// `GET`/`HEAD /healthz`: the process is up.
     Health,
     /// `POST /v1/workflows/run`: start a run of the app's published workflow.
@@ -102,7 +108,10 @@ impl Route {
             Some(id) if !id.contains('/') => (Route::RunDetail, id),
             Some(rest) => match rest.strip_suffix(RUN_EVENTS_SUFFIX) {
                 Some(id) if !id.contains('/') => (Route::RunEvents, id),
-                _ => Route::parse_api(&path[API_PREFIX.len()..]),
+                _ => match rest.strip_suffix(RUN_SUBSCRIBE_SUFFIX) {
+                    Some(id) if !id.contains('/') => (Route::RunSubscribe, id),
+                    _ => Route::parse_api(&path[API_PREFIX.len()..]),
+                },
             },
             _ if path == HEALTH_PATH => (Route::Health, ""),
             _ => match path.strip_prefix(API_PREFIX) {
@@ -158,6 +167,7 @@ impl Route {
             | Route::EndUser => get,
             Route::RunStart
             | Route::RunStartVersion
+            | Route::RunSubscribe
             | Route::TaskStop
             | Route::Upload
             | Route::AudioToText
@@ -172,6 +182,7 @@ impl Route {
         match self {
             Route::RunStart
             | Route::RunStartVersion
+            | Route::RunSubscribe
             | Route::TaskStop
             | Route::Upload
             | Route::AudioToText
@@ -183,7 +194,7 @@ impl Route {
 
     /// Is the route passed to the upstream (as opposed to answered by the gateway or its cache)?
     pub fn is_passthrough(self) -> bool {
-        !matches!(self, Route::RunDetail | Route::Health)
+        !matches!(self, Route::RunDetail | Route::RunSubscribe | Route::Health)
     }
 
     /// Does the route take a request body? A route that does not still reads a small one (some
@@ -213,6 +224,7 @@ impl Route {
         match self {
             Route::RunDetail => "run_detail",
             Route::RunEvents => "run_events",
+            Route::RunSubscribe => "run_subscribe",
             Route::Health => "healthz",
             Route::RunStart => "run_start",
             Route::RunStartVersion => "run_start_version",

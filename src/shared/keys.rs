@@ -68,6 +68,27 @@ pub(crate) fn started_key(prefix: &str, app_tag: &str, run: RunId) -> String {
     format!("{prefix}v1:started:{app_tag}:{run}")
 }
 
+/// `{prefix}v1:hook:want:{app_tag}:{run}`: the clients that want this run's end announced
+/// (see `crate::webhooks`).
+pub(crate) fn webhook_want_key(prefix: &str, app_tag: &str, run: RunId) -> String {
+    format!("{prefix}v1:hook:want:{app_tag}:{run}")
+}
+
+/// `{prefix}v1:hook:sent:{app_tag}:{run}:{client}`: this run's end was queued for this client.
+pub(crate) fn webhook_sent_key(prefix: &str, app_tag: &str, run: RunId, client: &str) -> String {
+    format!("{prefix}v1:hook:sent:{app_tag}:{run}:{client}")
+}
+
+/// `{prefix}v1:hook:queue`: the deliveries to make, scored by when each is due (Unix ms).
+pub(crate) fn webhook_queue_key(prefix: &str) -> String {
+    format!("{prefix}v1:hook:queue")
+}
+
+/// `{prefix}v1:hook:item:{id}`: one queued delivery's record.
+pub(crate) fn webhook_item_key(prefix: &str, id: &str) -> String {
+    format!("{prefix}v1:hook:item:{id}")
+}
+
 /// `{prefix}v1:usage:day:{day}`: the hash of one UTC day's usage figures.
 pub(crate) fn usage_day_key(prefix: &str, day: &str) -> String {
     format!("{prefix}v1:usage:day:{day}")

@@ -28,6 +28,7 @@ mod outcome;
 mod owners;
 mod starts;
 mod usage;
+mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
