@@ -172,7 +172,13 @@ async fn a_corrupt_value_in_redis_is_not_served_and_is_overwritten() {
     let got = get(&c, &gw.run_url(&id)).await;
     assert_eq!(got.body, body, "the planted value was served");
     assert_eq!(up.hits(&id), 1);
-    // The fetched answer replaced the corrupt value: another replica is served from Redis.
+    // The fetched answer replaces the corrupt value (just after the answer): another replica is
+    // served from Redis.
+    eventually("the value is replaced", || {
+        let v: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut redis.raw()).unwrap();
+        !v.ends_with(b"garbage-not-a-value")
+    })
+    .await;
     let other = spawn_gateway(fleet_config(&up, &redis, "")).await;
     let again = get(&c, &other.run_url(&id)).await;
     assert_eq!((again.body.clone(), again.x_cache()), (body, "HIT"));
@@ -205,4 +211,55 @@ async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.json()["status"], "succeeded", "woken by a's refresh");
     assert_eq!(got.header("preference-applied"), Some("wait=25"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_answers_its_waiters_before_it_writes_to_redis() {
+    let redis = RedisServer::start();
+    let up = spawn_upstream().await;
+    let gw = spawn_gateway(config(
+        &up,
+        &format!(
+            "[shared]\nurls = [\"{}\"]\ntimeout = \"10s\"\nwait_timeout = \"3s\"\n",
+            redis.url()
+        ),
+    ))
+    .await;
+    let id = new_run();
+    up.set(&id, Reply::run(&id, "\"succeeded\""));
+    up.set_delay(Duration::from_millis(400));
+    let asked = {
+        let url = gw.run_url(&id);
+        tokio::spawn(async move {
+            let c = client();
+            let (a, b) = tokio::join!(get(&c, &url), get(&c, &url));
+            (a, b)
+        })
+    };
+    // The lookup and the lock are done when the upstream is asked; freeze Redis then.
+    eventually("the upstream is asked", || up.hits(&id) == 1).await;
+    redis.freeze(true);
+    let answered = tokio::time::timeout(Duration::from_secs(20), asked).await;
+    // When the answer is out, no Redis call has failed yet: none was waited for (a leader that
+    // wrote first would have answered only once its calls to the frozen Redis had failed).
+    let stats = gw.gateway.shared_tier().unwrap().stats();
+    redis.freeze(false);
+    let (a, b) = answered.expect("the waiters were answered").unwrap();
+    assert_eq!(
+        (stats.timeout, stats.connection),
+        (0, 0),
+        "Redis was waited for before answering"
+    );
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    assert_eq!(a.body, b.body);
+    assert_eq!(up.hits(&id), 1, "one fetch for both");
+    // Thawed, the answer reaches Redis for the other replicas.
+    let key = format!("dify-gateway:v1:run:{{{}:{id}}}", gw.gateway.app_tag(0));
+    eventually("the answer is in Redis", || {
+        redis::cmd("EXISTS")
+            .arg(&key)
+            .query::<bool>(&mut redis.raw())
+            .unwrap_or(false)
+    })
+    .await;
 }

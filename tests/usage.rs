@@ -52,10 +52,33 @@ fn today() -> String {
     day_of(std::time::SystemTime::now())
 }
 
+/// `/admin/usage` once something is counted (a run is counted just after its first answer).
 async fn usage_json(gw: &TestGateway) -> serde_json::Value {
-    let got = get(&client(), &gw.admin_url("/admin/usage")).await;
-    assert_eq!(got.status, StatusCode::OK);
-    got.json()
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = get(&client(), &gw.admin_url("/admin/usage")).await;
+        assert_eq!(got.status, StatusCode::OK);
+        let v = got.json();
+        if v.as_array().is_some_and(|a| !a.is_empty()) || tokio::time::Instant::now() > deadline {
+            return v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits (at most 10 s) until `team`'s quota is spent on `gw`.
+async fn until_over_quota(gw: &TestGateway, team: &str) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw
+        .gateway
+        .usage()
+        .check_quota(team, "default")
+        .await
+        .is_ok()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "quota never spent");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
@@ -340,12 +363,7 @@ async fn usage_survives_a_restart_with_redis_and_quotas_are_fleet_wide() {
     for run in &runs {
         assert_eq!(read(&first, &a, run).await.status, StatusCode::OK);
     }
-    assert!(first
-        .gateway
-        .usage()
-        .check_quota("team-a", "default")
-        .await
-        .is_err());
+    until_over_quota(&first, "team-a").await;
     // Over its quota, the client still reads its runs, old and new.
     assert_eq!(read(&first, &a, &runs[0]).await.status, StatusCode::OK);
     let fresh = finished_run(&up, "succeeded");

@@ -6,8 +6,11 @@
 //! brings back is in the cache before the flight's waiters are woken. With a shared tier the
 //! fetch follows its protocol (see [`crate::shared`]): get → lock → upstream → put → notify →
 //! release; every shared-tier failure falls back to the upstream, so Redis down is not an
-//! outage. Purges go to both tiers. A terminal run detail fetched from the upstream is counted
-//! in [`crate::usage`] on the fetch's task before its waiters are woken.
+//! outage; the lookup and the lock are one round trip, and the put, notification and release
+//! follow the answer (the flight's waiters are woken first), so a miss costs one Redis round
+//! trip more than without the tier. Purges go to both tiers. A terminal run detail fetched from
+//! the upstream is counted in [`crate::usage`] and told to [`crate::webhooks`] on a task of its
+//! own, after the answer.
 //!
 //! A run this replica (or, with the shared tier, any replica) saw start (`workflow_started`
 //! passed through it) may not be written in Dify's database yet: an upstream 404 within `cache.not_found_grace` of the start is asked
@@ -190,8 +193,13 @@ impl Fetch {
                         .fetch(Arc::clone(&app), key, rid, leader.clone())
                         .await;
                     if let FlightValue::Fetched(f) = &value {
-                        me.count_usage(&app, key, leader.as_deref(), f).await;
-                        me.announce(&app, key, f);
+                        // Counted and announced off the path: the waiters are answered now.
+                        let (f, app2) = (Arc::clone(f), Arc::clone(&app));
+                        let counter = Arc::clone(&me);
+                        tokio::spawn(async move {
+                            counter.count_usage(&app2, key, leader.as_deref(), &f).await;
+                            counter.announce(&app2, key, &f);
+                        });
                     }
                     value
                 },
@@ -200,8 +208,7 @@ impl Fetch {
     }
 
     /// Counts a terminal run detail the upstream just gave (once per run: see
-    /// [`crate::usage`]). Runs on the fetch's own task, before its waiters are answered, so a
-    /// run read is counted by the time its first answer is out.
+    /// [`crate::usage`]), on a task of its own: its Redis round trips are not the answer's.
     async fn count_usage(&self, app: &App, key: CacheKey, leader: Option<&Client>, f: &Fetched) {
         let Some((usage, ownership)) = &self.meter else {
             return;
@@ -260,30 +267,36 @@ impl Fetch {
             return self.fetch_upstream(&app, &creds, key, &rid, leader).await.0;
         };
         let tag = &creds.tag;
-        match shared.get(tag, key.run).await {
-            Lookup::Hit(stored) => return self.warm_from_shared(key, stored),
-            // Redis is not answering: do not spend more timeouts on the lock.
-            Lookup::Unavailable => {
+        // One round trip: the value another replica put, else the fleet-wide fetch lock.
+        let lock = match shared.get_or_lock(tag, key.run).await {
+            (Lookup::Hit(stored), _) => return self.warm_from_shared(key, stored),
+            // Redis is not answering: do not spend more timeouts on it.
+            (Lookup::Unavailable, _) => {
                 return self.fetch_upstream(&app, &creds, key, &rid, leader).await.0
             }
-            Lookup::Miss => {}
-        }
-        match shared.try_lock(tag, key.run).await {
+            (Lookup::Miss, lock) => lock,
+        };
+        match lock {
             LockResult::Acquired(token) => {
                 let (value, kept) = self.fetch_upstream(&app, &creds, key, &rid, leader).await;
-                let put = match kept {
-                    Some(stored) => shared.put(tag, key.run, &stored).await,
-                    None => PutOutcome::NotKept,
-                };
-                let notify = shared
-                    .notify_done(tag, key.run, put == PutOutcome::Written)
-                    .await;
-                let release = shared.release(token).await;
-                tracing::debug!(
-                    target: "shared", request_id = ?rid, run = %key.run, put = put.as_str(),
-                    notify = notify.as_str(), release = release.as_str(),
-                    "shared fetch done"
-                );
+                // The waiters here are answered now; the other replicas hear of it from Redis
+                // a moment later (put, notify, release off this fetch's path).
+                let tag = tag.clone();
+                tokio::spawn(async move {
+                    let put = match kept {
+                        Some(stored) => shared.put(&tag, key.run, &stored).await,
+                        None => PutOutcome::NotKept,
+                    };
+                    let notify = shared
+                        .notify_done(&tag, key.run, put == PutOutcome::Written)
+                        .await;
+                    let release = shared.release(token).await;
+                    tracing::debug!(
+                        target: "shared", request_id = ?rid, run = %key.run, put = put.as_str(),
+                        notify = notify.as_str(), release = release.as_str(),
+                        "shared fetch done"
+                    );
+                });
                 value
             }
             LockResult::Held => {

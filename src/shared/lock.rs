@@ -28,6 +28,22 @@ return 0",
     )
 });
 
+/// A run's value (`KEYS[1]`) if there is one — `{1, value, pttl}` — else its fetch lock
+/// (`KEYS[2]`) taken with token `ARGV[1]` for `ARGV[2]` ms — `{2, false, 0}` — or found held —
+/// `{3, false, 0}`. Both keys share the run's hash tag.
+pub(super) static GET_OR_LOCK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"local v = redis.call('GET', KEYS[1])
+if v then
+    return {1, v, redis.call('PTTL', KEYS[1])}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {2, false, 0}
+end
+return {3, false, 0}",
+    )
+});
+
 /// Proof of holding a run's lock; give it back with [`SharedTier::release`]. Dropping it
 /// without releasing leaves the lock to expire after `lock_ttl`.
 #[must_use = "release the lock when the fetch is done, or others wait for lock_ttl"]
@@ -56,6 +72,10 @@ pub enum LockResult {
 }
 
 impl LockResult {
+    pub(super) fn acquired(key: String, token: String) -> LockResult {
+        LockResult::Acquired(LockToken { key, token })
+    }
+
     /// Label for logs and metrics.
     pub fn as_str(&self) -> &'static str {
         match self {

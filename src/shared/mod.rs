@@ -196,22 +196,66 @@ impl SharedTier {
         let reply = self
             .call("get", p.query_async::<(Value, i64)>(&mut self.conn()))
             .await;
-        let (value, pttl) = match reply {
-            Ok(v) => v,
-            Err(Unavailable) => return Lookup::Unavailable,
+        match reply {
+            Ok((value, pttl)) => self.lookup_of("get", value, pttl, app_tag, run),
+            Err(Unavailable) => Lookup::Unavailable,
+        }
+    }
+
+    /// [`SharedTier::get`] and, on a miss, [`SharedTier::try_lock`], in one round trip: the
+    /// value when there is one, else whether this call took the fetch lock.
+    pub async fn get_or_lock(&self, app_tag: &str, run: RunId) -> (Lookup, LockResult) {
+        let Ok(keys) = self.keys("get_or_lock", app_tag, run) else {
+            return (Lookup::Unavailable, LockResult::Unavailable);
         };
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let mut inv = lock::GET_OR_LOCK.prepare_invoke();
+        inv.key(&keys.value)
+            .key(&keys.lock)
+            .arg(&token)
+            .arg(codec::ceil_ms(self.config().lock_ttl));
+        let reply = self
+            .call(
+                "get_or_lock",
+                inv.invoke_async::<(i64, Value, i64)>(&mut self.conn()),
+            )
+            .await;
+        match reply {
+            Ok((1, value, pttl)) => {
+                match self.lookup_of("get_or_lock", value, pttl, app_tag, run) {
+                    // A value that failed its checks (or just expired): fetch under the lock, so
+                    // the fresh answer replaces it.
+                    Lookup::Miss => (Lookup::Miss, self.try_lock(app_tag, run).await),
+                    found => (found, LockResult::Held),
+                }
+            }
+            Ok((2, _, _)) => (Lookup::Miss, LockResult::acquired(keys.lock, token)),
+            Ok(_) => (Lookup::Miss, LockResult::Held),
+            Err(Unavailable) => (Lookup::Unavailable, LockResult::Unavailable),
+        }
+    }
+
+    /// What a `GET` (`value`) and `PTTL` (`pttl`) of a run's value key found.
+    fn lookup_of(
+        &self,
+        op: &'static str,
+        value: Value,
+        pttl: i64,
+        app_tag: &str,
+        run: RunId,
+    ) -> Lookup {
         let bytes = match value {
             Value::Nil => return Lookup::Miss,
             Value::BulkString(b) => Bytes::from(b),
             _ => {
-                self.fail("get", SharedError::Server, &"GET answered a non-string");
+                self.fail(op, SharedError::Server, &"GET answered a non-string");
                 return Lookup::Unavailable;
             }
         };
         let mut stored = match codec::decode(bytes, app_tag, run) {
             Ok(s) => s,
             Err(e) => {
-                self.fail("get", SharedError::Corrupt, &e.as_str());
+                self.fail(op, SharedError::Corrupt, &e.as_str());
                 return Lookup::Miss;
             }
         };

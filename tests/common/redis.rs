@@ -149,6 +149,19 @@ impl RedisServer {
     }
 
     /// A plain synchronous connection, to plant and inspect raw values.
+    /// Freezes (`SIGSTOP`) or thaws (`SIGCONT`) the server: connections stay open, nothing is
+    /// answered while frozen.
+    pub fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().expect("server running").id();
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     pub fn raw(&self) -> redis::Connection {
         redis::Client::open(self.url())
             .and_then(|c| c.get_connection())
