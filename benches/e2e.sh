@@ -22,7 +22,7 @@
 #     gateway vs nginx (cache bypassed) vs the mock directly, and the gateway on CPU 1 too
 #   memory: 100,000 terminal runs of ~2 KB cached, RSS before and after
 #
-# BASELINE=path/to/an/older/dify-gateway adds that binary to scenarios 1 and 5 as
+# BASELINE=path/to/an/older/dify-gateway adds that binary to scenarios 1, 5 and 6 as
 # `gateway-baseline`, run alternately with the current build, to compare two versions side by
 # side in one run (e.g. before and after a change: build the older commit, copy its binary).
 #
@@ -47,7 +47,7 @@ POLL_INTERVAL_MS=${POLL_INTERVAL_MS:-100}
 MEMORY_RUNS=${MEMORY_RUNS:-100000}
 MEMORY_OUTPUT_BYTES=${MEMORY_OUTPUT_BYTES:-1600} # gives ~2 KB bodies
 OUTPUT_BYTES=${OUTPUT_BYTES:-1024}               # the mock's default: ~1.5 KB bodies
-ONLY=${ONLY:-"1 2 3 4 5 memory"}                 # which scenarios to run
+ONLY=${ONLY:-"1 2 3 4 5 6 memory"}               # which scenarios to run
 QUIET_WAIT=${QUIET_WAIT:-120}                    # max seconds to wait for an idle machine
 SERVER_CPU=0
 LOAD_CPU=1
@@ -466,6 +466,37 @@ scenario_5() {
     unset "PIDS[mock-direct]"
     stop gateway
     stop gateway-on-load-cpu
+    [ -n "${BASELINE:-}" ] && stop gateway-baseline
+    stop nginx
+    stop mock
+}
+
+# --- scenario 6: miss path at random -------------------------------------------------------
+
+scenario_6() {
+    log "scenario 6: miss path, $RANDOM_RUNS running runs at random, -c$CONNS"
+    local gw_port ng_port ng_miss_port base_port run s
+    local servers="gateway ${BASELINE:+gateway-baseline }nginx mock-direct"
+    read -r gw_port ng_port ng_miss_port base_port < <(free_ports 4)
+    # Every run id is a run that stays running: with running_ttl = 0s each request goes upstream.
+    start_mock 1000000 --output-bytes "$OUTPUT_BYTES"
+    PIDS[mock-direct]=${PIDS[mock]}
+    start_gateway gateway "$gw_port" "$MISS_CFG"
+    [ -n "${BASELINE:-}" ] && start_gateway gateway-baseline "$base_port" "$MISS_CFG" "$BASELINE"
+    start_nginx "$ng_port" "$ng_miss_port"
+    declare -A miss_port=([gateway]=$gw_port [nginx]=$ng_miss_port [mock-direct]=$MOCK_PORT
+        [gateway-baseline]=$base_port)
+    for run in $(seq "$RUNS"); do
+        for s in $servers; do
+            run_wrk "6-miss-random-$RANDOM_RUNS" "$s" "$run" "$CONNS" \
+                "http://127.0.0.1:${miss_port[$s]}" "WRK_RUNS=$RANDOM_RUNS" "WRK_PREFIX=6" \
+                "WRK_AUTH=Bearer $KEY"
+        done
+    done
+    record hwm "6-miss-random-$RANDOM_RUNS" gateway "$(status_kb gateway VmHWM)"
+    record hwm "6-miss-random-$RANDOM_RUNS" nginx "$(status_kb nginx VmHWM)"
+    unset "PIDS[mock-direct]"
+    stop gateway
     [ -n "${BASELINE:-}" ] && stop gateway-baseline
     stop nginx
     stop mock

@@ -18,6 +18,8 @@ ROOT=$(pwd)
 
 SECS=${SECS:-5}   # seconds recorded per server
 RUNS=${RUNS:-}    # empty: one hot run; N: N runs at random
+MISS=${MISS:-}    # 1: the miss path (every run running, running_ttl = "0s"; RUNS defaults to 10000)
+[ -n "$MISS" ] && RUNS=${RUNS:-10000}
 TOP=${TOP:-25}
 export TOKIO_WORKER_THREADS=${TOKIO_WORKER_THREADS:-1}
 export DIFY_API_KEY=app-bench-profile
@@ -45,10 +47,15 @@ cleanup() {
 trap cleanup EXIT
 
 read -r MOCK_PORT GW_PORT NOLOG_PORT BARE_PORT < <("$TARGET/examples/loadgen" ports 4 | paste -sd ' ')
-printf '[log]\naccess_log = false\n' >"$OUT/nolog.toml"
-taskset -c 1 "$TARGET/examples/mock-dify" "127.0.0.1:$MOCK_PORT" 0 >"$OUT/mock.log" 2>&1 &
+CACHE="" MOCK_SECS=0
+[ -n "$MISS" ] && CACHE=$'[cache]\nrunning_ttl = "0s"\n' MOCK_SECS=1000000
+printf '%s[log]\naccess_log = false\n' "$CACHE" >"$OUT/nolog.toml"
+printf '%s' "$CACHE" >"$OUT/gateway.toml"
+# In the miss profile every run id is a run that stays running for the whole profile.
+taskset -c 1 "$TARGET/examples/mock-dify" "127.0.0.1:$MOCK_PORT" "$MOCK_SECS" \
+    >"$OUT/mock.log" 2>&1 &
 PIDS+=($!)
-taskset -c 0 "$TARGET/dify-gateway" --listen "127.0.0.1:$GW_PORT" --admin-listen 127.0.0.1:0 \
+taskset -c 0 "$TARGET/dify-gateway" --config "$OUT/gateway.toml" --listen "127.0.0.1:$GW_PORT" --admin-listen 127.0.0.1:0 \
     --upstream "http://127.0.0.1:$MOCK_PORT/v1" >"$LOGDIR/gateway-access.log" 2>&1 &
 PIDS+=($!)
 GW_PID=$!
@@ -64,7 +71,9 @@ for p in $GW_PORT $NOLOG_PORT $BARE_PORT; do
 done
 
 HOT=/v1/workflows/run/$(printf '%08x-0000-4000-8000-%012x' 2 1)
-if [ -n "$RUNS" ]; then
+if [ -n "$MISS" ]; then
+    export WRK_RUNS=$RUNS WRK_PREFIX=2
+elif [ -n "$RUNS" ]; then
     for p in $GW_PORT $NOLOG_PORT; do
         timeout 120 taskset -c 1 "$TARGET/examples/loadgen" warm --addr "127.0.0.1:$p" \
             --prefix 2 --count "$RUNS" --conc 32 >/dev/null
