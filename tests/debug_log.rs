@@ -61,6 +61,11 @@ async fn reasons_and_shared_tier_outcomes_are_logged_at_debug() {
     up.set(&done, Reply::run(&done, "\"succeeded\""));
     let got = request(&c, Method::GET, &gw.run_url(&done), &with_token).await;
     assert_eq!(got.status, StatusCode::OK);
+    // Written after the answer: the line comes a moment later.
+    eventually("the shared fetch's line", || {
+        logs.line_with(&["shared fetch done", &done]).is_some()
+    })
+    .await;
     let line = logs.line_with(&["shared fetch done", &done]);
     for word in [
         "put=\"written\"",
