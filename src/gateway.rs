@@ -221,11 +221,9 @@ impl Gateway {
         ));
         let reloads = ReloadLog::new(config, &metrics);
         let webhooks = Webhooks::new(
-            &config.webhooks,
-            &config.clients,
+            config,
+            upstreams.apps(),
             Arc::clone(&fetch),
-            config.cache.running_ttl,
-            config.upstream.run_timeout,
             shared.clone(),
             Arc::clone(&metrics),
         );
@@ -343,10 +341,11 @@ impl Gateway {
         self.run_detail.watchers().shut_down();
     }
 
-    /// The drain is over: webhook followers and the sender stop (deliveries queued in Redis
-    /// are made by the replicas that go on, or the next start).
-    pub fn stop_webhooks(&self) {
-        self.webhooks.shut_down();
+    /// The drain is over: webhook followers and the sender stop (with the shared tier, the
+    /// runs they followed and the deliveries they held are handed to the replicas that go on,
+    /// or the next start).
+    pub async fn stop_webhooks(&self) {
+        self.webhooks.shut_down().await;
     }
 
     /// The run answers followed upstream now (a drain waits for them).

@@ -205,7 +205,7 @@ impl Prepared {
                 );
             }
         }
-        after_drain.stop_webhooks();
+        after_drain.stop_webhooks().await;
         for task in probes.into_iter().chain(reloader) {
             task.abort();
         }

@@ -5,7 +5,7 @@
 //! its run detail would be otherwise (a foreign or unknown run gets Dify's 404, an upstream
 //! failure its error): the run's current detail is read first, through the cache and the
 //! coalesced fetch like any read. A client without a webhook is refused before anything is
-//! read.
+//! read; a subscription over `webhooks.max_pending` gets 503 `overloaded`.
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use crate::clients::Client;
 use crate::error::GatewayError;
 use crate::run_id::RunId;
 use crate::upstream::App;
-use crate::webhooks::Webhooks;
+use crate::webhooks::{Subscribed, Webhooks};
 
 use super::run_detail::{RunDetail, Served};
 
@@ -41,6 +41,16 @@ pub async fn serve(
         _ => return Ok((resp, served)),
     };
     let subscribed = webhooks.subscribe(app, run, &c.name, &stored).await;
+    if subscribed == Subscribed::Dropped {
+        // Over `webhooks.max_pending` (counted as a dropped delivery).
+        let e = GatewayError::Overloaded;
+        let (parts, body) = e.to_response().into_parts();
+        let served = Served {
+            error: Some(e.as_str()),
+            ..served
+        };
+        return Ok((Response::from_parts(parts, Body::Full(body)), served));
+    }
     #[derive(serde::Serialize)]
     struct Accepted<'a> {
         workflow_run_id: String,

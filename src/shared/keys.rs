@@ -74,19 +74,27 @@ pub(crate) fn webhook_want_key(prefix: &str, app_tag: &str, run: RunId) -> Strin
     format!("{prefix}v1:hook:want:{app_tag}:{run}")
 }
 
-/// `{prefix}v1:hook:sent:{app_tag}:{run}:{client}`: this run's end was queued for this client.
+/// `{prefix}v1:{hook}:sent:{app_tag}:{run}:{client}`: this run's end was queued for this
+/// client. The webhook keys a script touches together share the hash tag `{hook}`, so they
+/// share a cluster slot.
 pub(crate) fn webhook_sent_key(prefix: &str, app_tag: &str, run: RunId, client: &str) -> String {
-    format!("{prefix}v1:hook:sent:{app_tag}:{run}:{client}")
+    format!("{prefix}v1:{{hook}}:sent:{app_tag}:{run}:{client}")
 }
 
-/// `{prefix}v1:hook:queue`: the deliveries to make, scored by when each is due (Unix ms).
+/// `{prefix}v1:{hook}:queue`: the deliveries to make, scored by when each is due (Unix ms).
 pub(crate) fn webhook_queue_key(prefix: &str) -> String {
-    format!("{prefix}v1:hook:queue")
+    format!("{prefix}v1:{{hook}}:queue")
 }
 
-/// `{prefix}v1:hook:item:{id}`: one queued delivery's record.
+/// `{prefix}v1:{hook}:item:{id}`: one queued delivery's record.
 pub(crate) fn webhook_item_key(prefix: &str, id: &str) -> String {
-    format!("{prefix}v1:hook:item:{id}")
+    format!("{prefix}v1:{{hook}}:item:{id}")
+}
+
+/// `{prefix}v1:{hook}:follow`: the runs wanted for webhooks (`{app_tag}:{run}`), scored by when
+/// the lease of the replica following each ends (Unix ms).
+pub(crate) fn webhook_follow_key(prefix: &str) -> String {
+    format!("{prefix}v1:{{hook}}:follow")
 }
 
 /// `{prefix}v1:usage:day:{day}`: the hash of one UTC day's usage figures.
