@@ -21,6 +21,8 @@ use hooks::*;
 use http::{Method, StatusCode};
 
 const JSON: (&str, &str) = ("content-type", "application/json");
+/// [`FAST`], with a delivery given up after its second attempt.
+const TWO_ATTEMPTS: &str = "[webhooks]\nretry_base_delay = \"50ms\"\ntimeout = \"300ms\"\nmax_attempts = 2\n[cache]\nrunning_ttl = \"100ms\"\n";
 
 /// Starts a streaming run through `gw` and reads its stream to the end; answers the run id.
 async fn stream_run(gw: &TestGateway, auth: &str) -> String {
@@ -173,10 +175,7 @@ async fn a_redirect_is_a_failed_attempt_never_followed() {
     let (hook, addr) = Receiver::start(vec![Then::Redirect(to.clone()), Then::Redirect(to)]).await;
     let up = spawn_upstream().await;
     let (entry, auth) = client_entry("team-a", Some(addr));
-    let toml = format!(
-        "{}{entry}",
-        FAST.replace("max_attempts = 5", "max_attempts = 2")
-    );
+    let toml = format!("{TWO_ATTEMPTS}{entry}");
     let gw = spawn_gateway(config_with_secret(&up, &toml)).await;
     let started = start(&gw, &auth, "blocking").await;
     assert_eq!(started.status, StatusCode::OK);
@@ -240,10 +239,7 @@ async fn the_secret_is_in_no_log_line() {
     let (hook, addr) = Receiver::start(vec![Then::Answer(500), Then::Answer(502)]).await;
     let up = spawn_upstream().await;
     let (entry, auth) = client_entry("team-a", Some(addr));
-    let toml = format!(
-        "{}{entry}",
-        FAST.replace("max_attempts = 5", "max_attempts = 2")
-    );
+    let toml = format!("{TWO_ATTEMPTS}{entry}");
     let gw = spawn_gateway(config_with_secret(&up, &toml)).await;
     stream_run(&gw, &auth).await;
     eventually("two attempts", || hook.all().len() == 2).await;

@@ -53,7 +53,7 @@ pub use keys::{valid_app_tag, MAX_APP_TAG};
 pub use lock::{LockResult, LockToken, ReleaseOutcome};
 pub use outcome::{Lookup, NotifyOutcome, PutOutcome, WaitOutcome};
 pub(crate) use usage::Increments;
-pub(crate) use webhooks::{follow_member, NewDelivery, Queued as WebhookQueued};
+pub(crate) use webhooks::{follow_member, Announced, NewDelivery};
 
 use conn::Conn;
 use errors::Health;

@@ -50,7 +50,7 @@ return 1",
 
 /// What [`SharedTier::claim_and_queue_webhook`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Queued {
+pub(crate) enum Announced {
     /// Claimed and queued by this call.
     Queued,
     /// Another call (on any replica) claimed it first.
@@ -185,7 +185,7 @@ impl SharedTier {
         &self,
         d: &NewDelivery<'_>,
         due_ms: u64,
-    ) -> Result<Queued, Unavailable> {
+    ) -> Result<Announced, Unavailable> {
         let prefix = &self.config().key_prefix;
         let mut inv = CLAIM_AND_QUEUE.prepare_invoke();
         inv.key(keys::webhook_sent_key(prefix, d.app_tag, d.run, d.client))
@@ -201,9 +201,9 @@ impl SharedTier {
             .call("claim_webhook", inv.invoke_async::<Value>(&mut self.conn()))
             .await?;
         Ok(match reply {
-            Value::Int(1) => Queued::Queued,
-            Value::Int(2) => Queued::Full,
-            _ => Queued::Claimed,
+            Value::Int(1) => Announced::Queued,
+            Value::Int(2) => Announced::Full,
+            _ => Announced::Claimed,
         })
     }
 

@@ -36,7 +36,7 @@ use crate::config::{ClientConfig, Config, WebhookTarget, WebhooksConfig};
 use crate::metrics::Metrics;
 use crate::policy::EntryClass;
 use crate::run_id::RunId;
-use crate::shared::{unix_ms_now, NewDelivery, SharedTier, WebhookQueued};
+use crate::shared::{unix_ms_now, Announced, NewDelivery, SharedTier};
 use crate::upstream::App;
 
 pub use deliver::sign;
@@ -281,12 +281,12 @@ impl Webhooks {
                 max: self.config.max_pending,
             };
             match shared.claim_and_queue_webhook(&new, unix_ms_now()).await {
-                Ok(WebhookQueued::Queued) => {
+                Ok(Announced::Queued) => {
                     self.wake.notify_one();
                     return Subscribed::Queued;
                 }
-                Ok(WebhookQueued::Claimed) => return Subscribed::AlreadyAnnounced,
-                Ok(WebhookQueued::Full) => {
+                Ok(Announced::Claimed) => return Subscribed::AlreadyAnnounced,
+                Ok(Announced::Full) => {
                     tracing::warn!(target: "webhooks", run = %run, client, "webhooks.max_pending deliveries are queued already; this one is dropped");
                     self.count_delivery("dropped");
                     return Subscribed::Dropped;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use dify_gateway::clients::{generate_token, token_sha256_hex};
-use dify_gateway::config::{Overrides, RawConfig, API_KEY_ENV};
+use dify_gateway::config::API_KEY_ENV;
 use dify_gateway::mock::MockDify;
 use dify_gateway::Config;
 use hmac::{Hmac, Mac};
@@ -23,7 +23,9 @@ use sha2::Sha256;
 use tokio::net::TcpListener;
 
 use crate::common::pass::{body_client, send};
-use crate::common::{client, eventually, request, Got as Answer, TestGateway, KEY};
+use crate::common::{
+    client, config_with_env, eventually, request, Got as Answer, TestGateway, KEY,
+};
 
 pub const SECRET: &str = "whsec-0123456789abcdef";
 pub const SECRET_ENV: &str = "TEAM_A_WEBHOOK_SECRET";
@@ -174,23 +176,8 @@ impl Receiver {
 
 /// Config in front of `up` with `toml`, the webhook secret in the environment.
 pub fn config_with_secret(up: &MockDify, toml: &str) -> Config {
-    RawConfig::from_toml(toml)
-        .expect("test toml parses")
-        .validate(
-            &Overrides {
-                upstream: Some(up.base_url()),
-                listen: Some("127.0.0.1:0".into()),
-                admin_listen: Some("127.0.0.1:0".into()),
-                ..Overrides::default()
-            },
-            None,
-            &|n| match n {
-                API_KEY_ENV => Some(KEY.to_owned()),
-                SECRET_ENV => Some(SECRET.to_owned()),
-                _ => None,
-            },
-        )
-        .expect("test config validates")
+    let toml = format!("[upstream]\nbase_url = \"{}\"\n{toml}", up.base_url());
+    config_with_env(&toml, &[(API_KEY_ENV, KEY), (SECRET_ENV, SECRET)])
 }
 
 /// A client entry (with a webhook to `hook` when given) and its bearer header value.
