@@ -224,3 +224,33 @@ fn clients_turn_isolation_on_by_default_and_carry_their_start_limits() {
         );
     }
 }
+
+#[test]
+fn webhook_delivery_settings_are_checked() {
+    let ok = validate("", &Overrides::default()).unwrap();
+    assert_eq!(ok.webhooks, WebhooksConfig::default());
+    assert_eq!(ok.webhooks.retry_base_delay, DEFAULT_RETRY_BASE_DELAY);
+    assert_eq!(ok.webhooks.max_attempts, DEFAULT_MAX_ATTEMPTS);
+    for (toml, key, says) in [
+        ("max_attempts = 0", "webhooks.max_attempts", "above zero"),
+        (
+            "retry_base_delay = \"0s\"",
+            "webhooks.retry_base_delay",
+            "above zero",
+        ),
+        ("timeout = \"0s\"", "webhooks.timeout", "above zero"),
+        ("max_pending = 0", "webhooks.max_pending", "above zero"),
+        (
+            "retry_base_delay = \"10s\"\nmax_delay = \"5s\"",
+            "webhooks.max_delay",
+            "at least webhooks.retry_base_delay",
+        ),
+    ] {
+        let e = validate(&format!("[webhooks]\n{toml}\n"), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains(says), "{toml}: {e}");
+    }
+    let e = RawConfig::parse("[webhooks]\nretry = 3\n").unwrap_err();
+    assert!(format!("{e:?}").contains("unknown key `retry`"), "{e:?}");
+}

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use super::{Attempt, Webhooks, EVENT};
 use crate::clients::hex;
-use crate::config::WebhookTarget;
+use crate::config::{WebhookTarget, WebhooksConfig};
 use crate::metrics::OutcomeLabel;
 use crate::shared::unix_ms_now;
 use crate::upstream::crypto_provider;
@@ -284,7 +284,7 @@ impl Webhooks {
             }
             return;
         }
-        let delay = self.backoff(d.attempts);
+        let delay = backoff(&self.config, d.attempts, unit_random());
         tracing::debug!(target: "webhooks", run = %d.run, client = %d.client, attempt = d.attempts, outcome = outcome.as_str(), retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; retrying");
         if let (Some(id), Some(shared)) = (shared_id, &self.shared) {
             let due = unix_ms_now() + delay.as_millis() as u64;
@@ -298,15 +298,6 @@ impl Webhooks {
             }
         }
         self.queue_locally(d, Instant::now() + delay);
-    }
-
-    /// The wait before the retry after `attempts` attempts: doubling from the base, capped,
-    /// with up to a quarter more of jitter.
-    fn backoff(&self, attempts: u32) -> Duration {
-        let base = self.config.retry_base_delay;
-        let exp = base.saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
-        let capped = exp.min(self.config.max_delay);
-        capped + capped.mul_f64(unit_random() * 0.25)
     }
 
     /// Posts `d` to `t`: one attempt, bounded by `webhooks.timeout`.
@@ -377,6 +368,16 @@ pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
     hex(&mac.finalize().into_bytes())
 }
 
+/// The wait before the retry after `attempts` attempts: doubling from the base, capped at
+/// `max_delay`, plus `jitter` (in [0, 1)) of a quarter more.
+fn backoff(config: &WebhooksConfig, attempts: u32, jitter: f64) -> Duration {
+    let exp = config
+        .retry_base_delay
+        .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
+    let capped = exp.min(config.max_delay);
+    capped + capped.mul_f64(jitter * 0.25)
+}
+
 /// A number in [0, 1) from the OS generator (for jitter).
 fn unit_random() -> f64 {
     let mut b = [0u8; 8];
@@ -400,6 +401,22 @@ mod tests {
             sign(b"another-secret-123", "1700000000", b"{\"id\":\"r\"}"),
             s
         );
+    }
+
+    #[test]
+    fn retries_wait_longer_each_time_up_to_the_cap() {
+        let config = WebhooksConfig {
+            retry_base_delay: Duration::from_secs(5),
+            max_delay: Duration::from_secs(60),
+            ..WebhooksConfig::default()
+        };
+        let waits: Vec<u64> = (1..=6)
+            .map(|n| backoff(&config, n, 0.0).as_secs())
+            .collect();
+        assert_eq!(waits, [5, 10, 20, 40, 60, 60]);
+        // Jitter adds at most a quarter, never less than the plain wait.
+        assert_eq!(backoff(&config, 2, 0.999_999).as_millis(), 12_499);
+        assert_eq!(backoff(&config, 40, 0.0), Duration::from_secs(60));
     }
 
     #[test]
