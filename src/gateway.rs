@@ -236,11 +236,11 @@ impl Gateway {
             Arc::clone(&metrics),
             Arc::clone(&webhooks),
         );
-        let idempotency = Idempotency::with_metrics(
+        let idempotency = Idempotency::new(
             &config.idempotency,
             config.upstream.run_timeout,
             shared.clone(),
-            Arc::clone(&metrics),
+            Some(Arc::clone(&metrics)),
         );
         Ok(Arc::new(Gateway {
             passthrough,

@@ -309,10 +309,13 @@ impl std::fmt::Debug for Claimed {
 }
 
 impl Idempotency {
+    /// The store; every key's outcome is counted in `metrics`
+    /// (`dify_gateway_idempotency_keys_total`) when given.
     pub fn new(
         config: &IdempotencyConfig,
         run_timeout: Duration,
         shared: Option<SharedTier>,
+        metrics: Option<Arc<Metrics>>,
     ) -> Arc<Idempotency> {
         let local = moka::sync::Cache::builder()
             .max_capacity(config.max_bytes)
@@ -325,22 +328,8 @@ impl Idempotency {
             local,
             shared,
             tokens: AtomicU64::new(random_u64()),
-            metrics: None,
+            metrics,
         })
-    }
-
-    /// Counts every key's outcome in `metrics` (`dify_gateway_idempotency_keys_total`).
-    pub fn with_metrics(
-        config: &IdempotencyConfig,
-        run_timeout: Duration,
-        shared: Option<SharedTier>,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Idempotency> {
-        let mut i = Idempotency::new(config, run_timeout, shared);
-        if let Some(i) = Arc::get_mut(&mut i) {
-            i.metrics = Some(metrics);
-        }
-        i
     }
 
     /// Claims `key` of `client` for `app`, for a request whose method, upstream path and body
@@ -516,7 +505,12 @@ mod tests {
     use super::*;
 
     fn store() -> Arc<Idempotency> {
-        Idempotency::new(&IdempotencyConfig::default(), Duration::from_secs(60), None)
+        Idempotency::new(
+            &IdempotencyConfig::default(),
+            Duration::from_secs(60),
+            None,
+            None,
+        )
     }
 
     fn full(body: &'static str) -> Answer {
