@@ -39,6 +39,10 @@ use super::{Cache, CacheKey, KeptHeaders, Stored};
 /// How often a 404 for a run seen starting is asked again within `cache.not_found_grace`.
 pub const GRACE_RETRY: Duration = Duration::from_millis(250);
 
+/// Bodies passed on (not kept) up to this size are copied out of the upstream connection's read
+/// buffer (see [`Fetch::entry`]); a larger one is lent as received rather than copied.
+const COPY_PASSED_BELOW: usize = 16 << 10;
+
 /// Most runs remembered as just started, for `cache.not_found_grace`.
 const MAX_RECENT_STARTS: u64 = 100_000;
 
@@ -192,9 +196,13 @@ impl Fetch {
                     let value = Arc::clone(&me)
                         .fetch(Arc::clone(&app), key, rid, leader.clone())
                         .await;
-                    if let FlightValue::Fetched(f) = &value {
+                    let told = match &value {
+                        FlightValue::Fetched(f) if me.tells_of(f) => Some(Arc::clone(f)),
+                        _ => None,
+                    };
+                    if let Some(f) = told {
                         // Counted and announced off the path: the waiters are answered now.
-                        let (f, app2) = (Arc::clone(f), Arc::clone(&app));
+                        let app2 = Arc::clone(&app);
                         let counter = Arc::clone(&me);
                         tokio::spawn(async move {
                             counter.count_usage(&app2, key, leader.as_deref(), &f).await;
@@ -205,6 +213,13 @@ impl Fetch {
                 },
             )
             .await
+    }
+
+    /// Is `f` an answer [`Fetch::count_usage`] or [`Fetch::announce`] acts on: a terminal run
+    /// detail, with metering or webhooks on? Only then is a task spawned for them.
+    fn tells_of(&self, f: &Fetched) -> bool {
+        let terminal = matches!(&f.result, Ok(s) if s.class == Some(EntryClass::Terminal));
+        terminal && (self.meter.is_some() || self.webhooks.get().is_some())
     }
 
     /// Counts a terminal run detail the upstream just gave (once per run: see
@@ -263,22 +278,39 @@ impl Fetch {
         // One key and its tag for the whole fetch, even if the key rotates meanwhile: an answer
         // fetched with one key is never filed under another key's tag.
         let creds = app.credentials();
-        let Some(shared) = self.shared.clone() else {
-            return self.fetch_upstream(&app, &creds, key, &rid, leader).await.0;
-        };
+        match self.shared.clone() {
+            None => self.fetch_upstream(&app, &creds, key, &rid, leader).await.0,
+            // Boxed: the shared tier's futures are large, and the flight's task (moved into
+            // place for every fetch) is sized for its largest branch.
+            Some(shared) => {
+                Box::pin(self.fetch_shared(shared, &app, &creds, key, rid, leader)).await
+            }
+        }
+    }
+
+    /// [`Fetch::fetch`] with the shared tier: its value, else its lock and the upstream.
+    async fn fetch_shared(
+        &self,
+        shared: SharedTier,
+        app: &App,
+        creds: &Credentials,
+        key: CacheKey,
+        rid: HeaderValue,
+        leader: Option<&Client>,
+    ) -> FlightValue {
         let tag = &creds.tag;
         // One round trip: the value another replica put, else the fleet-wide fetch lock.
         let lock = match shared.get_or_lock(tag, key.run).await {
             (Lookup::Hit(stored), _) => return self.warm_from_shared(key, stored),
             // Redis is not answering: do not spend more timeouts on it.
             (Lookup::Unavailable, _) => {
-                return self.fetch_upstream(&app, &creds, key, &rid, leader).await.0
+                return self.fetch_upstream(app, creds, key, &rid, leader).await.0
             }
             (Lookup::Miss, lock) => lock,
         };
         match lock {
             LockResult::Acquired(token) => {
-                let (value, kept) = self.fetch_upstream(&app, &creds, key, &rid, leader).await;
+                let (value, kept) = self.fetch_upstream(app, creds, key, &rid, leader).await;
                 // The waiters here are answered now; the other replicas hear of it from Redis
                 // a moment later (put, notify, release off this fetch's path).
                 let tag = tag.clone();
@@ -312,9 +344,9 @@ impl Fetch {
                     target: "shared", request_id = ?rid, run = %key.run, wait = waited.as_str(),
                     "shared fetch lock held elsewhere; fetching without it"
                 );
-                self.fetch_upstream(&app, &creds, key, &rid, leader).await.0
+                self.fetch_upstream(app, creds, key, &rid, leader).await.0
             }
-            LockResult::Unavailable => self.fetch_upstream(&app, &creds, key, &rid, leader).await.0,
+            LockResult::Unavailable => self.fetch_upstream(app, creds, key, &rid, leader).await.0,
         }
     }
 
@@ -368,7 +400,8 @@ impl Fetch {
                 break;
             }
             if grace_end.is_none() {
-                grace_end = self.grace_end(key, creds).await;
+                // Boxed: rare (a 404), and its shared-tier read would size every fetch.
+                grace_end = Box::pin(self.grace_end(key, creds)).await;
             }
             let Some(end) = grace_end else {
                 break;
@@ -438,8 +471,10 @@ impl Fetch {
         ttl: Option<Duration>,
     ) -> Arc<Stored> {
         // A kept body is copied out of the connection's read buffer: as received it is a slice
-        // that would keep the whole (much larger) buffer alive in the cache.
-        let body = if class.is_some() {
+        // that would keep the whole (much larger) buffer alive in the cache. A small body
+        // passed on is copied too: while a slice of it lives, the connection's next read
+        // cannot reuse its buffer and allocates a new one.
+        let body = if class.is_some() || a.body.len() <= COPY_PASSED_BELOW {
             Bytes::copy_from_slice(&a.body)
         } else {
             a.body

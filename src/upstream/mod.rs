@@ -270,8 +270,15 @@ impl Upstream {
 
     /// The run-detail URL for `run`.
     pub fn run_url(&self, run: RunId) -> Result<Uri, UpstreamError> {
+        const PATH: &str = "/workflows/run/";
         let mut buf = [0u8; 36];
-        self.path_url(&format!("/workflows/run/{}", run.encode(&mut buf)))
+        let id = run.encode(&mut buf);
+        // One buffer, handed to the `Uri` without a copy: this is on every fetch.
+        let mut url = Vec::with_capacity(self.base.len() + PATH.len() + id.len());
+        url.extend_from_slice(self.base.as_bytes());
+        url.extend_from_slice(PATH.as_bytes());
+        url.extend_from_slice(id.as_bytes());
+        Uri::try_from(url).map_err(|_| UpstreamError::Url)
     }
 
     /// `base` + `path` (path starting with `/`).

@@ -98,6 +98,10 @@ async fn wait(
     deadline: Instant,
     full: RejectReason,
 ) -> Result<SemaphorePermit<'_>, RejectReason> {
+    // A free permit is taken without building the timer: the common case, on every fetch.
+    if let Ok(p) = s.try_acquire() {
+        return Ok(p);
+    }
     match tokio::time::timeout_at(deadline.into(), s.acquire()).await {
         Ok(Ok(p)) => Ok(p),
         // The semaphores are never closed; a closed one is refused like a full one.
