@@ -1,9 +1,12 @@
-//! Streams and uploads through the gateway against the same upstream reached directly, in one
-//! process and one run: first-event latency and per-event cost of a streaming run, the memory
-//! and CPU of 1,000 open streams, and the memory growth of a 100 MiB upload.
+//! Streams and uploads through the gateway against the same upstream reached directly and through
+//! nginx (`proxy_buffering off`), in one run: first-event latency and per-event cost of a
+//! streaming run, the memory and CPU of 1,000 open streams, and the memory growth of a 100 MiB
+//! upload.
 //!
-//! Starts a mock Dify and an in-process gateway on loopback; bounded in count and time. Prints a
-//! Markdown table.
+//! Starts a mock Dify and an in-process gateway on loopback, and nginx as a child process when
+//! it is installed (its column reads "–" otherwise); bounded in count and time. Prints a
+//! Markdown table. The nginx column's memory is this process's growth (the client's and the
+//! mock's ends, as in the direct column) plus nginx's own.
 //!
 //! ```text
 //! cargo run --release --example streams
@@ -11,6 +14,8 @@
 
 #[path = "support/in_process.rs"]
 mod in_process;
+#[path = "support/nginx.rs"]
+mod nginx;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -128,54 +133,69 @@ async fn latencies(c: &Client<HttpConnector, Body>, base: &str, auth: bool) -> [
 async fn main() {
     let mock = MockDify::start(KEY).await.expect("mock");
     let gw = gateway(&mock).await;
+    let nginx = nginx::Nginx::start(mock.addr(), KEY);
     let direct = mock.base_url();
     let through = format!("http://{gw}/v1");
+    // The proxies add the key; straight to the mock the client sends it.
+    let mut paths = vec![(direct.clone(), true), (through.clone(), false)];
+    if let Some(n) = &nginx {
+        paths.push((format!("http://{}/v1", n.addr), false));
+    }
     let c = client();
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
+    let row = |what: &str, cells: Vec<String>| {
+        let nginx_cell = cells
+            .get(2)
+            .cloned()
+            .unwrap_or_else(|| "– (no nginx)".into());
+        println!("| {what} | {} | {} | {nginx_cell} |", cells[0], cells[1]);
+    };
 
-    println!("| Measure | Direct | Through the gateway |");
-    println!("| --- | --- | --- |");
+    println!("| Measure | Direct | Through the gateway | Through nginx (`proxy_buffering off`) |");
+    println!("| --- | --- | --- | --- |");
     // A short run: first event and whole stream.
     mock.set_run_script(RunScript::default());
-    for (base, auth) in [(&direct, true), (&through, false)] {
+    for (base, auth) in &paths {
         // Warm the pools.
-        one_run(&c, base, auth).await;
+        one_run(&c, base, *auth).await;
     }
-    let d = latencies(&c, &direct, true).await;
-    let g = latencies(&c, &through, false).await;
-    println!(
-        "| first event, p50 / p99 ({RUNS} runs) | {} / {} | {} / {} |",
-        us(d[0]),
-        us(d[1]),
-        us(g[0]),
-        us(g[1])
+    let mut short = Vec::new();
+    for (base, auth) in &paths {
+        short.push(latencies(&c, base, *auth).await);
+    }
+    row(
+        &format!("first event, p50 / p99 ({RUNS} runs)"),
+        short
+            .iter()
+            .map(|l| format!("{} / {}", us(l[0]), us(l[1])))
+            .collect(),
     );
     // A long run: per-event cost.
     mock.set_run_script(RunScript::chunks(CHUNKS));
-    let d = latencies(&c, &direct, true).await;
-    let g = latencies(&c, &through, false).await;
     let per = |t: Duration| format!("{:.1} µs", t.as_secs_f64() * 1e6 / (CHUNKS + 8) as f64);
-    println!(
-        "| whole stream of {CHUNKS} chunks, p50 / p99; per event at p50 | {} / {}; {} | {} / {}; {} |",
-        us(d[2]),
-        us(d[3]),
-        per(d[2]),
-        us(g[2]),
-        us(g[3]),
-        per(g[2])
+    let mut long = Vec::new();
+    for (base, auth) in &paths {
+        let l = latencies(&c, base, *auth).await;
+        long.push(format!("{} / {}; {}", us(l[2]), us(l[3]), per(l[2])));
+    }
+    row(
+        &format!("whole stream of {CHUNKS} chunks, p50 / p99; per event at p50"),
+        long,
     );
 
     // 1,000 open streams, held upstream after their first event.
     mock.set_run_script(RunScript::default());
     let mut open = Vec::new();
-    for (base, auth) in [(&direct, true), (&through, false)] {
+    for (i, (base, auth)) in paths.iter().enumerate() {
+        // Only the nginx path (the third) has memory outside this process.
+        let outside = || nginx.as_ref().filter(|_| i == 2).map_or(0, |n| n.rss_kib());
         mock.hold_events();
         let runs0 = mock.runs().len();
-        let rss0 = rss_kib("VmRSS:");
+        let rss0 = rss_kib("VmRSS:") + outside();
         let mut held = Vec::with_capacity(OPEN);
         for _ in 0..OPEN {
             let c = c.clone();
-            let req = start_request(base, auth);
+            let req = start_request(base, *auth);
             held.push(tokio::spawn(async move {
                 let resp = c.request(req).await.expect("answer");
                 let mut body = resp.into_body();
@@ -191,7 +211,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss1 = rss_kib("VmRSS:");
+        let rss1 = rss_kib("VmRSS:") + outside();
         let cpu0 = cpu_time();
         tokio::time::sleep(Duration::from_secs(5)).await;
         let idle_cpu = cpu_time() - cpu0;
@@ -205,9 +225,9 @@ async fn main() {
             let _ = tokio::time::timeout(Duration::from_secs(30), h).await;
         }
     }
-    println!(
-        "| {OPEN} open streams: process RSS growth per stream; process CPU over 5 s idle | {} | {} |",
-        open[0], open[1]
+    row(
+        &format!("{OPEN} open streams: RSS growth per stream; this process's CPU over 5 s idle"),
+        open,
     );
 
     // A 100 MiB upload, streamed from a generator in 64 KiB chunks.
@@ -234,7 +254,7 @@ async fn main() {
     let rss1 = rss_kib("VmRSS:");
     let hwm1 = rss_kib("VmHWM:");
     println!(
-        "| 100 MiB upload through the gateway ({status}, {:.2} s): RSS growth; peak growth | — | {:.1} MiB; {:.1} MiB |",
+        "| 100 MiB upload through the gateway ({status}, {:.2} s): RSS growth; peak growth | — | {:.1} MiB; {:.1} MiB | — |",
         t.elapsed().as_secs_f64(),
         rss1.saturating_sub(rss0) as f64 / 1024.0,
         hwm1.saturating_sub(hwm0.max(rss0)) as f64 / 1024.0,
