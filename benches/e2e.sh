@@ -20,6 +20,9 @@
 #   4 1,000 pollers over 100 running runs                                 loadgen poll
 #   5 miss path: one connection, one running run, running_ttl = "0s"      wrk -t1 -c1
 #     gateway vs nginx (cache bypassed) vs the mock directly, and the gateway on CPU 1 too
+#   6 miss path under load: running_ttl = "0s", 10,000 running runs at random   wrk -t1 -c50 + Lua
+#     gateway vs nginx proxy_pass (no cache) vs the mock directly; with redis-server installed
+#     also gateway-shared (the same with the shared tier on)
 #   memory: 100,000 terminal runs of ~2 KB cached, RSS before and after
 #
 # BASELINE=path/to/an/older/dify-gateway adds that binary to scenarios 1, 5 and 6 as
@@ -475,17 +478,27 @@ scenario_5() {
 
 scenario_6() {
     log "scenario 6: miss path, $RANDOM_RUNS running runs at random, -c$CONNS"
-    local gw_port ng_port ng_miss_port base_port run s
-    local servers="gateway ${BASELINE:+gateway-baseline }nginx mock-direct"
-    read -r gw_port ng_port ng_miss_port base_port < <(free_ports 4)
+    local gw_port ng_port ng_miss_port base_port shared_port redis_port run s shared=""
+    read -r gw_port ng_port ng_miss_port base_port shared_port redis_port < <(free_ports 6)
     # Every run id is a run that stays running: with running_ttl = 0s each request goes upstream.
     start_mock 1000000 --output-bytes "$OUTPUT_BYTES"
     PIDS[mock-direct]=${PIDS[mock]}
     start_gateway gateway "$gw_port" "$MISS_CFG"
     [ -n "${BASELINE:-}" ] && start_gateway gateway-baseline "$base_port" "$MISS_CFG" "$BASELINE"
+    # With redis-server installed: the same gateway with the shared tier on (a Redis on the
+    # load CPU), so a fleet miss is measured beside a lone one.
+    if command -v redis-server >/dev/null; then
+        start redis "$LOAD_CPU" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
+            --appendonly no
+        sleep 0.5
+        start_gateway gateway-shared "$shared_port" \
+            "$(write_config miss-shared "$(cat "$MISS_CFG")"$'\n[shared]\nurls = ["redis://127.0.0.1:'"$redis_port"'"]')"
+        shared="gateway-shared "
+    fi
+    local servers="gateway ${BASELINE:+gateway-baseline }${shared}nginx mock-direct"
     start_nginx "$ng_port" "$ng_miss_port"
     declare -A miss_port=([gateway]=$gw_port [nginx]=$ng_miss_port [mock-direct]=$MOCK_PORT
-        [gateway-baseline]=$base_port)
+        [gateway-baseline]=$base_port [gateway-shared]=$shared_port)
     for run in $(seq "$RUNS"); do
         for s in $servers; do
             run_wrk "6-miss-random-$RANDOM_RUNS" "$s" "$run" "$CONNS" \
@@ -498,6 +511,10 @@ scenario_6() {
     unset "PIDS[mock-direct]"
     stop gateway
     [ -n "${BASELINE:-}" ] && stop gateway-baseline
+    if [ -n "$shared" ]; then
+        stop gateway-shared
+        stop redis
+    fi
     stop nginx
     stop mock
 }

@@ -484,6 +484,19 @@ mod tests {
     }
 
     #[test]
+    fn the_run_url_is_the_base_and_the_canonical_id() {
+        let cfg = Config::for_upstream("https://dify.example:8443/prefix/v1/", "app-k").unwrap();
+        let up = Upstream::new(&cfg.upstream, &cfg.apps[0]).unwrap();
+        let run = RunId::parse("5B4C0A53-2C4F-4F63-9F5E-8D7F2A1B3C4D").unwrap();
+        let url = up.run_url(run).unwrap();
+        assert_eq!(
+            url.to_string(),
+            "https://dify.example:8443/prefix/v1/workflows/run/5b4c0a53-2c4f-4f63-9f5e-8d7f2a1b3c4d"
+        );
+        assert_eq!(url.authority().unwrap().as_str(), "dify.example:8443");
+    }
+
+    #[test]
     fn only_the_identity_and_chunked_framing_are_accepted() {
         let mut h = HeaderMap::new();
         assert_eq!(unasked_coding(&h), None);
