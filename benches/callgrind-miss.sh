@@ -27,13 +27,10 @@ TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
 GATEWAY=${GATEWAY:-$TARGET/dify-gateway}
 OUT=$ROOT/bench-results/callgrind-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
-PIDS=()
+# shellcheck source=benches/pids.sh
+. "$ROOT/benches/pids.sh"
 cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do
-        timeout 20 tail --pid="$p" -f /dev/null 2>/dev/null || kill -KILL "$p" 2>/dev/null || true
-    done
+    stop_pids 20
 }
 trap cleanup EXIT
 

@@ -35,13 +35,10 @@ OUT=$ROOT/bench-results/profile-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
 # The access log goes to a file on tmpfs, as in e2e.sh.
 LOGDIR=$(mktemp -d "$([ -w /dev/shm ] && echo /dev/shm || echo /tmp)/dify-gateway-profile.XXXXXX")
-PIDS=()
+# shellcheck source=benches/pids.sh
+. "$ROOT/benches/pids.sh"
 cleanup() {
-    local p
-    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do
-        timeout 10 tail --pid="$p" -f /dev/null 2>/dev/null || kill -KILL "$p" 2>/dev/null || true
-    done
+    stop_pids 10
     rm -rf "$LOGDIR"
 }
 trap cleanup EXIT
