@@ -251,7 +251,11 @@ async fn a_client_that_stops_reading_its_response_is_cut() {
         "[server]\nidle_timeout = \"300ms\"\nkeep_alive_timeout = \"300ms\"\n",
     ))
     .await;
-    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    // A fixed receive buffer: the kernel does not grow it, so what the ends can hold stays far
+    // below the body whatever this machine's TCP memory settings.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
     s.write_all(format!("GET /v1/workflows/run/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();

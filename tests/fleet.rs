@@ -200,6 +200,12 @@ async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
     });
     let m = std::sync::Arc::clone(b.gateway.metrics());
     eventually("a held request on b", move || m.longpoll_waiters.get() == 1).await;
+    // b hears a's publication only once its subscription is up (it connects in the background).
+    let tier = b.gateway.shared_tier().unwrap().clone();
+    eventually("b subscribed to the fleet's notifications", move || {
+        tier.subscribed()
+    })
+    .await;
     up.set(RUN, Reply::run(RUN, "\"succeeded\""));
     // Replica a refreshes (its entry purged from both tiers) and publishes the new state.
     a.gateway

@@ -35,13 +35,13 @@ pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// the gateway's 504 rather than its own timeout.
 pub(crate) const DEFAULT_TOTAL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Default [`UpstreamConfig::max_body_bytes`]: far above a run's usual inputs and outputs, while
-/// one answer cannot take a large part of the cache or of memory.
 /// Default [`UpstreamConfig::run_timeout`]: a started run (blocking answer or event stream) is
 /// read for at most this long, even when its client has left; long enough for workflows of many
 /// minutes, bounded so a stuck upstream cannot hold a connection for ever.
 pub(crate) const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// Default [`UpstreamConfig::max_body_bytes`]: far above a run's usual inputs and outputs, while
+/// one answer cannot take a large part of the cache or of memory.
 pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Largest accepted [`UpstreamConfig::max_body_bytes`]: a kept body's length is held in 32 bits
