@@ -21,7 +21,8 @@
 #   5 miss path: one connection, one running run, running_ttl = "0s"      wrk -t1 -c1
 #     gateway vs nginx (cache bypassed) vs the mock directly, and the gateway on CPU 1 too
 #   6 miss path under load: running_ttl = "0s", 10,000 running runs at random   wrk -t1 -c50 + Lua
-#     gateway vs nginx proxy_pass (no cache) vs the mock directly; with redis-server installed
+#     gateway vs nginx proxy_pass (no cache) vs bare-proxy (hyper server + hyper-util client, nothing
+#     else) vs the mock directly; with redis-server installed
 #     also gateway-shared (the same with the shared tier on)
 #   memory: 100,000 terminal runs of ~2 KB cached, RSS before and after
 #
@@ -478,12 +479,17 @@ scenario_5() {
 
 scenario_6() {
     log "scenario 6: miss path, $RANDOM_RUNS running runs at random, -c$CONNS"
-    local gw_port ng_port ng_miss_port base_port shared_port redis_port run s shared=""
-    read -r gw_port ng_port ng_miss_port base_port shared_port redis_port < <(free_ports 6)
+    local gw_port ng_port ng_miss_port base_port shared_port redis_port proxy_port run s shared=""
+    read -r gw_port ng_port ng_miss_port base_port shared_port redis_port proxy_port < <(free_ports 7)
     # Every run id is a run that stays running: with running_ttl = 0s each request goes upstream.
     start_mock 1000000 --output-bytes "$OUTPUT_BYTES"
     PIDS[mock-direct]=${PIDS[mock]}
     start_gateway gateway "$gw_port" "$MISS_CFG"
+    # The stack's own floor for a proxy: hyper's server and hyper-util's pooled client, the
+    # answer read whole and sent back, nothing else.
+    start bare-proxy "$SERVER_CPU" "$BARE" "127.0.0.1:$proxy_port" "$OUTPUT_BYTES" \
+        "proxy=http://127.0.0.1:$MOCK_PORT"
+    wait_http "http://127.0.0.1:$proxy_port/"
     [ -n "${BASELINE:-}" ] && start_gateway gateway-baseline "$base_port" "$MISS_CFG" "$BASELINE"
     # With redis-server installed: the same gateway with the shared tier on (a Redis on the
     # load CPU), so a fleet miss is measured beside a lone one.
@@ -495,10 +501,10 @@ scenario_6() {
             "$(write_config miss-shared "$(cat "$MISS_CFG")"$'\n[shared]\nurls = ["redis://127.0.0.1:'"$redis_port"'"]')"
         shared="gateway-shared "
     fi
-    local servers="gateway ${BASELINE:+gateway-baseline }${shared}nginx mock-direct"
+    local servers="gateway ${BASELINE:+gateway-baseline }${shared}nginx bare-proxy mock-direct"
     start_nginx "$ng_port" "$ng_miss_port"
     declare -A miss_port=([gateway]=$gw_port [nginx]=$ng_miss_port [mock-direct]=$MOCK_PORT
-        [gateway-baseline]=$base_port [gateway-shared]=$shared_port)
+        [gateway-baseline]=$base_port [gateway-shared]=$shared_port [bare-proxy]=$proxy_port)
     for run in $(seq "$RUNS"); do
         for s in $servers; do
             run_wrk "6-miss-random-$RANDOM_RUNS" "$s" "$run" "$CONNS" \
@@ -510,6 +516,7 @@ scenario_6() {
     record hwm "6-miss-random-$RANDOM_RUNS" nginx "$(status_kb nginx VmHWM)"
     unset "PIDS[mock-direct]"
     stop gateway
+    stop bare-proxy
     [ -n "${BASELINE:-}" ] && stop gateway-baseline
     if [ -n "$shared" ]; then
         stop gateway-shared

@@ -5,6 +5,7 @@
 #
 #   benches/profile-hit.sh            # one hot run
 #   RUNS=10000 benches/profile-hit.sh # 10,000 runs at random
+#   MISS=1 benches/profile-hit.sh     # the miss path, beside the bare stack proxying
 #
 # For each server it prints: requests/s, CPU µs per request, system calls per request, and the
 # symbols that cost most per request (µs, from cpu-clock samples). The perf data stays in
@@ -60,7 +61,11 @@ taskset -c 0 "$TARGET/dify-gateway" --config "$OUT/nolog.toml" --listen "127.0.0
     --admin-listen 127.0.0.1:0 --upstream "http://127.0.0.1:$MOCK_PORT/v1" >/dev/null 2>&1 &
 PIDS+=($!)
 NOLOG_PID=$!
-taskset -c 0 "$TARGET/examples/bare-hyper" "127.0.0.1:$BARE_PORT" >/dev/null 2>&1 &
+# The bare stack: for the hit path a hyper server answering from memory, for the miss path the
+# same proxying to the mock through hyper-util's client (`bare-hyper ... proxy=URL`).
+BARE_ARGS=()
+[ -n "$MISS" ] && BARE_ARGS=(1024 "proxy=http://127.0.0.1:$MOCK_PORT")
+taskset -c 0 "$TARGET/examples/bare-hyper" "127.0.0.1:$BARE_PORT" "${BARE_ARGS[@]}" >/dev/null 2>&1 &
 PIDS+=($!)
 BARE_PID=$!
 for p in $GW_PORT $NOLOG_PORT $BARE_PORT; do

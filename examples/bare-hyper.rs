@@ -8,7 +8,7 @@
 //! same output size, so the bytes on the wire match a gateway hit.
 //!
 //! ```text
-//! cargo run --release --example bare-hyper -- 127.0.0.1:8090 [OUTPUT_BYTES] [plain|gateway-like] [BODIES] [HOLD_MS]
+//! cargo run --release --example bare-hyper -- 127.0.0.1:8090 [OUTPUT_BYTES] [plain|gateway-like|proxy=URL] [BODIES] [HOLD_MS]
 //! ```
 //!
 //! With `BODIES` > 1 it keeps that many separate copies of the body and picks one by a hash of
@@ -24,6 +24,13 @@
 //! for that path arriving before it fires waits for it; all are released by one wake-up, as a
 //! single flight releases its waiters; later requests are answered at once. It is the ceiling for
 //! the stampede: how soon a thousand held connections can all be answered on this machine.
+//!
+//! With `proxy=http://HOST:PORT` it is the ceiling for the miss path instead: every request is
+//! sent to that upstream (same path and query, `Authorization: Bearer $DIFY_API_KEY` in place
+//! of the client's) through hyper-util's pooled client with the gateway's connector settings, the whole
+//! answer is read into memory (the gateway must read it to classify it) and sent back with its
+//! status and `content-type`. No routing, no id check, no cache, no classification, no log: what
+//! the stack costs to proxy one request.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -31,10 +38,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::header::AUTHORIZATION;
 use http::header::{HeaderName, HeaderValue, AGE, CONTENT_TYPE};
-use http::Response;
-use http_body_util::Full;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -58,7 +68,9 @@ fn main() -> std::io::Result<()> {
         .next()
         .and_then(|s| s.parse().ok())
         .unwrap_or(DEFAULT_OUTPUT_BYTES);
-    let gateway_like = args.next().as_deref() == Some("gateway-like");
+    let mode = args.next().unwrap_or_default();
+    let gateway_like = mode == "gateway-like";
+    let proxy = mode.strip_prefix("proxy=").map(str::to_owned);
     let copies: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     let hold = Duration::from_millis(args.next().and_then(|s| s.parse().ok()).unwrap_or(0));
     let body = dify_gateway::mock::run_body(RUN, "\"succeeded\"", output_bytes);
@@ -67,7 +79,118 @@ fn main() -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(addr, bodies, gateway_like, hold))
+    match proxy {
+        Some(upstream) => runtime.block_on(serve_proxy(addr, upstream)),
+        None => runtime.block_on(serve(addr, bodies, gateway_like, hold)),
+    }
+}
+
+/// The upstream client of the `proxy` mode: the gateway's connector settings (`TCP_NODELAY`,
+/// keep-alive pool), plain HTTP.
+type Upstream = Client<HttpConnector, Empty<Bytes>>;
+
+/// Forwards one request to `base` and answers with the upstream's status, `content-type` and
+/// whole body; 502 when the upstream cannot be reached.
+async fn forward(
+    up: &Upstream,
+    base: &str,
+    auth: &HeaderValue,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri: Uri = match format!("{base}{pq}").parse() {
+        Ok(u) => u,
+        Err(_) => return status_only(StatusCode::BAD_REQUEST),
+    };
+    let mut out = Request::new(Empty::new());
+    *out.uri_mut() = uri;
+    out.headers_mut().insert(AUTHORIZATION, auth.clone());
+    let Ok(resp) = up.request(out).await else {
+        return status_only(StatusCode::BAD_GATEWAY);
+    };
+    let (parts, body) = resp.into_parts();
+    let Ok(body) = body.collect().await else {
+        return status_only(StatusCode::BAD_GATEWAY);
+    };
+    let mut answer = Response::new(Full::new(body.to_bytes()));
+    *answer.status_mut() = parts.status;
+    if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
+        answer.headers_mut().insert(CONTENT_TYPE, ct.clone());
+    }
+    answer
+}
+
+fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = status;
+    r
+}
+
+/// The `proxy` mode's accept loop: the gateway's protocol settings, one pooled upstream client.
+async fn serve_proxy(addr: String, upstream: String) -> std::io::Result<()> {
+    let listener = TcpListener::bind(&addr).await?;
+    println!(
+        "bare hyper proxy on {} to {upstream}",
+        listener.local_addr()?
+    );
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    let client: Upstream = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .build(http);
+    let base: Arc<str> = upstream.trim_end_matches('/').into();
+    let key = std::env::var("DIFY_API_KEY").unwrap_or_default();
+    let auth = HeaderValue::try_from(format!("Bearer {key}"))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    gateway_protocol(&mut builder);
+    accept_loop(listener, builder, move || {
+        let (client, base, auth) = (client.clone(), Arc::clone(&base), auth.clone());
+        service_fn(move |req| {
+            let (client, base, auth) = (client.clone(), Arc::clone(&base), auth.clone());
+            async move { Ok::<_, Infallible>(forward(&client, &base, &auth, req).await) }
+        })
+    })
+    .await
+}
+
+/// Accepts connections until Ctrl-C (`TCP_NODELAY`, one task each), serving each with the
+/// service `make` builds for it.
+async fn accept_loop<S, F>(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    mut make: impl FnMut() -> S,
+) -> std::io::Result<()>
+where
+    S: hyper::service::Service<
+            Request<hyper::body::Incoming>,
+            Response = Response<Full<Bytes>>,
+            Error = Infallible,
+            Future = F,
+        > + Send
+        + 'static,
+    F: std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let shutdown = tokio::signal::ctrl_c();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), make())
+            .into_owned();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
 }
 
 /// The gateway's protocol settings (`server.rs`, with its default config).
@@ -133,20 +256,10 @@ async fn serve(
     if gateway_like {
         gateway_protocol(&mut builder);
     }
-    let shutdown = tokio::signal::ctrl_c();
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(v) => v,
-                Err(_) => continue,
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    accept_loop(listener, builder, move || {
         let bodies = Arc::clone(&bodies);
         let holds = Arc::clone(&holds);
-        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let wait = (!hold.is_zero()).then(|| {
                 let (holds, path) = (Arc::clone(&holds), req.uri().path().to_owned());
                 async move { held(&holds, &path, hold).await }
@@ -170,12 +283,7 @@ async fn serve(
                 }
                 Ok::<_, Infallible>(resp)
             }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
+        })
+    })
+    .await
 }

@@ -12,6 +12,7 @@ pub mod cli;
 pub mod clients;
 pub mod config;
 mod connections;
+mod deadlines;
 #[cfg(feature = "mock")]
 pub mod demo;
 mod error;

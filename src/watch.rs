@@ -7,7 +7,8 @@
 //! waiter sees each change of the body (a new ETag) and is woken when the watcher ends (the run
 //! is no longer running, nobody waits, or the gateway shuts down). Waiters are counted against
 //! `longpoll.max_waiters` and their client's `max_waiters`, and released (permits, gauges) when
-//! dropped. No waiter polls: each sleeps on its channel, under one deadline of its own.
+//! dropped. No waiter polls and none arms a timer: each sleeps on its channel and on its slot of
+//! the shared [`Deadlines`] (one timer for every held request).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,6 +21,7 @@ use tokio::time::Instant;
 use crate::cache::fetch::{Fetch, FlightValue};
 use crate::cache::{CacheKey, Stored};
 use crate::clients::Client;
+use crate::deadlines::{Deadline, Deadlines};
 use crate::metrics::Metrics;
 use crate::policy::EntryClass;
 use crate::upstream::App;
@@ -51,12 +53,15 @@ pub struct Watchers {
     runs: Mutex<HashMap<CacheKey, watch::Sender<Arc<Stored>>>>,
     /// Set once, on shutdown: every watcher ends and its waiters answer.
     stop: watch::Sender<bool>,
+    /// The waiters' deadlines, on one timer.
+    deadlines: Arc<Deadlines>,
     metrics: Arc<Metrics>,
 }
 
 /// One held request: the run's current state as its watcher sees it.
 pub struct Waiter {
     rx: watch::Receiver<Arc<Stored>>,
+    deadlines: Arc<Deadlines>,
     _slots: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
     metrics: Arc<Metrics>,
 }
@@ -80,8 +85,17 @@ impl Waiter {
         deadline: Instant,
         done: impl Fn(&Stored) -> bool,
     ) -> Arc<Stored> {
-        let _ = tokio::time::timeout_at(deadline, self.rx.wait_for(|s| done(s))).await;
+        let mut deadline = self.deadline(deadline);
+        tokio::select! {
+            _ = self.rx.wait_for(|s| done(s)) => {}
+            _ = deadline.reached() => {}
+        }
         self.current()
+    }
+
+    /// A deadline on the shared timer (fired at most [`crate::deadlines::TICK`] early).
+    pub fn deadline(&self, at: Instant) -> Deadline {
+        self.deadlines.at(at)
     }
 
     /// The next state whose body differs from the last one seen; `None` once the watcher has
@@ -112,6 +126,7 @@ impl Watchers {
             slots: Arc::new(Semaphore::new(max_waiters)),
             runs: Mutex::default(),
             stop: watch::channel(false).0,
+            deadlines: Arc::default(),
             metrics,
         }
     }
@@ -167,6 +182,7 @@ impl Watchers {
         self.metrics.longpoll_waiters.inc();
         Ok(Waiter {
             rx,
+            deadlines: Arc::clone(&self.deadlines),
             _slots: (global, mine),
             metrics: Arc::clone(&self.metrics),
         })

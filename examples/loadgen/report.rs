@@ -245,8 +245,24 @@ fn wrk_checks(out: &mut String, scenario: &str, s: &HashMap<String, Summary>) {
             "bare-distinct-bodies",
             "bare hyper over 10,000 distinct bodies",
         ),
+        (
+            "bare-proxy",
+            "hyper server + hyper-util client proxying, nothing else",
+        ),
     ] {
         let Some(c) = s.get(name) else { continue };
+        if let (Some(n), true) = (nginx, miss_load) {
+            let _ = writeln!(
+                out,
+                "| {scenario}: CPU/req {name} / nginx proxy_pass | {} | (ceiling: {what}) | |",
+                cpu_ratio(c, n)
+            );
+            let _ = writeln!(
+                out,
+                "| {scenario}: req/s {name} / nginx proxy_pass | {:.2}× | (ceiling: {what}) | |",
+                c.rps / n.rps
+            );
+        }
         if let (Some(n), true) = (nginx, hit_path) {
             let _ = writeln!(
                 out,

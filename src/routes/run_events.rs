@@ -5,7 +5,8 @@
 //! then one event per change of the body, in order; the stream ends after the first event whose
 //! run is no longer running, when the watcher ends (shutdown), or when the client leaves. Each
 //! event is `event: status`, `id: <etag>` and the body as received, one `data:` line per line
-//! of it; a `: ping` comment goes out after `stream.heartbeat` with nothing sent. An answer the
+//! of it; a `: ping` comment goes out after `stream.heartbeat` with nothing sent (on the
+//! waiters' shared timer, so up to [`crate::deadlines::TICK`] early). An answer the
 //! stream cannot start from (an error, a run not found) is sent as the run-detail route sends it.
 
 use std::sync::Arc;
@@ -105,6 +106,7 @@ async fn stream(
     }
     while is_running(&cur) {
         let Some(w) = waiter.as_mut() else { return };
+        let mut quiet = w.deadline(tokio::time::Instant::now() + heartbeat);
         tokio::select! {
             next = w.changed() => match next {
                 Some(s) => {
@@ -115,7 +117,7 @@ async fn stream(
                 }
                 None => return,
             },
-            _ = tokio::time::sleep(heartbeat) => {
+            _ = quiet.reached() => {
                 if tx.send(Bytes::from_static(PING)).await.is_err() {
                     return;
                 }
