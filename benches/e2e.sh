@@ -326,7 +326,8 @@ hit_scenario() {
 warm_hot() {
     local s
     for s in gateway gateway-nolog gateway-baseline nginx; do
-        [ -n "${port[$s]:-}" ] || continue
+        # Only the servers started (gateway-baseline only with BASELINE).
+        [ -n "${PIDS[$s]:-}" ] || continue
         curl -s -o /dev/null "http://127.0.0.1:${port[$s]}$URL_PATH"
         curl -s -o /dev/null "http://127.0.0.1:${port[$s]}$URL_PATH"
     done
