@@ -383,6 +383,51 @@ async fn a_waiter_is_woken_by_notify_done_long_before_its_timeout() {
     assert_eq!(holder.release(token).await, ReleaseOutcome::Released);
 }
 
+/// `finish` publishes the completion and frees the lock in one call: a waiter on another
+/// replica is woken with the stored flag and can take the lock at once; a holder whose lock
+/// expired still tells the waiters but cannot free the next holder's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finish_wakes_the_waiters_and_frees_only_its_own_lock() {
+    let server = RedisServer::start();
+    let short = "lock_ttl = \"300ms\"\nwait_timeout = \"200ms\"";
+    let (holder, waiter) = (tier(&server, short), tier(&server, ""));
+    subscribed(&waiter).await;
+    let run = new_run();
+    let token = locked(&holder, run, "holder locks").await;
+    assert!(matches!(waiter.try_lock(TAG, run).await, LockResult::Held));
+    let wait = {
+        let w = waiter.clone();
+        tokio::spawn(async move { w.wait(TAG, run, Duration::from_secs(5)).await })
+    };
+    eventually(Duration::from_secs(2), "the waiter registered", || async {
+        waiter.waiting_runs() == 1
+    })
+    .await;
+    assert_eq!(
+        holder.put(TAG, run, &terminal(b"{\"f\":1}")).await,
+        PutOutcome::Written
+    );
+    assert_eq!(
+        holder.finish(token, TAG, run, true).await,
+        (NotifyOutcome::Published, ReleaseOutcome::Released)
+    );
+    assert_eq!(wait.await.unwrap(), WaitOutcome::Notified { stored: true });
+    let next = locked(&waiter, run, "the finished lock is free").await;
+    assert_eq!(waiter.release(next).await, ReleaseOutcome::Released);
+
+    // An expired holder: the next holder's lock stays; the waiters are still told.
+    let run = new_run();
+    let old = locked(&holder, run, "first lock").await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let new = locked(&waiter, run, "the expired lock can be taken").await;
+    assert_eq!(
+        holder.finish(old, TAG, run, false).await,
+        (NotifyOutcome::Published, ReleaseOutcome::Expired)
+    );
+    assert!(matches!(holder.try_lock(TAG, run).await, LockResult::Held));
+    assert_eq!(waiter.release(new).await, ReleaseOutcome::Released);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_before_the_wait_is_not_missed() {
     let server = RedisServer::start();

@@ -4,10 +4,10 @@
 //! Invariant: a fetch for a key starts only when the cache has no live entry for it and no fetch
 //! for it is in flight (the [`SingleFlight`] re-checks the cache under its lock); what the fetch
 //! brings back is in the cache before the flight's waiters are woken. With a shared tier the
-//! fetch follows its protocol (see [`crate::shared`]): get → lock → upstream → put → notify →
-//! release; every shared-tier failure falls back to the upstream, so Redis down is not an
-//! outage; the lookup and the lock are one round trip, and the put, notification and release
-//! follow the answer (the flight's waiters are woken first), so a miss costs one Redis round
+//! fetch follows its protocol (see [`crate::shared`]): get → lock → upstream → put → notify and
+//! release (one script); every shared-tier failure falls back to the upstream, so Redis down is
+//! not an outage; the lookup and the lock are one round trip, and the put, notification and
+//! release follow the answer (the flight's waiters are woken first), so a miss costs one Redis round
 //! trip more than without the tier. Purges go to both tiers. A terminal run detail fetched from
 //! the upstream is counted in [`crate::usage`] and told to [`crate::webhooks`] on a task of its
 //! own, after the answer.
@@ -319,10 +319,9 @@ impl Fetch {
                         Some(stored) => shared.put(&tag, key.run, &stored).await,
                         None => PutOutcome::NotKept,
                     };
-                    let notify = shared
-                        .notify_done(&tag, key.run, put == PutOutcome::Written)
+                    let (notify, release) = shared
+                        .finish(token, &tag, key.run, put == PutOutcome::Written)
                         .await;
-                    let release = shared.release(token).await;
                     tracing::debug!(
                         target: "shared", request_id = ?rid, run = %key.run, put = put.as_str(),
                         notify = notify.as_str(), release = release.as_str(),

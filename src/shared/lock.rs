@@ -14,14 +14,27 @@ use redis::{Script, Value};
 
 use super::codec::ceil_ms;
 use super::errors::SharedError;
-use super::keys::RunKeys;
-use super::{SharedTier, Unavailable};
+use super::keys::{done_payload, RunKeys};
+use super::{NotifyOutcome, SharedTier, Unavailable};
 use crate::run_id::RunId;
 
 /// Deletes a key (a lock, a pending claim) only if it still holds our token.
 pub(super) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0",
+    )
+});
+
+/// Ends a fetch: publishes `ARGV[3]` on channel `ARGV[2]` (the completion every gateway hears),
+/// then deletes the lock `KEYS[1]` only if it still holds our token `ARGV[1]`; 1 when it did.
+/// Publishing first keeps the order waiters rely on: told, then free to lock.
+pub(super) static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"redis.call('PUBLISH', ARGV[2], ARGV[3])
+if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
 end
 return 0",
@@ -44,9 +57,9 @@ return {3, false, 0}",
     )
 });
 
-/// Proof of holding a run's lock; give it back with [`SharedTier::release`]. Dropping it
-/// without releasing leaves the lock to expire after `lock_ttl`.
-#[must_use = "release the lock when the fetch is done, or others wait for lock_ttl"]
+/// Proof of holding a run's lock; give it back with [`SharedTier::finish`]. Dropping it
+/// without finishing leaves the lock to expire after `lock_ttl`.
+#[must_use = "finish the fetch when it is done, or others wait for lock_ttl"]
 pub struct LockToken {
     /// The lock key.
     key: String,
@@ -63,7 +76,7 @@ impl fmt::Debug for LockToken {
 /// The answer to [`SharedTier::try_lock`].
 #[derive(Debug)]
 pub enum LockResult {
-    /// This caller holds the lock: fetch, `put`, `notify_done`, then `release`.
+    /// This caller holds the lock: fetch, `put`, then `finish`.
     Acquired(LockToken),
     /// Another gateway (or request) holds it: `wait`, then look again.
     Held,
@@ -146,7 +159,7 @@ impl SharedTier {
         }
     }
 
-    /// Gives the lock back, if it is still ours.
+    /// Gives the lock back, if it is still ours (without telling anyone; see [`Self::finish`]).
     pub async fn release(&self, token: LockToken) -> ReleaseOutcome {
         let mut inv = RELEASE.key(&token.key);
         inv.arg(&token.token);
@@ -157,6 +170,34 @@ impl SharedTier {
             Ok(1) => ReleaseOutcome::Released,
             Ok(_) => ReleaseOutcome::Expired,
             Err(Unavailable) => ReleaseOutcome::Unavailable,
+        }
+    }
+
+    /// Ends the fetch of (`app_tag`, `run`) this caller holds the lock for, in one round trip:
+    /// tells every gateway it is over (`stored` says whether it left a value to read), then
+    /// gives the lock back if it is still ours.
+    pub async fn finish(
+        &self,
+        token: LockToken,
+        app_tag: &str,
+        run: RunId,
+        stored: bool,
+    ) -> (NotifyOutcome, ReleaseOutcome) {
+        let Ok(keys) = self.keys("finish", app_tag, run) else {
+            // The lock is left to expire: without keys nothing can be published either.
+            return (NotifyOutcome::Unavailable, ReleaseOutcome::Unavailable);
+        };
+        let mut inv = FINISH.key(&token.key);
+        inv.arg(&token.token)
+            .arg(&self.inner.channel)
+            .arg(done_payload(&keys, stored));
+        match self
+            .call("finish", inv.invoke_async::<i64>(&mut self.conn()))
+            .await
+        {
+            Ok(1) => (NotifyOutcome::Published, ReleaseOutcome::Released),
+            Ok(_) => (NotifyOutcome::Published, ReleaseOutcome::Expired),
+            Err(Unavailable) => (NotifyOutcome::Unavailable, ReleaseOutcome::Unavailable),
         }
     }
 

@@ -11,7 +11,7 @@
 //! ```text
 //! get ─ Hit ─────────────────────────────▶ answer
 //!     ─ Unavailable ─────────────────────▶ fetch locally
-//!     ─ Miss ─ try_lock ─ Acquired(t) ───▶ fetch; put; notify_done; release(t)
+//!     ─ Miss ─ try_lock ─ Acquired(t) ───▶ fetch; put; finish(t) (publish + unlock, one call)
 //!                       ─ Held ─ wait ─ Notified{stored:true} ─▶ get again
 //!                                     ─ anything else ─────────▶ fetch locally
 //!                       ─ Unavailable ───▶ fetch locally
@@ -319,7 +319,7 @@ impl SharedTier {
     }
 
     /// Tells every gateway that the fetch of (`app_tag`, `run`) is over; `stored` says whether
-    /// it left a value to read.
+    /// it left a value to read. A lock holder uses [`SharedTier::finish`], which also unlocks.
     pub async fn notify_done(&self, app_tag: &str, run: RunId, stored: bool) -> NotifyOutcome {
         let Ok(keys) = self.keys("notify_done", app_tag, run) else {
             return NotifyOutcome::Unavailable;
