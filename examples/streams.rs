@@ -3,25 +3,28 @@
 //! streaming run, the memory and CPU of 1,000 open streams, and the memory growth of a 100 MiB
 //! upload.
 //!
-//! Starts a mock Dify and an in-process gateway on loopback, and nginx as a child process when
-//! it is installed (its column reads "–" otherwise); bounded in count and time. Prints a
-//! Markdown table. The nginx column's memory is this process's growth (the client's and the
-//! mock's ends, as in the direct column) plus nginx's own.
+//! Starts a mock Dify on loopback, the release gateway as a child process (its CPU and memory
+//! its own, as nginx's are), and nginx as a child process when it is installed (its column
+//! reads "–" otherwise); bounded in count and time. Prints a Markdown table. The gateway's and
+//! nginx's columns of memory are this process's growth on the direct path (the client's and
+//! the mock's ends) plus the proxy's own.
 //!
 //! ```text
-//! cargo run --release --example streams
+//! cargo build --release --features mock && cargo run --release --example streams
 //! ```
 
-#[path = "support/in_process.rs"]
-mod in_process;
+// Shared with the soak, which uses all of it.
+#[allow(dead_code)]
+#[path = "soak/gateway_process.rs"]
+mod gateway_process;
 #[path = "support/nginx.rs"]
 mod nginx;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dify_gateway::mock::{MockDify, RunScript};
+use gateway_process::{default_binary, GatewayProcess};
 use http::{Method, Request};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -50,9 +53,20 @@ fn client() -> Client<HttpConnector, Body> {
         .build(http)
 }
 
-async fn gateway(mock: &MockDify) -> SocketAddr {
+/// The release gateway as a child process in front of `mock`.
+async fn gateway(mock: &MockDify) -> GatewayProcess {
     let toml = "[log]\naccess_log = false\n[passthrough]\nmax_upload_bytes = 209715200\n";
-    in_process::gateway(&mock.base_url(), KEY, toml).await
+    let log = std::env::temp_dir().join("streams-gateway.log");
+    let mut gw = GatewayProcess::spawn(&default_binary(), &mock.base_url(), KEY, toml, &log)
+        .expect("gateway starts (build it first: cargo build --release --features mock)");
+    let probe: gateway_process::HttpClient = Client::builder(TokioExecutor::new()).build_http();
+    assert!(gw.wait_healthy(&probe, Duration::from_secs(10)).await);
+    gw
+}
+
+/// The gateway child's resident memory, KiB.
+fn child_rss_kib(gw: &GatewayProcess) -> u64 {
+    gateway_process::memory(gw.pid).map_or(0, |m| m.rss_kib)
 }
 
 fn start_request(base: &str, auth: bool) -> Request<Body> {
@@ -135,7 +149,7 @@ async fn main() {
     let gw = gateway(&mock).await;
     let nginx = nginx::Nginx::start(mock.addr(), KEY);
     let direct = mock.base_url();
-    let through = format!("http://{gw}/v1");
+    let through = format!("http://{}/v1", gw.public);
     // The proxies add the key; straight to the mock the client sends it.
     let mut paths = vec![(direct.clone(), true), (through.clone(), false)];
     if let Some(n) = &nginx {
@@ -188,8 +202,13 @@ async fn main() {
     let mut open = Vec::new();
     let mut per_stream = Vec::new();
     for (i, (base, auth)) in paths.iter().enumerate() {
-        // nginx (the third path) holds its memory in its own process.
-        let nginx_rss = || nginx.as_ref().filter(|_| i == 2).map_or(0, |n| n.rss_kib());
+        // The gateway (the second path) and nginx (the third) hold their memory in their own
+        // processes.
+        let nginx_rss = || match i {
+            1 => child_rss_kib(&gw),
+            2 => nginx.as_ref().map_or(0, |n| n.rss_kib()),
+            _ => 0,
+        };
         mock.hold_events();
         let runs0 = mock.runs().len();
         let (rss0, outside0) = (rss_kib("VmRSS:"), nginx_rss());
@@ -218,12 +237,13 @@ async fn main() {
         let idle_cpu = cpu_time() - cpu0;
         let kib = |a: u64, b: u64| a.saturating_sub(b) as f64 / OPEN as f64;
         per_stream.push(kib(rss1, rss0));
-        open.push(if i == 2 {
+        open.push(if i > 0 {
             // The client's and the mock's ends are those of the direct path (measured there:
-            // this process has freed and reuses memory by now); nginx's own is added to them.
+            // this process has freed and reuses memory by now); the proxy's own is added.
             let own = kib(outside1, outside0);
+            let name = if i == 1 { "the gateway" } else { "nginx" };
             format!(
-                "{:.1} KiB (nginx itself {own:.1}); {} ms",
+                "{:.1} KiB ({name} itself {own:.1}); {} ms",
                 per_stream[0] + own,
                 idle_cpu.as_millis()
             )
@@ -240,9 +260,13 @@ async fn main() {
         open,
     );
 
-    // A 100 MiB upload, streamed from a generator in 64 KiB chunks.
-    let hwm0 = rss_kib("VmHWM:");
-    let rss0 = rss_kib("VmRSS:");
+    // A 100 MiB upload, streamed from a generator in 64 KiB chunks, through a fresh gateway
+    // (the first one's peak is the 1,000 streams'): its own memory.
+    drop(gw);
+    let gw = gateway(&mock).await;
+    let through = format!("http://{}/v1", gw.public);
+    let before = gateway_process::memory(gw.pid).expect("gateway memory");
+    let (hwm0, rss0) = (before.hwm_kib, before.rss_kib);
     let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
     let head = Bytes::from_static(b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n");
     let tail = Bytes::from_static(b"\r\n--b0undary\r\nContent-Disposition: form-data; name=\"user\"\r\n\r\nbench\r\n--b0undary--\r\n");
@@ -261,8 +285,8 @@ async fn main() {
     let resp = c.request(req).await.expect("upload answer");
     let status = resp.status();
     let _ = resp.into_body().collect().await;
-    let rss1 = rss_kib("VmRSS:");
-    let hwm1 = rss_kib("VmHWM:");
+    let after = gateway_process::memory(gw.pid).expect("gateway memory");
+    let (rss1, hwm1) = (after.rss_kib, after.hwm_kib);
     println!(
         "| 100 MiB upload through the gateway ({status}, {:.2} s): RSS growth; peak growth | — | {:.1} MiB; {:.1} MiB | — |",
         t.elapsed().as_secs_f64(),
