@@ -18,7 +18,7 @@ use http::HeaderValue;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::cache::fetch::{Fetch, FlightValue};
+use crate::cache::fetch::Fetch;
 use crate::cache::{CacheKey, Stored};
 use crate::clients::Client;
 use crate::deadlines::{Deadline, Deadlines};
@@ -238,15 +238,11 @@ impl Watchers {
             } else {
                 last_try = Some(Instant::now());
                 let leader = leader.as_ref();
-                match self
-                    .fetch
+                self.fetch
                     .run(&app, key.run, &WATCH_REQUEST_ID, leader)
                     .await
-                {
-                    Ok((FlightValue::Cached(s), _)) => Some(s),
-                    Ok((FlightValue::Fetched(f), _)) => f.result.as_ref().ok().cloned(),
-                    Err(_) => None,
-                }
+                    .ok()
+                    .and_then(|(v, _)| v.stored())
             };
             // A failed refresh keeps the last state: waiters see a change or their deadline.
             if let Some(s) = got.filter(|s| s.class.is_some()) {

@@ -69,6 +69,16 @@ pub enum FlightValue {
     Cached(Arc<Stored>),
 }
 
+impl FlightValue {
+    /// The answer it carries: the entry found, or what the fetch brought (none when it failed).
+    pub fn stored(&self) -> Option<Arc<Stored>> {
+        match self {
+            FlightValue::Cached(s) => Some(Arc::clone(s)),
+            FlightValue::Fetched(f) => f.result.as_ref().ok().cloned(),
+        }
+    }
+}
+
 /// The fetches behind misses, and what they fill.
 pub struct Fetch {
     /// The in-process cache the fetches fill (a handle on the same stores the hit path reads).
@@ -206,7 +216,7 @@ impl Fetch {
                         let counter = Arc::clone(&me);
                         tokio::spawn(async move {
                             counter.count_usage(&app2, key, leader.as_deref(), &f).await;
-                            counter.announce(&app2, key, &f);
+                            counter.announce(&app2, key, &f).await;
                         });
                     }
                     value
@@ -247,8 +257,9 @@ impl Fetch {
             .await;
     }
 
-    /// A terminal run detail from the upstream, to the webhooks (off the fetch's path).
-    fn announce(&self, app: &Arc<App>, key: CacheKey, f: &Fetched) {
+    /// A terminal run detail from the upstream, to the webhooks (on the task that follows the
+    /// fetch, after the answer).
+    async fn announce(&self, app: &Arc<App>, key: CacheKey, f: &Fetched) {
         let Some(webhooks) = self.webhooks.get().and_then(std::sync::Weak::upgrade) else {
             return;
         };
@@ -256,8 +267,7 @@ impl Fetch {
         if stored.class != Some(EntryClass::Terminal) {
             return;
         }
-        let (app, body) = (Arc::clone(app), stored.body.clone());
-        tokio::spawn(async move { webhooks.terminal_fetched(&app, key.run, &body).await });
+        webhooks.terminal_fetched(app, key.run, &stored.body).await;
     }
 
     /// Fetches in flight now.

@@ -32,7 +32,7 @@ use crate::clients::hex;
 use crate::config::{WebhookTarget, WebhooksConfig};
 use crate::metrics::OutcomeLabel;
 use crate::shared::unix_ms_now;
-use crate::upstream::crypto_provider;
+use crate::upstream::{crypto_provider, jitter};
 
 /// Deliveries sent at once by one replica.
 const CONCURRENCY: usize = 32;
@@ -284,7 +284,7 @@ impl Webhooks {
             }
             return;
         }
-        let delay = backoff(&self.config, d.attempts, unit_random());
+        let delay = backoff(&self.config, d.attempts, jitter());
         tracing::debug!(target: "webhooks", run = %d.run, client = %d.client, attempt = d.attempts, outcome = outcome.as_str(), retry_in_ms = delay.as_millis() as u64, "webhook delivery failed; retrying");
         if let (Some(id), Some(shared)) = (shared_id, &self.shared) {
             let due = unix_ms_now() + delay.as_millis() as u64;
@@ -302,10 +302,7 @@ impl Webhooks {
 
     /// Posts `d` to `t`: one attempt, bounded by `webhooks.timeout`.
     async fn post(&self, t: &WebhookTarget, d: &Delivery) -> Attempt {
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            .to_string();
+        let timestamp = (unix_ms_now() / 1000).to_string();
         let signature = sign(t.secret.expose_secret().as_bytes(), &timestamp, &d.body);
         let req = Request::post(t.url.clone())
             .header(CONTENT_TYPE, "application/json")
@@ -376,13 +373,6 @@ fn backoff(config: &WebhooksConfig, attempts: u32, jitter: f64) -> Duration {
         .saturating_mul(1u32 << attempts.saturating_sub(1).min(20));
     let capped = exp.min(config.max_delay);
     capped + capped.mul_f64(jitter * 0.25)
-}
-
-/// A number in [0, 1) from the OS generator (for jitter).
-fn unit_random() -> f64 {
-    let mut b = [0u8; 8];
-    let _ = getrandom::getrandom(&mut b);
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::Webhooks;
-use crate::cache::fetch::FlightValue;
 use crate::cache::CacheKey;
 use crate::policy::EntryClass;
 use crate::run_id::RunId;
@@ -175,11 +174,12 @@ impl Webhooks {
             if Instant::now() >= until {
                 return Followed::Expired;
             }
-            let got = match self.fetch.run(app, run, &FOLLOW_REQUEST_ID, None).await {
-                Ok((FlightValue::Cached(s), _)) => Some(s),
-                Ok((FlightValue::Fetched(f), _)) => f.result.as_ref().ok().cloned(),
-                Err(_) => None,
-            };
+            let got = self
+                .fetch
+                .run(app, run, &FOLLOW_REQUEST_ID, None)
+                .await
+                .ok()
+                .and_then(|(v, _)| v.stored());
             match got {
                 Some(s) if s.class == Some(EntryClass::Terminal) => {
                     return Followed::Ended(s.body.clone())
