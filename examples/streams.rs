@@ -12,6 +12,10 @@
 //! ```text
 //! cargo build --release --features mock && cargo run --release --example streams
 //! ```
+//!
+//! `BASELINE=<gateway binary>` adds a column for another build, measured in the same run;
+//! `PIN=0` leaves placement to the kernel; `LOOP=1 LOOP_SECS=10` only repeats short runs
+//! through the gateway (column 1), for a profiler.
 
 // Shared with the soak, which uses all of it.
 #[allow(dead_code)]
@@ -35,7 +39,7 @@ use hyper_util::rt::TokioExecutor;
 
 const KEY: &str = "app-streams-bench";
 /// Streaming runs timed per path.
-const RUNS: usize = 300;
+const RUNS: usize = 1000;
 /// Text chunks per run in the per-event measurement.
 const CHUNKS: usize = 200;
 /// Streams held open at once.
@@ -101,6 +105,17 @@ async fn one_run(c: &Client<HttpConnector, Body>, base: &str, auth: bool) -> (Du
     (first.expect("an event"), t.elapsed())
 }
 
+/// Write system calls (`write`, `writev`, ...) process `pid` has made: `syscw` of
+/// `/proc/<pid>/io`.
+fn writes(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("syscw:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort_unstable();
     v[((v.len() as f64 - 1.0) * p).round() as usize]
@@ -143,39 +158,129 @@ async fn latencies(c: &Client<HttpConnector, Body>, base: &str, auth: bool) -> [
     ]
 }
 
-#[tokio::main]
-async fn main() {
+/// Pins every thread of process `pid` to `cpu` (`taskset -a -p`); false when that is not
+/// possible here (no `taskset`, or a single CPU).
+fn pin(pid: u32, cpu: usize) -> bool {
+    std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn main() {
+    // As in `benches/e2e.sh`: each proxy one thread on CPU 0 (nginx runs one worker), the
+    // client and the mock on CPU 1, so the proxies are compared on the same CPU and neither
+    // waits for the other's threads. `PIN=0` leaves placement to the kernel and the gateway
+    // its default worker count.
+    let pinned = std::env::var("PIN").map_or(true, |v| v != "0")
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+    if pinned {
+        // Read by this runtime and passed to the gateway child.
+        std::env::set_var("TOKIO_WORKER_THREADS", "1");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let pinned = pinned && pin(std::process::id(), 1);
+    runtime.block_on(bench(pinned));
+}
+
+async fn bench(pinned: bool) {
     let mock = MockDify::start(KEY).await.expect("mock");
     let gw = gateway(&mock).await;
     let nginx = nginx::Nginx::start(mock.addr(), KEY);
+    if pinned {
+        pin(gw.pid, 0);
+        if let Some(n) = &nginx {
+            pin(n.pid(), 0);
+        }
+        println!("Placement: the gateway (one worker thread) and nginx (one worker) on CPU 0; this client and the mock on CPU 1.\n");
+    } else {
+        println!("Placement: left to the kernel (`PIN=0`); the gateway with its default worker threads, nginx with one worker.\n");
+    }
+    // Another build of the gateway beside this one, for a before-and-after in one run.
+    let baseline = match std::env::var_os("BASELINE") {
+        Some(bin) => {
+            let toml = "[log]\naccess_log = false\n";
+            let log = std::env::temp_dir().join("streams-baseline.log");
+            let mut b = GatewayProcess::spawn(bin.as_ref(), &mock.base_url(), KEY, toml, &log)
+                .expect("the BASELINE gateway starts");
+            let probe: gateway_process::HttpClient =
+                Client::builder(TokioExecutor::new()).build_http();
+            assert!(b.wait_healthy(&probe, Duration::from_secs(10)).await);
+            if pinned {
+                pin(b.pid, 0);
+            }
+            Some(b)
+        }
+        None => None,
+    };
     let direct = mock.base_url();
     let through = format!("http://{}/v1", gw.public);
-    // The proxies add the key; straight to the mock the client sends it.
-    let mut paths = vec![(direct.clone(), true), (through.clone(), false)];
+    // The proxies add the key; straight to the mock the client sends it. Each path: its base,
+    // whether the client sends the key, the proxy's pid.
+    let mut paths = vec![
+        (direct.clone(), true, None),
+        (through.clone(), false, Some(gw.pid)),
+    ];
+    let mut columns = vec!["Direct".to_string(), "Through the gateway".to_string()];
     if let Some(n) = &nginx {
-        paths.push((format!("http://{}/v1", n.addr), false));
+        paths.push((format!("http://{}/v1", n.addr), false, Some(n.pid())));
+        columns.push("Through nginx (`proxy_buffering off`)".into());
+    }
+    // The open streams and the upload are measured on these (not the baseline).
+    let main_paths = paths.len();
+    if let Some(b) = &baseline {
+        paths.push((format!("http://{}/v1", b.public), false, Some(b.pid)));
+        columns.push("The gateway, `BASELINE` build".into());
     }
     let c = client();
     let us = |d: Duration| format!("{:.0} µs", d.as_secs_f64() * 1e6);
-    let row = |what: &str, cells: Vec<String>| {
-        let nginx_cell = cells
-            .get(2)
-            .cloned()
-            .unwrap_or_else(|| "– (no nginx)".into());
-        println!("| {what} | {} | {} | {nginx_cell} |", cells[0], cells[1]);
+    let row = |what: &str, mut cells: Vec<String>| {
+        cells.resize(columns.len(), "—".into());
+        println!("| {what} | {} |", cells.join(" | "));
     };
 
-    println!("| Measure | Direct | Through the gateway | Through nginx (`proxy_buffering off`) |");
-    println!("| --- | --- | --- | --- |");
+    println!("| Measure | {} |", columns.join(" | "));
+    println!("|{}", " --- |".repeat(columns.len() + 1));
     // A short run: first event and whole stream.
     mock.set_run_script(RunScript::default());
-    for (base, auth) in &paths {
+    if let Some(i) = std::env::var("LOOP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        // For a profiler: short runs through column `i` (1: the gateway) for LOOP_SECS.
+        let secs = std::env::var("LOOP_SECS").ok().and_then(|v| v.parse().ok());
+        let end = Instant::now() + Duration::from_secs(secs.unwrap_or(10));
+        let (base, auth, pid) = &paths[i];
+        println!("looping short runs through {} (pid {pid:?})", columns[i]);
+        let mut n = 0;
+        while Instant::now() < end {
+            one_run(&c, base, *auth).await;
+            n += 1;
+        }
+        println!("{n} runs");
+        return;
+    }
+    for (base, auth, _) in &paths {
         // Warm the pools.
         one_run(&c, base, *auth).await;
     }
+    // The proxy's own CPU over a measurement, from `/proc` (the direct path has none).
+    let proxy_pid = |i: usize| paths[i].2;
+    let cpu_of = |i: usize| {
+        let pid = proxy_pid(i)?;
+        Some((gateway_process::cpu_seconds(pid)?, writes(pid)?))
+    };
     let mut short = Vec::new();
-    for (base, auth) in &paths {
+    let mut short_cpu = Vec::new();
+    for (i, (base, auth, _)) in paths.iter().enumerate() {
+        let c0 = cpu_of(i);
         short.push(latencies(&c, base, *auth).await);
+        short_cpu.push(c0.zip(cpu_of(i)).map(|(a, b)| (b.0 - a.0, b.1 - a.1)));
     }
     row(
         &format!("first event, p50 / p99 ({RUNS} runs)"),
@@ -188,20 +293,55 @@ async fn main() {
     mock.set_run_script(RunScript::chunks(CHUNKS));
     let per = |t: Duration| format!("{:.1} µs", t.as_secs_f64() * 1e6 / (CHUNKS + 8) as f64);
     let mut long = Vec::new();
-    for (base, auth) in &paths {
+    let mut long_cpu = Vec::new();
+    for (i, (base, auth, _)) in paths.iter().enumerate() {
+        let c0 = cpu_of(i);
         let l = latencies(&c, base, *auth).await;
         long.push(format!("{} / {}; {}", us(l[2]), us(l[3]), per(l[2])));
+        long_cpu.push(c0.zip(cpu_of(i)).map(|(a, b)| (b.0 - a.0, b.1 - a.1)));
     }
     row(
         &format!("whole stream of {CHUNKS} chunks, p50 / p99; per event at p50"),
         long,
+    );
+    // Each run of the long script is the short one's events plus CHUNKS more: the difference
+    // is the proxy's CPU per passed event, the short one's its CPU per run start.
+    let cells = |f: &dyn Fn((f64, u64), (f64, u64)) -> String| -> Vec<String> {
+        short_cpu
+            .iter()
+            .zip(&long_cpu)
+            .map(|(s, l)| match (s, l) {
+                (Some(s), Some(l)) => f(*s, *l),
+                _ => "—".into(),
+            })
+            .collect()
+    };
+    row(
+        "the proxy's CPU: per short run; per event passed",
+        cells(&|s, l| {
+            format!(
+                "{:.0} µs; {:.1} µs",
+                s.0 * 1e6 / RUNS as f64,
+                (l.0 - s.0) * 1e6 / (RUNS * CHUNKS) as f64
+            )
+        }),
+    );
+    row(
+        "the proxy's socket writes (`write`/`writev` calls): per short run; per event passed",
+        cells(&|s, l| {
+            format!(
+                "{:.1}; {:.2}",
+                s.1 as f64 / RUNS as f64,
+                (l.1 as f64 - s.1 as f64) / (RUNS * CHUNKS) as f64
+            )
+        }),
     );
 
     // 1,000 open streams, held upstream after their first event.
     mock.set_run_script(RunScript::default());
     let mut open = Vec::new();
     let mut per_stream = Vec::new();
-    for (i, (base, auth)) in paths.iter().enumerate() {
+    for (i, (base, auth, _)) in paths.iter().take(main_paths).enumerate() {
         // The gateway (the second path) and nginx (the third) hold their memory in their own
         // processes.
         let nginx_rss = || match i {
@@ -264,6 +404,9 @@ async fn main() {
     // (the first one's peak is the 1,000 streams'): its own memory.
     drop(gw);
     let gw = gateway(&mock).await;
+    if pinned {
+        pin(gw.pid, 0);
+    }
     let through = format!("http://{}/v1", gw.public);
     let before = gateway_process::memory(gw.pid).expect("gateway memory");
     let (hwm0, rss0) = (before.hwm_kib, before.rss_kib);

@@ -1,16 +1,21 @@
 //! Single flight: concurrent misses for one key share one upstream fetch.
 //!
 //! Contract: the first request for a key that is neither cached nor in flight becomes the
-//! leader and starts the fetch on its **own task**, so a leader whose client disconnects does
-//! not cancel it for the others. Every request that arrives while it runs waits for that same
+//! leader and runs the fetch on its own task; a leader dropped before the fetch ends (its client
+//! disconnected) hands the rest of it to a **task of its own**, so it does not cancel it for the
+//! others. Every request that arrives while it runs waits for that same
 //! result, woken when it completes (no polling). If the fetch fails, every waiter gets the same
 //! failure and nothing is cached (the fetch itself decides what is cached, before it publishes).
-//! If the fetch task dies without a result, waiters get [`FlightLost`] and the key is freed.
+//! If the fetch panics, waiters get [`FlightLost`] and the key is freed.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::FutureExt;
 
 use tokio::sync::watch;
 
@@ -25,7 +30,7 @@ pub enum Role {
     Rechecked,
 }
 
-/// The fetch task ended without publishing a result.
+/// The fetch ended without publishing a result (it panicked).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the shared fetch ended without a result")]
 pub struct FlightLost;
@@ -45,7 +50,7 @@ impl<K, V> Default for SingleFlight<K, V> {
     }
 }
 
-/// Removes the key from the table when the fetch task ends, however it ends.
+/// Removes the key from the table when the fetch ends, however it ends.
 struct Landing<K: Hash + Eq, V> {
     flights: Arc<SingleFlight<K, V>>,
     key: Option<K>,
@@ -97,37 +102,86 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
-        let (mut rx, role) = {
+        let joined = {
             let mut table = self.table();
-            if let Some(rx) = table.get(&key) {
-                (rx.clone(), Role::Follower)
-            } else {
-                if let Some(v) = recheck() {
-                    return Ok((v, Role::Rechecked));
+            match table.get(&key) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    if let Some(v) = recheck() {
+                        return Ok((v, Role::Rechecked));
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    table.insert(key.clone(), rx);
+                    Ok(tx)
                 }
-                let (tx, rx) = watch::channel(None);
-                table.insert(key.clone(), rx.clone());
-                let landing = Landing {
-                    flights: Arc::clone(self),
-                    key: Some(key),
-                };
-                let fut = fetch();
-                tokio::spawn(async move {
-                    let v = fut.await;
-                    // Publish first, then free the key: a request arriving in between joins
-                    // this finished flight and gets its value at once.
-                    let _ = tx.send(Some(v));
-                    drop(landing);
-                });
-                (rx, Role::Leader)
             }
         };
-        let value = rx
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| FlightLost)?
-            .clone();
-        value.map(|v| (v, role)).ok_or(FlightLost)
+        let tx = match joined {
+            Ok(tx) => tx,
+            Err(mut rx) => {
+                let value = rx
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| FlightLost)?
+                    .clone();
+                return value.map(|v| (v, Role::Follower)).ok_or(FlightLost);
+            }
+        };
+        let mut flying = Flying {
+            fetch: Some(Box::pin(fetch())),
+            tx: Some(tx),
+            landing: Some(Landing {
+                flights: Arc::clone(self),
+                key: Some(key),
+            }),
+        };
+        // The leader runs the fetch on its own task; should it be dropped first (its client
+        // left), `Flying` hands the rest of the fetch to a task of its own.
+        let fetch = flying.fetch.as_mut().expect("set above");
+        let outcome = AssertUnwindSafe(fetch).catch_unwind().await;
+        flying.fetch = None;
+        let (tx, landing) = (flying.tx.take(), flying.landing.take());
+        let Ok(v) = outcome else {
+            // A panicking fetch: the waiters lose it (the sender goes), the key is freed.
+            return Err(FlightLost);
+        };
+        // Publish first, then free the key: a request arriving in between joins this finished
+        // flight and gets its value at once.
+        if let Some(tx) = tx {
+            let _ = tx.send(Some(v.clone()));
+        }
+        drop(landing);
+        Ok((v, Role::Leader))
+    }
+}
+
+/// A fetch the leader is running. Dropped unfinished (the leader's request went away, not by a
+/// panic), it goes on on a task of its own, so the waiters still get its value.
+struct Flying<K: Hash + Eq + Send + 'static, V: Send + Sync + 'static> {
+    fetch: Option<Pin<Box<dyn Future<Output = V> + Send>>>,
+    tx: Option<watch::Sender<Option<V>>>,
+    landing: Option<Landing<K, V>>,
+}
+
+impl<K: Hash + Eq + Send + 'static, V: Send + Sync + 'static> Drop for Flying<K, V> {
+    fn drop(&mut self) {
+        let (Some(fetch), Some(tx), Some(landing)) =
+            (self.fetch.take(), self.tx.take(), self.landing.take())
+        else {
+            return;
+        };
+        if std::thread::panicking() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if let Ok(v) = AssertUnwindSafe(fetch).catch_unwind().await {
+                let _ = tx.send(Some(v));
+            }
+            drop(landing);
+        });
     }
 }
 
@@ -170,29 +224,41 @@ mod tests {
         assert!(f.is_empty());
     }
 
-    #[tokio::test]
-    async fn a_cancelled_leader_does_not_cancel_the_fetch() {
-        let f: Arc<SingleFlight<u32, u64>> = Arc::default();
+    /// A leader whose fetch of `key` waits for the returned sender, then yields `value` (also
+    /// sent on the returned receiver); the leader is aborted once its flight is up.
+    async fn aborted_leader(
+        f: &Arc<SingleFlight<u32, u64>>,
+        key: u32,
+        value: u64,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<(u64, Role), FlightLost>>,
+        tokio::sync::oneshot::Receiver<u64>,
+    ) {
         let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<u64>();
         let leader = {
             let f = f.clone();
             tokio::spawn(async move {
-                f.run(
-                    1,
-                    || None,
-                    || async move {
-                        let _ = go_rx.await;
-                        5
-                    },
-                )
-                .await
+                let fetch = || async move {
+                    let _ = go_rx.await;
+                    let _ = done_tx.send(value);
+                    value
+                };
+                f.run(key, || None, fetch).await
             })
         };
-        tokio::task::yield_now().await;
         while f.is_empty() {
             tokio::task::yield_now().await;
         }
         leader.abort();
+        (go_tx, leader, done_rx)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_leader_does_not_cancel_the_fetch() {
+        let f: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let (go_tx, leader, _done) = aborted_leader(&f, 1, 5).await;
         let follower = {
             let f = f.clone();
             tokio::spawn(async move { f.run(1, || None, || async { 99 }).await })
@@ -201,6 +267,22 @@ mod tests {
         go_tx.send(()).unwrap();
         let (v, role) = follower.await.unwrap().unwrap();
         assert_eq!((v, role), (5, Role::Follower));
+    }
+
+    #[tokio::test]
+    async fn a_fetch_whose_leader_left_with_nobody_waiting_still_lands() {
+        let f: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let (go_tx, leader, done_rx) = aborted_leader(&f, 7, 8).await;
+        assert!(leader.await.unwrap_err().is_cancelled());
+        // The fetch goes on without its leader, then frees the key.
+        assert_eq!(f.len(), 1);
+        go_tx.send(()).unwrap();
+        assert_eq!(done_rx.await, Ok(8));
+        while !f.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let r = f.run(7, || None, || async { 9 }).await;
+        assert_eq!(r, Ok((9, Role::Leader)));
     }
 
     #[tokio::test]

@@ -64,6 +64,8 @@ impl GatewayProcess {
             .env_clear()
             .env("DIFY_API_KEY", key)
             .env("RUST_LOG", "info")
+            // The worker count a harness asks of every tokio runtime it starts.
+            .envs(std::env::var("TOKIO_WORKER_THREADS").map(|v| ("TOKIO_WORKER_THREADS", v)))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)

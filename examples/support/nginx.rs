@@ -73,6 +73,11 @@ impl Nginx {
         None
     }
 
+    /// nginx's process id (with `master_process off`, its one worker).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// nginx's resident set size now, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))

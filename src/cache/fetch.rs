@@ -184,8 +184,9 @@ impl Fetch {
     }
 
     /// Joins the fetch of `run` for `app` in flight, or starts it. A fetch this request starts
-    /// is charged to `leader`'s share of upstream slots and runs on its own task, so it
-    /// finishes for the others even if this request goes away.
+    /// is charged to `leader`'s share of upstream slots and runs on this request's task; should
+    /// the request go away first, the fetch goes on on a task of its own and finishes for the
+    /// others ([`crate::flight`]).
     pub async fn run(
         self: &Arc<Self>,
         app: &Arc<App>,
@@ -290,8 +291,8 @@ impl Fetch {
         let creds = app.credentials();
         match self.shared.clone() {
             None => self.fetch_upstream(&app, &creds, key, &rid, leader).await.0,
-            // Boxed: the shared tier's futures are large, and the flight's task (moved into
-            // place for every fetch) is sized for its largest branch.
+            // Boxed: the shared tier's futures are large, and the flight's box (made for every
+            // fetch) is sized for its largest branch.
             Some(shared) => {
                 Box::pin(self.fetch_shared(shared, &app, &creds, key, rid, leader)).await
             }

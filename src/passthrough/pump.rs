@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
@@ -82,6 +83,42 @@ enum Watch {
     Events(Observer),
     /// A blocking answer, kept up to the cap; `None` once past it.
     Blocking(Option<BytesMut>),
+}
+
+impl Watch {
+    /// Reads one chunk for the run's start and end; `hooks` hear of them before it is sent.
+    async fn observe(&mut self, data: &Bytes, hooks: &mut Hooks, cap: usize) {
+        match self {
+            Watch::Events(o) => {
+                for e in o.feed(data) {
+                    match &e.data {
+                        Data::Dify(DifyEvent::WorkflowStarted {
+                            task_id,
+                            workflow_run_id,
+                        }) => hooks.stream_started(workflow_run_id, task_id).await,
+                        Data::Dify(DifyEvent::Error { raw }) => hooks.stream_failed(raw),
+                        Data::Dify(DifyEvent::WorkflowFinished(f)) => {
+                            hooks.finished(&f.workflow_run_id);
+                            if let Some(figures) = f.run_data().and_then(|d| FinishedRun::parse(&d))
+                            {
+                                hooks.count(&f.workflow_run_id, figures);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Watch::Blocking(kept) => {
+                if let Some(k) = kept {
+                    if k.len() + data.len() > cap {
+                        *kept = None;
+                    } else {
+                        k.extend_from_slice(data);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What a followed answer does when it sees its run start and end.
@@ -249,38 +286,42 @@ pub async fn follow(
             },
         };
         last_upstream = Instant::now();
-        match &mut watch {
-            Watch::Events(o) => {
-                for e in o.feed(&data) {
-                    match &e.data {
-                        Data::Dify(DifyEvent::WorkflowStarted {
-                            task_id,
-                            workflow_run_id,
-                        }) => hooks.stream_started(workflow_run_id, task_id).await,
-                        Data::Dify(DifyEvent::Error { raw }) => hooks.stream_failed(raw),
-                        Data::Dify(DifyEvent::WorkflowFinished(f)) => {
-                            hooks.finished(&f.workflow_run_id);
-                            if let Some(figures) = f.run_data().and_then(|d| FinishedRun::parse(&d))
-                            {
-                                hooks.count(&f.workflow_run_id, figures);
-                            }
-                        }
-                        _ => {}
+        watch
+            .observe(&data, &mut hooks, bounds.max_answer_bytes)
+            .await;
+        // No allocation unless a second chunk is there.
+        let mut more = Vec::new();
+        // Chunks that came in the same read leave in one write: the upstream connection hands
+        // over one chunk at a time, so let it run (and decode what it holds) before the client's
+        // connection is woken, and take what it has. Nothing waits for data not yet received.
+        let mut ended = None;
+        while client.is_some() && more.len() < QUEUE {
+            behind_ready_tasks().await;
+            let Some(frame) = upstream.frame().now_or_never() else {
+                break;
+            };
+            match frame {
+                None => ended = Some(End::Complete),
+                Some(Err(_)) => ended = Some(End::Broken),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        watch
+                            .observe(&data, &mut hooks, bounds.max_answer_bytes)
+                            .await;
+                        more.push(data);
                     }
+                    continue;
                 }
             }
-            Watch::Blocking(kept) => {
-                if let Some(k) = kept {
-                    if k.len() + data.len() > bounds.max_answer_bytes {
-                        *kept = None;
-                    } else {
-                        k.extend_from_slice(&data);
-                    }
-                }
+            break;
+        }
+        for data in std::iter::once(data).chain(more) {
+            if send(&mut client, data, bounds.idle).await {
+                last_sent = Instant::now();
             }
         }
-        if send(&mut client, data, bounds.idle).await {
-            last_sent = Instant::now();
+        if let Some(end) = ended {
+            break end;
         }
     };
     if let (End::Complete, Watch::Blocking(Some(kept))) = (end, &watch) {
@@ -314,6 +355,22 @@ pub async fn follow(
         w.stream_ended(&hooks.app, run);
     }
     (end, client.is_some())
+}
+
+/// Lets every task already woken on this worker (the upstream connection's) run first, then
+/// resumes. Unlike `tokio::task::yield_now`, which waits for the worker's next look at the
+/// network (a system call each time), the task goes to the back of the run queue.
+async fn behind_ready_tasks() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
 }
 
 /// Sends `b` to the client while it is there; a client gone, or not taking a chunk for
