@@ -439,14 +439,25 @@ fn read(data: &[u8]) -> Data {
     let Some(name) = value::<Box<str>>(top.event).filter(|_| valid) else {
         return Data::Opaque;
     };
-    let task_id = value::<Box<str>>(top.task_id);
-    let run_id = value::<Box<str>>(top.workflow_run_id);
-    let event = match (&*name, task_id, run_id) {
-        ("workflow_started", Some(task_id), Some(workflow_run_id)) => DifyEvent::WorkflowStarted {
-            task_id,
-            workflow_run_id,
+    // The ids are read only for the events that carry them to someone (most are text chunks).
+    let ids = || {
+        (
+            value::<Box<str>>(top.task_id),
+            value::<Box<str>>(top.workflow_run_id),
+        )
+    };
+    let event = match &*name {
+        "workflow_started" => match ids() {
+            (Some(task_id), Some(workflow_run_id)) => DifyEvent::WorkflowStarted {
+                task_id,
+                workflow_run_id,
+            },
+            _ => DifyEvent::Other { name },
         },
-        ("workflow_finished", task_id, Some(workflow_run_id)) => {
+        "workflow_finished" => {
+            let (task_id, Some(workflow_run_id)) = ids() else {
+                return Data::Dify(DifyEvent::Other { name });
+            };
             let run: Run = top
                 .data
                 .and_then(|raw| serde_json::from_str(raw.get()).ok())
@@ -467,7 +478,7 @@ fn read(data: &[u8]) -> Data {
                 run: span,
             }))
         }
-        ("error", _, _) => DifyEvent::Error {
+        "error" => DifyEvent::Error {
             raw: Bytes::copy_from_slice(data),
         },
         _ => DifyEvent::Other { name },

@@ -153,6 +153,11 @@ async fn the_queue_is_bounded_fleet_wide() {
     assert_eq!(s.json()["code"], "overloaded");
     let dropped = "dify_gateway_webhook_deliveries_total{outcome=\"dropped\"} 1";
     assert!(b.gateway.metrics_text().contains(dropped));
+    // A dropped announcement was not made: asked again, the replica tries again (and is still
+    // full), rather than answer that it went already.
+    let s = subscribe(&b, &f.auth, &two).await;
+    assert_eq!(s.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(s.json()["code"], "overloaded");
     let depth = "dify_gateway_webhook_queue_depth 1";
     eventually("the queue depth", || {
         b.gateway.metrics_text().contains(depth)

@@ -260,7 +260,9 @@ impl Webhooks {
         if self.sent.contains_key(&key) {
             return Subscribed::AlreadyAnnounced;
         }
-        self.sent.insert(key, ());
+        // Marked before the outcome so a concurrent subscription does not queue it twice;
+        // unmarked when it is dropped, so a later one may try again.
+        self.sent.insert(key.clone(), ());
         let delivery = deliver::Delivery {
             id: self.delivery_id(),
             client: client.to_owned(),
@@ -289,6 +291,7 @@ impl Webhooks {
                 Ok(Announced::Full) => {
                     tracing::warn!(target: "webhooks", run = %run, client, "webhooks.max_pending deliveries are queued already; this one is dropped");
                     self.count_delivery("dropped");
+                    self.sent.invalidate(&key);
                     return Subscribed::Dropped;
                 }
                 Err(_) => {
@@ -299,6 +302,7 @@ impl Webhooks {
         if self.queue_locally(delivery, Instant::now()) {
             Subscribed::Queued
         } else {
+            self.sent.invalidate(&key);
             Subscribed::Dropped
         }
     }
