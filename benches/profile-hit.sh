@@ -6,6 +6,7 @@
 #   benches/profile-hit.sh            # one hot run
 #   RUNS=10000 benches/profile-hit.sh # 10,000 runs at random
 #   MISS=1 benches/profile-hit.sh     # the miss path, beside the bare stack proxying
+#   CALLGRAPH=1 benches/profile-hit.sh # with call chains (perf report -g caller -i ...)
 #
 # For each server it prints: requests/s, CPU µs per request, system calls per request, and the
 # symbols that cost most per request (µs, from cpu-clock samples). The perf data stays in
@@ -93,7 +94,8 @@ for s in "gateway:$GW_PID:$GW_PORT" "gateway-nolog:$NOLOG_PID:$NOLOG_PORT" "bare
     sleep 1
     perf stat -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$OUT/$name.stat" \
         -- sleep 1 >/dev/null 2>&1 || true
-    perf record -e cpu-clock -F $HZ -p "$pid" -o "$OUT/$name.data" -- sleep "$SECS" \
+    perf record -e cpu-clock -F $HZ ${CALLGRAPH:+--call-graph dwarf,8192} -p "$pid" \
+        -o "$OUT/$name.data" -- sleep "$SECS" \
         >/dev/null 2>&1
     wait "$wrk_pid"
     line=$(grep '^WRK ' "$OUT/$name.wrk")

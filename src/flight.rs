@@ -258,7 +258,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_leader_does_not_cancel_the_fetch() {
         let f: Arc<SingleFlight<u32, u64>> = Arc::default();
-        let (go_tx, leader, _done) = aborted_leader(&f, 1, 5).await;
+        let (go_tx, _leader, _done) = aborted_leader(&f, 1, 5).await;
         let follower = {
             let f = f.clone();
             tokio::spawn(async move { f.run(1, || None, || async { 99 }).await })

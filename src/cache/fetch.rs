@@ -44,7 +44,7 @@ pub const GRACE_RETRY: Duration = Duration::from_millis(250);
 const COPY_PASSED_BELOW: usize = 16 << 10;
 
 /// Most runs remembered as just started, for `cache.not_found_grace`.
-const MAX_RECENT_STARTS: u64 = 100_000;
+const MAX_RECENT_STARTS: usize = 100_000;
 
 /// The request id of the fetch that brings a finished async run's answer into the cache.
 static WARM_REQUEST_ID: HeaderValue = HeaderValue::from_static("run-finished");
@@ -97,7 +97,7 @@ pub struct Fetch {
     /// Where a terminal answer fetched here is counted, and who created the run.
     meter: Option<(Arc<Usage>, Arc<Ownership>)>,
     /// Runs seen starting within `cache.not_found_grace`, and when; `None` when it is zero.
-    recent_starts: Option<(moka::sync::Cache<CacheKey, Instant>, Duration)>,
+    recent_starts: Option<(quick_cache::sync::Cache<CacheKey, Instant>, Duration)>,
     /// Told of every terminal run detail fetched from the upstream (set once, after both exist).
     webhooks: std::sync::OnceLock<std::sync::Weak<crate::webhooks::Webhooks>>,
 }
@@ -133,10 +133,9 @@ impl Fetch {
     /// written (see the module's invariant); zero disables.
     pub fn with_not_found_grace(mut self, grace: Duration) -> Fetch {
         self.recent_starts = (!grace.is_zero()).then(|| {
-            let starts = moka::sync::Cache::builder()
-                .max_capacity(MAX_RECENT_STARTS)
-                .time_to_live(grace)
-                .build();
+            // Entries past their grace are ignored when read and make room when full; no
+            // expiry bookkeeping on the start's path.
+            let starts = quick_cache::sync::Cache::new(MAX_RECENT_STARTS);
             (starts, grace)
         });
         self
