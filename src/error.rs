@@ -104,7 +104,7 @@ pub enum GatewayError {
     /// mode).
     #[error("this client has no webhook (webhook_url); a subscription needs one")]
     WebhookNotConfigured,
-    /// The fetch task ended without a result (it panicked); waiters get this.
+    /// The shared fetch ended without a result (it panicked); waiters get this.
     #[error("internal error while fetching from upstream")]
     Internal,
 }

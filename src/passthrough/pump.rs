@@ -2,7 +2,8 @@
 //! blocking answer chunk by chunk.
 //!
 //! Invariant: every upstream chunk is handed to the client as it arrives (nothing waits for
-//! more); the upstream answer is read to its end whether or not the client is still there,
+//! data not yet received; chunks that arrived together are handed over together, so they leave
+//! in one write); the upstream answer is read to its end whether or not the client is still there,
 //! bounded by `upstream.run_timeout` and, between chunks, `stream.idle_timeout`, because Dify
 //! interrupts or strands a run whose reader goes away. A client that stops reading for
 //! `stream.idle_timeout` is let go the same way. While the upstream is silent for
