@@ -22,7 +22,9 @@
 #     gateway vs nginx (cache bypassed) vs the mock directly, and the gateway on CPU 1 too
 #   6 miss path under load: running_ttl = "0s", 10,000 running runs at random   wrk -t1 -c50 + Lua
 #     gateway vs nginx proxy_pass (no cache) vs bare-proxy (hyper server + hyper-util client, nothing
-#     else) vs the mock directly; with redis-server installed
+#     else) vs bare-inline (the same with each client connection driving its own upstream
+#     connection on its own task: no pool, no task between them) vs the mock directly; with
+#     redis-server installed
 #     also gateway-shared (the same with the shared tier on)
 #   memory: 100,000 terminal runs of ~2 KB cached, RSS before and after
 #
@@ -480,8 +482,10 @@ scenario_5() {
 
 scenario_6() {
     log "scenario 6: miss path, $RANDOM_RUNS running runs at random, -c$CONNS"
-    local gw_port ng_port ng_miss_port base_port shared_port redis_port proxy_port run s shared=""
-    read -r gw_port ng_port ng_miss_port base_port shared_port redis_port proxy_port < <(free_ports 7)
+    local gw_port ng_port ng_miss_port base_port shared_port redis_port proxy_port inline_port run s
+    local shared=""
+    read -r gw_port ng_port ng_miss_port base_port shared_port redis_port proxy_port inline_port \
+        < <(free_ports 8)
     # Every run id is a run that stays running: with running_ttl = 0s each request goes upstream.
     start_mock 1000000 --output-bytes "$OUTPUT_BYTES"
     PIDS[mock-direct]=${PIDS[mock]}
@@ -491,6 +495,11 @@ scenario_6() {
     start bare-proxy "$SERVER_CPU" "$BARE" "127.0.0.1:$proxy_port" "$OUTPUT_BYTES" \
         "proxy=http://127.0.0.1:$MOCK_PORT"
     wait_http "http://127.0.0.1:$proxy_port/"
+    # The same with no task between the two connections: each client connection drives its own
+    # upstream connection on its own task, as an nginx worker does.
+    start bare-inline "$SERVER_CPU" "$BARE" "127.0.0.1:$inline_port" "$OUTPUT_BYTES" \
+        "proxy-inline=http://127.0.0.1:$MOCK_PORT"
+    wait_http "http://127.0.0.1:$inline_port/"
     [ -n "${BASELINE:-}" ] && start_gateway gateway-baseline "$base_port" "$MISS_CFG" "$BASELINE"
     # With redis-server installed: the same gateway with the shared tier on (a Redis on the
     # load CPU), so a fleet miss is measured beside a lone one.
@@ -502,10 +511,12 @@ scenario_6() {
             "$(write_config miss-shared "$(cat "$MISS_CFG")"$'\n[shared]\nurls = ["redis://127.0.0.1:'"$redis_port"'"]')"
         shared="gateway-shared "
     fi
-    local servers="gateway ${BASELINE:+gateway-baseline }${shared}nginx bare-proxy mock-direct"
+    local servers="gateway ${BASELINE:+gateway-baseline }${shared}nginx bare-proxy bare-inline"
+    servers+=" mock-direct"
     start_nginx "$ng_port" "$ng_miss_port"
     declare -A miss_port=([gateway]=$gw_port [nginx]=$ng_miss_port [mock-direct]=$MOCK_PORT
-        [gateway-baseline]=$base_port [gateway-shared]=$shared_port [bare-proxy]=$proxy_port)
+        [gateway-baseline]=$base_port [gateway-shared]=$shared_port [bare-proxy]=$proxy_port
+        [bare-inline]=$inline_port)
     for run in $(seq "$RUNS"); do
         for s in $servers; do
             run_wrk "6-miss-random-$RANDOM_RUNS" "$s" "$run" "$CONNS" \
@@ -518,6 +529,7 @@ scenario_6() {
     unset "PIDS[mock-direct]"
     stop gateway
     stop bare-proxy
+    stop bare-inline
     [ -n "${BASELINE:-}" ] && stop gateway-baseline
     if [ -n "$shared" ]; then
         stop gateway-shared

@@ -30,7 +30,10 @@
 //! of the client's) through hyper-util's pooled client with the gateway's connector settings, the whole
 //! answer is read into memory (the gateway must read it to classify it) and sent back with its
 //! status and `content-type`. No routing, no id check, no cache, no classification, no log: what
-//! the stack costs to proxy one request.
+//! the stack costs to proxy one request. `proxy-inline=http://HOST:PORT/PATH` does the same with
+//! no upstream connection task and no pool: each client connection has its own upstream
+//! connection, driven by the request's task while it uses it (the shape of an nginx worker) —
+//! what the hops between tasks cost.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -71,6 +74,7 @@ fn main() -> std::io::Result<()> {
     let mode = args.next().unwrap_or_default();
     let gateway_like = mode == "gateway-like";
     let proxy = mode.strip_prefix("proxy=").map(str::to_owned);
+    let inline = mode.strip_prefix("proxy-inline=").map(str::to_owned);
     let copies: usize = args.next().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
     let hold = Duration::from_millis(args.next().and_then(|s| s.parse().ok()).unwrap_or(0));
     let body = dify_gateway::mock::run_body(RUN, "\"succeeded\"", output_bytes);
@@ -79,9 +83,10 @@ fn main() -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match proxy {
-        Some(upstream) => runtime.block_on(serve_proxy(addr, upstream)),
-        None => runtime.block_on(serve(addr, bodies, gateway_like, hold)),
+    match (proxy, inline) {
+        (Some(upstream), _) => runtime.block_on(serve_proxy(addr, upstream)),
+        (_, Some(upstream)) => runtime.block_on(serve_proxy_inline(addr, upstream)),
+        _ => runtime.block_on(serve(addr, bodies, gateway_like, hold)),
     }
 }
 
@@ -151,6 +156,108 @@ async fn serve_proxy(addr: String, upstream: String) -> std::io::Result<()> {
         service_fn(move |req| {
             let (client, base, auth) = (client.clone(), Arc::clone(&base), auth.clone());
             async move { Ok::<_, Infallible>(forward(&client, &base, &auth, req).await) }
+        })
+    })
+    .await
+}
+
+/// One upstream connection of `proxy-inline`: its handle and the connection itself, which the
+/// request using it drives (no task of its own).
+type Inline = (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    hyper::client::conn::http1::Connection<TokioIo<tokio::net::TcpStream>, Empty<Bytes>>,
+);
+
+/// `proxy-inline`: each client connection has its own upstream connection, driven by the
+/// request's own task while the request uses it — no upstream connection task, no pool; the
+/// shape of an nginx worker. Not a design for the gateway (a client connection would hold an
+/// upstream one), a measure of what the hops between tasks cost.
+async fn forward_inline(
+    slot: &tokio::sync::Mutex<Option<Inline>>,
+    upstream: std::net::SocketAddr,
+    base_path: &str,
+    auth: &HeaderValue,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let mut slot = slot.lock().await;
+    if slot.as_ref().is_none_or(|(send, _)| send.is_closed()) {
+        let Ok(stream) = tokio::net::TcpStream::connect(upstream).await else {
+            return status_only(StatusCode::BAD_GATEWAY);
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(pair) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+            return status_only(StatusCode::BAD_GATEWAY);
+        };
+        *slot = Some(pair);
+    }
+    let Some((send, conn)) = slot.as_mut() else {
+        return status_only(StatusCode::BAD_GATEWAY);
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut out = Request::new(Empty::new());
+    let Ok(uri) = format!("{base_path}{pq}").parse::<Uri>() else {
+        return status_only(StatusCode::BAD_REQUEST);
+    };
+    *out.uri_mut() = uri;
+    out.headers_mut().insert(AUTHORIZATION, auth.clone());
+    out.headers_mut().insert(
+        http::header::HOST,
+        HeaderValue::from_str(&upstream.to_string()).expect("an address is a header value"),
+    );
+    let sent = tokio::select! {
+        r = send.send_request(out) => r.ok(),
+        _ = &mut *conn => None,
+    };
+    let Some(resp) = sent else {
+        return status_only(StatusCode::BAD_GATEWAY);
+    };
+    let (parts, body) = resp.into_parts();
+    let collected = tokio::select! {
+        b = body.collect() => b.ok(),
+        _ = &mut *conn => None,
+    };
+    let Some(body) = collected else {
+        return status_only(StatusCode::BAD_GATEWAY);
+    };
+    let mut answer = Response::new(Full::new(body.to_bytes()));
+    *answer.status_mut() = parts.status;
+    if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
+        answer.headers_mut().insert(CONTENT_TYPE, ct.clone());
+    }
+    answer
+}
+
+/// The `proxy-inline` mode's accept loop.
+async fn serve_proxy_inline(addr: String, upstream: String) -> std::io::Result<()> {
+    let listener = TcpListener::bind(&addr).await?;
+    let url: Uri = upstream
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "host:port");
+    let target: std::net::SocketAddr = url
+        .authority()
+        .ok_or_else(invalid)?
+        .as_str()
+        .parse()
+        .map_err(|_| invalid())?;
+    let base_path: Arc<str> = url.path().trim_end_matches('/').into();
+    println!(
+        "bare hyper proxy (upstream driven inline) on {} to {upstream}",
+        listener.local_addr()?
+    );
+    let key = std::env::var("DIFY_API_KEY").unwrap_or_default();
+    let auth = HeaderValue::try_from(format!("Bearer {key}"))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    gateway_protocol(&mut builder);
+    accept_loop(listener, builder, move || {
+        let slot = Arc::new(tokio::sync::Mutex::new(None));
+        let (base_path, auth) = (Arc::clone(&base_path), auth.clone());
+        service_fn(move |req| {
+            let (slot, base_path, auth) = (Arc::clone(&slot), Arc::clone(&base_path), auth.clone());
+            async move {
+                Ok::<_, Infallible>(forward_inline(&slot, target, &base_path, &auth, req).await)
+            }
         })
     })
     .await

@@ -249,6 +249,10 @@ fn wrk_checks(out: &mut String, scenario: &str, s: &HashMap<String, Summary>) {
             "bare-proxy",
             "hyper server + hyper-util client proxying, nothing else",
         ),
+        (
+            "bare-inline",
+            "hyper server + hyper's client connection driven on the request's task, no pool",
+        ),
     ] {
         let Some(c) = s.get(name) else { continue };
         if let (Some(n), true) = (nginx, miss_load) {
