@@ -127,13 +127,15 @@ where
                 return value.map(|v| (v, Role::Follower)).ok_or(FlightLost);
             }
         };
+        // The landing first: should building the fetch panic, the key is still freed.
+        let landing = Landing {
+            flights: Arc::clone(self),
+            key: Some(key),
+        };
         let mut flying = Flying {
             fetch: Some(Box::pin(fetch())),
             tx: Some(tx),
-            landing: Some(Landing {
-                flights: Arc::clone(self),
-                key: Some(key),
-            }),
+            landing: Some(landing),
         };
         // The leader runs the fetch on its own task; should it be dropped first (its client
         // left), `Flying` hands the rest of the fetch to a task of its own.
@@ -283,6 +285,22 @@ mod tests {
         }
         let r = f.run(7, || None, || async { 9 }).await;
         assert_eq!(r, Ok((9, Role::Leader)));
+    }
+
+    #[tokio::test]
+    async fn a_fetch_that_panics_while_being_built_frees_the_key() {
+        let f: Arc<SingleFlight<u32, u64>> = Arc::default();
+        let g = Arc::clone(&f);
+        let built = tokio::spawn(async move {
+            g.run(
+                5,
+                || None,
+                || -> std::future::Ready<u64> { panic!("cannot build the fetch") },
+            )
+            .await
+        });
+        assert!(built.await.unwrap_err().is_panic());
+        assert!(f.is_empty());
     }
 
     #[tokio::test]
