@@ -157,8 +157,9 @@ where
     }
 }
 
-/// A fetch the leader is running. Dropped unfinished (the leader's request went away, not by a
-/// panic), it goes on on a task of its own, so the waiters still get its value.
+/// A fetch the leader is running. Dropped unfinished (the leader's request went away, or its
+/// task panicked elsewhere: a panic of the fetch itself is caught and leaves nothing to run), it
+/// goes on on a task of its own, so the waiters still get its value.
 struct Flying<K: Hash + Eq + Send + 'static, V: Send + Sync + 'static> {
     fetch: Option<Pin<Box<dyn Future<Output = V> + Send>>>,
     tx: Option<watch::Sender<Option<V>>>,
@@ -172,9 +173,6 @@ impl<K: Hash + Eq + Send + 'static, V: Send + Sync + 'static> Drop for Flying<K,
         else {
             return;
         };
-        if std::thread::panicking() {
-            return;
-        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };

@@ -286,10 +286,6 @@ pub async fn follow(
                 Err(_) => continue,
             },
         };
-        last_upstream = Instant::now();
-        watch
-            .observe(&data, &mut hooks, bounds.max_answer_bytes)
-            .await;
         // No allocation unless a second chunk is there.
         let mut more = Vec::new();
         // Chunks that came in the same read leave in one write: the upstream connection hands
@@ -306,9 +302,6 @@ pub async fn follow(
                 Some(Err(_)) => ended = Some(End::Broken),
                 Some(Ok(f)) => {
                     if let Ok(data) = f.into_data() {
-                        watch
-                            .observe(&data, &mut hooks, bounds.max_answer_bytes)
-                            .await;
                         more.push(data);
                     }
                     continue;
@@ -316,11 +309,19 @@ pub async fn follow(
             }
             break;
         }
+        // Each chunk is read for the run's start and end just before it goes, so a hook that
+        // waits (recording the run) holds back only the chunk that names it.
         for data in std::iter::once(data).chain(more) {
+            watch
+                .observe(&data, &mut hooks, bounds.max_answer_bytes)
+                .await;
             if send(&mut client, data, bounds.idle).await {
                 last_sent = Instant::now();
             }
         }
+        // Upstream silence is counted from here: time spent on a slow client is not the
+        // upstream's.
+        last_upstream = Instant::now();
         if let Some(end) = ended {
             break end;
         }

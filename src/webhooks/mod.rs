@@ -257,12 +257,11 @@ impl Webhooks {
     ) -> Subscribed {
         self.start_background();
         let key = (CacheKey { app: app.id, run }, Arc::<str>::from(client));
-        if self.sent.contains_key(&key) {
+        // Marked (atomically) before the outcome so a concurrent subscription does not queue it
+        // twice; unmarked when it is dropped, so a later one may try again.
+        if !self.sent.entry(key.clone()).or_insert(()).is_fresh() {
             return Subscribed::AlreadyAnnounced;
         }
-        // Marked before the outcome so a concurrent subscription does not queue it twice;
-        // unmarked when it is dropped, so a later one may try again.
-        self.sent.insert(key.clone(), ());
         let delivery = deliver::Delivery {
             id: self.delivery_id(),
             client: client.to_owned(),
