@@ -117,12 +117,31 @@ async fn forward(
     let Ok(body) = body.collect().await else {
         return status_only(StatusCode::BAD_GATEWAY);
     };
-    let mut answer = Response::new(Full::new(body.to_bytes()));
+    answer_with(&parts, body.to_bytes())
+}
+
+/// The proxies' answer: the upstream's status, its `content-type` and the whole body.
+fn answer_with(parts: &http::response::Parts, body: Bytes) -> Response<Full<Bytes>> {
+    let mut answer = Response::new(Full::new(body));
     *answer.status_mut() = parts.status;
     if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
         answer.headers_mut().insert(CONTENT_TYPE, ct.clone());
     }
     answer
+}
+
+/// The `Authorization` the proxies send upstream, from `DIFY_API_KEY`.
+fn upstream_auth() -> std::io::Result<HeaderValue> {
+    let key = std::env::var("DIFY_API_KEY").unwrap_or_default();
+    HeaderValue::try_from(format!("Bearer {key}"))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+}
+
+/// The proxies' server side: hyper-util's auto builder with the gateway's protocol settings.
+fn proxy_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    gateway_protocol(&mut builder);
+    builder
 }
 
 fn status_only(status: StatusCode) -> Response<Full<Bytes>> {
@@ -146,11 +165,8 @@ async fn serve_proxy(addr: String, upstream: String) -> std::io::Result<()> {
         .pool_timer(TokioTimer::new())
         .build(http);
     let base: Arc<str> = upstream.trim_end_matches('/').into();
-    let key = std::env::var("DIFY_API_KEY").unwrap_or_default();
-    let auth = HeaderValue::try_from(format!("Bearer {key}"))
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    gateway_protocol(&mut builder);
+    let auth = upstream_auth()?;
+    let builder = proxy_builder();
     accept_loop(listener, builder, move || {
         let (client, base, auth) = (client.clone(), Arc::clone(&base), auth.clone());
         service_fn(move |req| {
@@ -219,12 +235,7 @@ async fn forward_inline(
     let Some(body) = collected else {
         return status_only(StatusCode::BAD_GATEWAY);
     };
-    let mut answer = Response::new(Full::new(body.to_bytes()));
-    *answer.status_mut() = parts.status;
-    if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
-        answer.headers_mut().insert(CONTENT_TYPE, ct.clone());
-    }
-    answer
+    answer_with(&parts, body.to_bytes())
 }
 
 /// The `proxy-inline` mode's accept loop.
@@ -245,11 +256,8 @@ async fn serve_proxy_inline(addr: String, upstream: String) -> std::io::Result<(
         "bare hyper proxy (upstream driven inline) on {} to {upstream}",
         listener.local_addr()?
     );
-    let key = std::env::var("DIFY_API_KEY").unwrap_or_default();
-    let auth = HeaderValue::try_from(format!("Bearer {key}"))
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    gateway_protocol(&mut builder);
+    let auth = upstream_auth()?;
+    let builder = proxy_builder();
     accept_loop(listener, builder, move || {
         let slot = Arc::new(tokio::sync::Mutex::new(None));
         let (base_path, auth) = (Arc::clone(&base_path), auth.clone());
