@@ -48,6 +48,18 @@ pub(crate) fn connect_failure(e: &(dyn StdError + 'static)) -> (ConnectCause, St
     (cause, detail)
 }
 
+/// A failed connect to `base`, logged with its cause (see [`connect_failure`]).
+pub(super) fn connect_failed(e: &(dyn StdError + 'static), base: &str) -> UpstreamError {
+    let (cause, detail) = connect_failure(e);
+    tracing::warn!(
+        upstream = base,
+        cause = cause.as_str(),
+        detail,
+        "upstream connect failed"
+    );
+    UpstreamError::Connect { cause }
+}
+
 /// Sorts a client error into the upstream's vocabulary; a connect failure's cause is logged
 /// here, with the upstream's base URL (which holds no credentials), and its text goes no further.
 pub(super) fn classify_client_error(
@@ -55,14 +67,7 @@ pub(super) fn classify_client_error(
     base: &str,
 ) -> UpstreamError {
     if e.is_connect() {
-        let (cause, detail) = connect_failure(&e);
-        tracing::warn!(
-            upstream = base,
-            cause = cause.as_str(),
-            detail,
-            "upstream connect failed"
-        );
-        UpstreamError::Connect { cause }
+        connect_failed(&e, base)
     } else {
         tracing::debug!(error = %e, "upstream exchange failed");
         UpstreamError::Protocol

@@ -15,6 +15,7 @@ mod app;
 mod breaker;
 mod connect;
 mod error;
+mod inline;
 mod retry;
 mod slots;
 
@@ -48,6 +49,7 @@ pub use retry::{jitter, retry_after, RetryPolicy};
 pub(crate) use slots::client_share_slots;
 
 use connect::classify_client_error;
+use inline::{InlinePool, Sent};
 use slots::UpstreamSlots;
 
 /// `X-Version`, Dify's API version header, kept and forwarded.
@@ -141,6 +143,9 @@ impl Upstreams {
 /// A pooled client bound to one upstream base URL and key.
 #[derive(Clone)]
 pub struct Upstream {
+    /// Run-detail and other GETs over HTTP/1.1: connections driven by the requests using them.
+    inline: Option<InlinePool>,
+    /// GETs when the upstream speaks HTTP/2 (or the base has no authority to dial).
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     /// The same connector's client for passed-through requests, whose bodies stream.
     pass_client: Client<HttpsConnector<HttpConnector>, PassBody>,
@@ -242,9 +247,16 @@ impl Upstream {
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host);
         let pass_client = builder.build(connector.clone());
-        let client = builder.build(connector);
+        let client = builder.build(connector.clone());
+        let inline = InlinePool::new(
+            connector,
+            &app.base_url,
+            cfg.pool_max_idle_per_host,
+            cfg.pool_idle_timeout,
+        );
 
         Ok(Upstream {
+            inline,
             client,
             pass_client,
             base: app.base_url.to_string().trim_end_matches('/').into(),
@@ -359,11 +371,13 @@ impl Upstream {
         if let Some(id) = request_id {
             h.insert(X_REQUEST_ID.clone(), id.clone());
         }
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| classify_client_error(e, &self.base))?;
+        let (resp, mut lease) = match &self.inline {
+            Some(pool) => match pool.send(req, &self.base).await? {
+                Sent::Answer(resp, lease) => (resp, Some(lease)),
+                Sent::Multiplexed(req) => (self.multiplexed(req).await?, None),
+            },
+            None => (self.multiplexed(req).await?, None),
+        };
         let (parts, body) = resp.into_parts();
         if parts.status.is_informational() {
             // Interim answers are consumed by hyper; one that arrives as the final answer
@@ -391,9 +405,15 @@ impl Upstream {
                 return Err(UpstreamError::BodyTooLarge);
             }
         }
-        let body = Limited::new(body, self.max_body_bytes)
-            .collect()
-            .await
+        let collect = Limited::new(body, self.max_body_bytes).collect();
+        let collected = match lease.as_mut() {
+            Some(lease) => lease.drive(collect).await.map_err(|_| {
+                tracing::debug!("upstream connection ended inside an answer's body");
+                UpstreamError::Protocol
+            })?,
+            None => collect.await,
+        };
+        let body = collected
             .map_err(|e| {
                 if e.is::<http_body_util::LengthLimitError>() {
                     UpstreamError::BodyTooLarge
@@ -402,11 +422,27 @@ impl Upstream {
                 }
             })?
             .to_bytes();
+        if let Some(lease) = lease {
+            lease.release();
+        }
         Ok(UpstreamAnswer {
             status: parts.status,
             headers: parts.headers,
             body,
         })
+    }
+}
+
+impl Upstream {
+    /// A GET through the multiplexing client.
+    async fn multiplexed(
+        &self,
+        req: Request<Empty<Bytes>>,
+    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| classify_client_error(e, &self.base))
     }
 }
 
