@@ -162,7 +162,9 @@ impl InlinePool {
             }
             req = retry;
         }
-        let conn = match self.connect(base).await? {
+        // Boxed: a new connection is the rare case, and its handshake (a TLS session inside)
+        // would otherwise size every exchange's future, which is moved whole on each miss.
+        let conn = match Box::pin(self.connect(base)).await? {
             Some(conn) => conn,
             None => {
                 *req.uri_mut() = absolute;

@@ -312,3 +312,18 @@ async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
     // The pool's one probe, then the multiplexing client's one connection for all three.
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
+
+/// An exchange's future is moved whole into its deadline's timer on every miss: the handshake of
+/// a new connection (a TLS session inside) is boxed so it does not size it (4,896 bytes with it
+/// inline).
+#[tokio::test]
+async fn an_exchanges_future_stays_small() {
+    let up = upstream("http://127.0.0.1:1/v1", |_| {});
+    let uri = up.path_url("/workflows/run/r").unwrap();
+    let creds = up.credentials();
+    let size = std::mem::size_of_val(&up.exchange_until(uri, None, up.deadline(), &creds));
+    assert!(
+        size <= 3072,
+        "Upstream::exchange_until's future is {size} bytes"
+    );
+}
