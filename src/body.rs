@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::sync::mpsc;
 
 use crate::cache::Stored;
@@ -26,7 +26,7 @@ pub enum Body {
     /// A cache entry's body, lent by the entry.
     Entry(Arc<Stored>),
     /// An upstream body, passed on as it arrives.
-    Streamed(Incoming),
+    Streamed(crate::upstream::UpstreamBody),
     /// An event stream: each message is sent as it is produced; the stream ends when every
     /// sender is gone.
     Events(mpsc::Receiver<Bytes>),
@@ -202,7 +202,7 @@ mod tests {
             .body(http_body_util::Empty::<Bytes>::new())
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
-        let b = Body::Streamed(resp.into_body());
+        let b = Body::Streamed(resp.into_body().into());
         assert_eq!(b.size_hint().exact(), Some(10));
         assert_eq!(collect(b).await, "helloworld");
         drop(answer.await.unwrap());

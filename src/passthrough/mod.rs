@@ -514,7 +514,7 @@ impl Passthrough {
     /// ids once `workflow_started` arrives, or Dify's error when an `error` event comes first.
     async fn start_async(
         &self,
-        incoming: hyper::body::Incoming,
+        incoming: crate::upstream::UpstreamBody,
         bounds: pump::Bounds,
         mut hooks: pump::Hooks,
         permit: Option<StreamPermit>,
@@ -580,7 +580,7 @@ impl Passthrough {
         app: &Arc<App>,
         owner: &str,
         mut out: Response<Body>,
-        incoming: hyper::body::Incoming,
+        incoming: crate::upstream::UpstreamBody,
     ) -> Result<Response<Body>, Refusal> {
         #[derive(serde::Deserialize)]
         struct Uploaded {

@@ -19,7 +19,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
@@ -238,7 +237,7 @@ impl Hooks {
 /// `hooks` hear of the run's start (before the chunk naming it is sent) and end. Returns how it
 /// ended and whether the client stayed to the end.
 pub async fn follow(
-    mut upstream: Incoming,
+    mut upstream: crate::upstream::UpstreamBody,
     tx: Option<mpsc::Sender<Bytes>>,
     events: bool,
     bounds: Bounds,

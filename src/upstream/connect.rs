@@ -81,7 +81,7 @@ mod tests {
     use std::time::Duration;
 
     use http::Request;
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Empty};
     use rustls::pki_types::pem::PemObject;
     use tokio::net::TcpListener;
 
@@ -96,13 +96,23 @@ mod tests {
         let cfg = Config::for_upstream(base, KEY).unwrap();
         let up = Upstream::new(&cfg.upstream, &cfg.apps[0]).unwrap();
         let run = RunId::parse("3f2a1b0c-9d8e-4f7a-8b6c-5d4e3f2a1b0c").unwrap();
-        let mut req = Request::new(Empty::new());
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
         *req.uri_mut() = up.run_url(run).unwrap();
+        // The multiplexing client's error chain (an HTTP/2 upstream's).
         let r = tokio::time::timeout(Duration::from_secs(30), up.client.request(req)).await;
         let e = r.expect("the connect fails in time").unwrap_err();
         assert!(e.is_connect(), "{e:?}");
         let (cause, detail) = connect_failure(&e);
         assert!(!detail.contains(KEY));
+        // The request-driven connections' (every HTTP/1.1 upstream's) finds the same cause.
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            up.get(up.run_url(run).unwrap(), None),
+        );
+        match r.await.expect("the connect fails in time") {
+            Err(UpstreamError::Connect { cause: c }) => assert_eq!(c, cause, "{detail}"),
+            other => panic!("{other:?}"),
+        }
         (cause, detail)
     }
 

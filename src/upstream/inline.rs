@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::Empty;
+use hyper::body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
@@ -32,17 +32,19 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 use super::connect::connect_failed;
-use super::UpstreamError;
+use super::{PassBody, UpstreamError};
 
 type Io = MaybeHttpsStream<TokioIo<TcpStream>>;
-type Body = Empty<Bytes>;
+
+/// Every request body, a GET's empty one included (boxing a zero-sized body allocates nothing).
+type B = PassBody;
 
 /// One HTTP/1.1 connection: the handle requests are sent with, and the state machine that
 /// moves them over the socket when polled. Boxed wherever it goes: with a TLS session inside,
 /// it is too large to copy on every checkout and checkin.
 struct Conn {
-    send: http1::SendRequest<Body>,
-    driver: http1::Connection<Io, Body>,
+    send: http1::SendRequest<B>,
+    driver: http1::Connection<Io, B>,
 }
 
 impl Conn {
@@ -58,6 +60,22 @@ impl Conn {
     }
 }
 
+/// A request that can be built again, to be resent when its first sending may have been read
+/// by a connection that then closed: only for idempotent requests.
+pub(super) trait Rebuild {
+    /// The request, as first built.
+    fn build(&self) -> Request<B>;
+}
+
+/// No second sending: for requests that are not idempotent, or whose body streams.
+pub(super) struct Once;
+
+impl Rebuild for Once {
+    fn build(&self) -> Request<B> {
+        unreachable!("never asked: a request sent once is not rebuilt")
+    }
+}
+
 /// An idle connection and when it was last used.
 struct Idle {
     conn: Box<Conn>,
@@ -65,9 +83,16 @@ struct Idle {
 }
 
 /// The per-app pool of request-driven connections.
-#[derive(Clone)]
 pub(super) struct InlinePool {
     inner: Arc<Inner>,
+}
+
+impl Clone for InlinePool {
+    fn clone(&self) -> Self {
+        InlinePool {
+            inner: Arc::clone(&self.inner),
+        }
+    }
 }
 
 struct Inner {
@@ -91,7 +116,7 @@ pub(super) enum Sent {
     /// The answer's head, and the connection its body is read through.
     Answer(Response<Incoming>, Lease),
     /// The upstream speaks HTTP/2: the request, untouched, is for the multiplexing client.
-    Multiplexed(Request<Body>),
+    Multiplexed(Request<B>),
 }
 
 impl InlinePool {
@@ -133,34 +158,40 @@ impl InlinePool {
     }
 
     /// Sends `req` (an absolute URI on this pool's origin) on an idle connection, or a new one,
-    /// and drives it until the answer's head is in. `base` names the upstream in a connect
-    /// failure's log line.
-    pub(super) async fn send(
+    /// and drives it until the answer's head is in. A request the upstream never read (its
+    /// reused connection was found closed) is sent again on a new connection; one it may have
+    /// read is sent again only if `again` can rebuild it (an idempotent request). `base` names
+    /// the upstream in a connect failure's log line.
+    pub(super) async fn send<R: Rebuild + Sync>(
         &self,
-        mut req: Request<Body>,
+        mut req: Request<B>,
+        again: Option<&R>,
         base: &str,
     ) -> Result<Sent, UpstreamError> {
         if self.inner.multiplexed.load(Ordering::Relaxed) {
             return Ok(Sent::Multiplexed(req));
         }
-        // HTTP/1.1 carries the origin form and a Host header.
-        let path = req.uri().path_and_query().cloned();
-        let origin_form =
-            Uri::from(path.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
-        let absolute = std::mem::replace(req.uri_mut(), origin_form);
-        req.headers_mut().insert(HOST, self.inner.host.clone());
-
+        let absolute = self.origin_form(&mut req);
         if let Some(conn) = self.checkout() {
-            // Sent again on a new connection if the upstream closed this one before answering.
-            let retry = clone_request(&req);
             match Lease::new(self, conn).exchange(req).await {
                 Ok(sent) => return Ok(sent),
-                Err(Failed::Closed(e)) => {
-                    tracing::debug!(error = %e, "idle upstream connection was closed; sending again")
+                Err(Failed::Closed(e, unsent)) => {
+                    let Some(r) = unsent.map(|r| *r).or_else(|| {
+                        again.map(|a| {
+                            let mut r = a.build();
+                            self.origin_form(&mut r);
+                            r
+                        })
+                    }) else {
+                        return Err(e);
+                    };
+                    tracing::debug!(
+                        "reused upstream connection closed before answering; sending again"
+                    );
+                    req = r;
                 }
                 Err(Failed::Other(e)) => return Err(e),
             }
-            req = retry;
         }
         // Boxed: a new connection is the rare case, and its handshake (a TLS session inside)
         // would otherwise size every exchange's future, which is moved whole on each miss.
@@ -174,8 +205,18 @@ impl InlinePool {
         };
         match Lease::new(self, conn).exchange(req).await {
             Ok(sent) => Ok(sent),
-            Err(Failed::Closed(e) | Failed::Other(e)) => Err(e),
+            Err(Failed::Closed(e, _) | Failed::Other(e)) => Err(e),
         }
+    }
+
+    /// Puts `req` in the form HTTP/1.1 carries (the path and query, and a `Host` header);
+    /// returns its absolute URI.
+    fn origin_form(&self, req: &mut Request<B>) -> Uri {
+        let path = req.uri().path_and_query().cloned();
+        let origin_form =
+            Uri::from(path.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        req.headers_mut().insert(HOST, self.inner.host.clone());
+        std::mem::replace(req.uri_mut(), origin_form)
     }
 
     /// The most recently used idle connection that is still open and within its idle time.
@@ -276,20 +317,11 @@ async fn reap(pool: Weak<Inner>) {
     }
 }
 
-/// A GET without a body, copied for a second try.
-fn clone_request(req: &Request<Body>) -> Request<Body> {
-    let mut r = Request::new(Empty::new());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.headers_mut() = req.headers().clone();
-    r
-}
-
 /// Why an exchange on a connection failed.
 enum Failed {
     /// The connection ended before any answer: a reused one may have been closed by the
-    /// upstream while idle.
-    Closed(UpstreamError),
+    /// upstream while idle. The request comes back if the upstream never read any of it.
+    Closed(UpstreamError, Option<Box<Request<B>>>),
     Other(UpstreamError),
 }
 
@@ -308,18 +340,23 @@ impl Lease {
         }
     }
 
-    async fn exchange(mut self, req: Request<Body>) -> Result<Sent, Failed> {
+    async fn exchange(mut self, req: Request<B>) -> Result<Sent, Failed> {
         let Some(conn) = self.conn.as_mut() else {
             return Err(Failed::Other(UpstreamError::Protocol));
         };
-        let answer = conn.send.send_request(req);
+        let answer = conn.send.try_send_request(req);
         match self.drive(answer).await {
             Ok(Ok(resp)) => Ok(Sent::Answer(resp, self)),
-            Ok(Err(e)) if e.is_canceled() || e.is_incomplete_message() => {
-                Err(Failed::Closed(protocol(&e)))
+            Ok(Err(mut e)) => {
+                let unsent = e.take_message().map(Box::new);
+                let e = e.into_error();
+                if unsent.is_some() || e.is_canceled() || e.is_incomplete_message() {
+                    Err(Failed::Closed(protocol(&e), unsent))
+                } else {
+                    Err(Failed::Other(protocol(&e)))
+                }
             }
-            Ok(Err(e)) => Err(Failed::Other(protocol(&e))),
-            Err(Ended) => Err(Failed::Closed(UpstreamError::Protocol)),
+            Err(Ended) => Err(Failed::Closed(UpstreamError::Protocol, None)),
         }
     }
 
@@ -331,17 +368,13 @@ impl Lease {
             if let Poll::Ready(v) = work.as_mut().poll(cx) {
                 return Poll::Ready(Ok(v));
             }
-            let Some(conn) = self.conn.as_mut() else {
-                return Poll::Ready(Err(Ended));
-            };
-            let ended = Pin::new(&mut conn.driver).poll(cx).is_ready();
+            let ended = self.poll_conn(cx);
             // What the connection just read may have finished the work.
             if let Poll::Ready(v) = work.as_mut().poll(cx) {
                 return Poll::Ready(Ok(v));
             }
             if ended {
                 // Nothing drives the work any more.
-                self.conn = None;
                 return Poll::Ready(Err(Ended));
             }
             Poll::Pending
@@ -349,11 +382,115 @@ impl Lease {
         .await
     }
 
+    /// Polls the connection (it reads, decodes and writes what it can, and wakes `cx` when it
+    /// can do more). True, and the connection let go, once it has ended.
+    fn poll_conn(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(conn) = self.conn.as_mut() else {
+            return true;
+        };
+        if Pin::new(&mut conn.driver).poll(cx).is_ready() {
+            self.conn = None;
+            return true;
+        }
+        false
+    }
+
     /// The exchange ended cleanly (the whole body read): the connection goes back to the pool.
     pub(super) fn release(mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.checkin(conn);
         }
+    }
+}
+
+/// The body of an upstream answer. When its connection is one of the pool's, reading the body
+/// drives that connection, and the connection goes back to the pool once the body has been
+/// read to its end (dropped before that, it is closed).
+pub struct UpstreamBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl From<Incoming> for UpstreamBody {
+    /// A body whose connection something else drives (the multiplexing client's).
+    fn from(body: Incoming) -> Self {
+        UpstreamBody { body, lease: None }
+    }
+}
+
+impl UpstreamBody {
+    pub(super) fn leased(body: Incoming, lease: Lease) -> Self {
+        UpstreamBody {
+            body,
+            lease: Some(lease),
+        }
+    }
+
+    /// Lets the connection go after the body's last frame: back to the pool if it ended
+    /// cleanly, closed after an error.
+    fn after(
+        &mut self,
+        frame: Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>,
+    ) -> Option<Result<hyper::body::Frame<Bytes>, hyper::Error>> {
+        match &frame {
+            None => {
+                if let Some(lease) = self.lease.take() {
+                    lease.release();
+                }
+            }
+            Some(Err(_)) => self.lease = None,
+            Some(Ok(_)) if self.body.is_end_stream() => {
+                if let Some(lease) = self.lease.take() {
+                    lease.release();
+                }
+            }
+            Some(Ok(_)) => {}
+        }
+        frame
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(f) = Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(this.after(f));
+        }
+        let Some(lease) = this.lease.as_mut() else {
+            return Poll::Pending;
+        };
+        // Dropping an ended connection hands its body hyper's "incomplete" error if the body
+        // was cut short; either way the body answers now.
+        let ended = lease.poll_conn(cx);
+        if ended {
+            this.lease = None;
+        }
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(this.after(f)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("pooled", &self.lease.is_some())
+            .finish_non_exhaustive()
     }
 }
 

@@ -90,10 +90,20 @@ async fn serve(
                 }
             }
         }
-        heads
-            .lock()
-            .unwrap()
-            .push(String::from_utf8_lossy(&buf).into_owned());
+        let head = String::from_utf8_lossy(&buf).into_owned();
+        let length = head
+            .to_ascii_lowercase()
+            .split("\r\n")
+            .find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>())
+            })
+            .map_or(0, |v| v.unwrap());
+        let mut body = vec![0u8; length];
+        if s.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        heads.lock().unwrap().push(head);
         let step = script[n.min(script.len() - 1)];
         n += 1;
         let answer = format!(
@@ -325,5 +335,44 @@ async fn an_exchanges_future_stays_small() {
     assert!(
         size <= 3072,
         "Upstream::exchange_until's future is {size} bytes"
+    );
+}
+
+/// A passed-through request (a body that streams up, an answer read by whoever holds it): the
+/// answer's reader drives the connection, which goes back to the pool once the answer is read
+/// to its end, and is closed if the answer is dropped before that.
+#[tokio::test]
+async fn a_passed_through_answer_returns_its_connection_only_when_read_to_its_end() {
+    use http_body_util::BodyExt;
+
+    let server = raw(vec![Then::Answer]).await;
+    let up = upstream(&server.base, |_| {});
+    let post = || {
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{\"inputs\":{}}"))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut req = http::Request::new(body);
+        *req.method_mut() = http::Method::POST;
+        req
+    };
+    for _ in 0..3 {
+        let resp = up.pass(post(), "/workflows/run").await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, BODY.as_bytes());
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(idle_count(&up), 1);
+    // An answer dropped unread: its connection cannot carry another request.
+    drop(up.pass(post(), "/workflows/run").await.unwrap());
+    assert_eq!(idle_count(&up), 0);
+    let resp = up.pass(post(), "/workflows/run").await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    let heads = server.heads.lock().unwrap();
+    assert!(
+        heads[0].starts_with("POST /v1/workflows/run HTTP/1.1\r\n"),
+        "{}",
+        heads[0]
     );
 }

@@ -49,7 +49,8 @@ pub use retry::{jitter, retry_after, RetryPolicy};
 pub(crate) use slots::client_share_slots;
 
 use connect::classify_client_error;
-use inline::{InlinePool, Sent};
+pub use inline::UpstreamBody;
+use inline::{InlinePool, Rebuild as _, Sent};
 use slots::UpstreamSlots;
 
 /// `X-Version`, Dify's API version header, kept and forwarded.
@@ -144,11 +145,10 @@ impl Upstreams {
 #[derive(Clone)]
 pub struct Upstream {
     /// Run-detail and other GETs over HTTP/1.1: connections driven by the requests using them.
+    /// Passed-through requests too (their bodies stream): the answer's reader drives them.
     inline: Option<InlinePool>,
-    /// GETs when the upstream speaks HTTP/2 (or the base has no authority to dial).
-    client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
-    /// The same connector's client for passed-through requests, whose bodies stream.
-    pass_client: Client<HttpsConnector<HttpConnector>, PassBody>,
+    /// Every request when the upstream speaks HTTP/2 (or the base has no authority to dial).
+    client: Client<HttpsConnector<HttpConnector>, PassBody>,
     /// `scheme://authority/path` of the base, without a trailing slash.
     base: Arc<str>,
     /// The key and its tag, swapped together when the key rotates; a fetch loads them once
@@ -246,7 +246,6 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host);
-        let pass_client = builder.build(connector.clone());
         let client = builder.build(connector.clone());
         let inline = InlinePool::new(
             connector,
@@ -258,7 +257,6 @@ impl Upstream {
         Ok(Upstream {
             inline,
             client,
-            pass_client,
             base: app.base_url.to_string().trim_end_matches('/').into(),
             credentials: Arc::new(ArcSwap::from_pointee(credentials)),
             user_agent: HeaderValue::from_static(concat!(
@@ -360,23 +358,22 @@ impl Upstream {
         request_id: Option<&HeaderValue>,
         credentials: &Credentials,
     ) -> Result<UpstreamAnswer, UpstreamError> {
-        let mut req = Request::new(Empty::new());
-        *req.uri_mut() = uri;
-        let h = req.headers_mut();
-        h.insert(AUTHORIZATION, credentials.authorization.clone());
-        h.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        // Bodies are cached and served as received, to clients that negotiated nothing.
-        h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-        h.insert(USER_AGENT, self.user_agent.clone());
-        if let Some(id) = request_id {
-            h.insert(X_REQUEST_ID.clone(), id.clone());
-        }
+        let request = RunGet {
+            uri,
+            request_id: request_id.cloned(),
+            authorization: credentials.authorization.clone(),
+            user_agent: self.user_agent.clone(),
+        };
         let (resp, mut lease) = match &self.inline {
-            Some(pool) => match pool.send(req, &self.base).await? {
+            // A GET: rebuilt and sent again if a reused connection closes before answering.
+            Some(pool) => match pool
+                .send(request.build(), Some(&request), &self.base)
+                .await?
+            {
                 Sent::Answer(resp, lease) => (resp, Some(lease)),
                 Sent::Multiplexed(req) => (self.multiplexed(req).await?, None),
             },
-            None => (self.multiplexed(req).await?, None),
+            None => (self.multiplexed(request.build()).await?, None),
         };
         let (parts, body) = resp.into_parts();
         if parts.status.is_informational() {
@@ -433,11 +430,51 @@ impl Upstream {
     }
 }
 
+/// A run-detail (or other) GET with the app key: built once, and again if it must be resent.
+struct RunGet {
+    uri: Uri,
+    request_id: Option<HeaderValue>,
+    authorization: HeaderValue,
+    user_agent: HeaderValue,
+}
+
+impl inline::Rebuild for RunGet {
+    fn build(&self) -> Request<PassBody> {
+        // An empty body, boxed: zero-sized, so no allocation.
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+        *req.uri_mut() = self.uri.clone();
+        let h = req.headers_mut();
+        h.reserve(5);
+        h.insert(AUTHORIZATION, self.authorization.clone());
+        h.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        // Bodies are cached and served as received, to clients that negotiated nothing.
+        h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        h.insert(USER_AGENT, self.user_agent.clone());
+        if let Some(id) = &self.request_id {
+            h.insert(X_REQUEST_ID.clone(), id.clone());
+        }
+        req
+    }
+}
+
 impl Upstream {
+    /// A passed-through request through the multiplexing client.
+    async fn pass_multiplexed(
+        &self,
+        req: Request<PassBody>,
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| classify_client_error(e, &self.base))?;
+        Ok(resp.map(UpstreamBody::from))
+    }
+
     /// A GET through the multiplexing client.
     async fn multiplexed(
         &self,
-        req: Request<Empty<Bytes>>,
+        req: Request<PassBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
         self.client
             .request(req)
@@ -458,18 +495,21 @@ impl Upstream {
         &self,
         mut req: Request<PassBody>,
         path_and_query: &str,
-    ) -> Result<http::Response<hyper::body::Incoming>, UpstreamError> {
+    ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         *req.uri_mut() = self.path_url(path_and_query)?;
         let credentials = self.credentials();
         let h = req.headers_mut();
         h.insert(AUTHORIZATION, credentials.authorization.clone());
         h.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
         h.insert(USER_AGENT, self.user_agent.clone());
-        let resp = self
-            .pass_client
-            .request(req)
-            .await
-            .map_err(|e| classify_client_error(e, &self.base))?;
+        // Not sent again once the upstream may have read it: it need not be idempotent.
+        let resp = match &self.inline {
+            Some(pool) => match pool.send(req, None::<&inline::Once>, &self.base).await? {
+                Sent::Answer(resp, lease) => resp.map(|body| UpstreamBody::leased(body, lease)),
+                Sent::Multiplexed(req) => self.pass_multiplexed(req).await?,
+            },
+            None => self.pass_multiplexed(req).await?,
+        };
         if resp.status().is_informational() {
             return Err(UpstreamError::BadResponse);
         }
