@@ -68,11 +68,12 @@ pub(super) trait Rebuild {
 }
 
 /// No second sending: for requests that are not idempotent, or whose body streams.
-pub(super) struct Once;
+/// Uninhabited: only `None::<&Once>` is ever passed.
+pub(super) enum Once {}
 
 impl Rebuild for Once {
     fn build(&self) -> Request<B> {
-        unreachable!("never asked: a request sent once is not rebuilt")
+        match *self {}
     }
 }
 
