@@ -262,6 +262,7 @@ async fn a_refused_connect_is_a_connect_failure() {
 /// aside and the multiplexing client answers.
 #[tokio::test]
 async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
+    use http_body_util::BodyExt;
     use rustls::pki_types::pem::PemObject;
 
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -316,10 +317,19 @@ async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
         let a = get(&up).await.unwrap();
         assert_eq!((a.status, &a.body[..]), (StatusCode::OK, BODY.as_bytes()));
     }
+    // A passed-through request (a streamed body) goes the same way.
+    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut post = http::Request::new(body);
+    *post.method_mut() = http::Method::POST;
+    let resp = up.pass(post, "/workflows/run").await.unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, BODY.as_bytes());
     let _ = std::fs::remove_file(&ca);
     let pool = up.inline.as_ref().unwrap();
     assert!(pool.inner.multiplexed.load(Ordering::Relaxed));
-    // The pool's one probe, then the multiplexing client's one connection for all three.
+    // The pool's one probe, then the multiplexing client's one connection for all four.
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
 }
 
