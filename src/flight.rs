@@ -4,7 +4,8 @@
 //! leader and runs the fetch on its own task; a leader dropped before the fetch ends (its client
 //! disconnected) hands the rest of it to a **task of its own**, so it does not cancel it for the
 //! others. Every request that arrives while it runs waits for that same
-//! result, woken when it completes (no polling). If the fetch fails, every waiter gets the same
+//! result, woken when it completes (no polling); the key is freed just before the result is
+//! published, so a fetch nobody joined wakes no one. If the fetch fails, every waiter gets the same
 //! failure and nothing is cached (the fetch itself decides what is cached, before it publishes).
 //! If the fetch panics, waiters get [`FlightLost`] and the key is freed.
 
@@ -147,12 +148,14 @@ where
             // A panicking fetch: the waiters lose it (the sender goes), the key is freed.
             return Err(FlightLost);
         };
-        // Publish first, then free the key: a request arriving in between joins this finished
-        // flight and gets its value at once.
+        // Free the key, then publish: a request arriving in between re-checks the cache (where
+        // the fetch has already put what it keeps) or starts a fetch of its own. With the
+        // table's receiver gone, a flight nobody joined publishes to no one and makes no
+        // wake-up calls (`send` returns at once without receivers).
+        drop(landing);
         if let Some(tx) = tx {
             let _ = tx.send(Some(v.clone()));
         }
-        drop(landing);
         Ok((v, Role::Leader))
     }
 }
@@ -177,10 +180,11 @@ impl<K: Hash + Eq + Send + 'static, V: Send + Sync + 'static> Drop for Flying<K,
             return;
         };
         runtime.spawn(async move {
-            if let Ok(v) = AssertUnwindSafe(fetch).catch_unwind().await {
+            let outcome = AssertUnwindSafe(fetch).catch_unwind().await;
+            drop(landing);
+            if let Ok(v) = outcome {
                 let _ = tx.send(Some(v));
             }
-            drop(landing);
         });
     }
 }

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
@@ -34,8 +34,8 @@ pub const CLAIM_TTL: Duration = Duration::from_secs(48 * 3600);
 pub const KEEP: Duration = Duration::from_secs(400 * 86_400);
 /// Most days one usage query may span.
 pub const MAX_DAYS: u64 = 366;
-/// Runs remembered as counted on one replica (least recently counted out first).
-const MAX_CLAIMS: u64 = 1_000_000;
+/// Runs remembered as counted on one replica (the least used make room first).
+const MAX_CLAIMS: usize = 1_000_000;
 const DAY: u64 = 86_400;
 
 /// What [`Usage::finished`] did with a run.
@@ -131,8 +131,10 @@ impl FinishedRun {
 
 /// Usage figures and quotas. Cheap to share behind the [`crate::Gateway`].
 pub struct Usage {
-    /// Runs counted by this replica, by (app, run id).
-    claims: moka::sync::Cache<(String, String), ()>,
+    /// Runs counted by this replica, by (app, run id), with when: an entry older than
+    /// [`CLAIM_TTL`] counts as absent when read, so no expiry bookkeeping runs on the path of
+    /// every finished run.
+    claims: quick_cache::sync::Cache<(String, String), Instant>,
     /// Daily figures by (day, client, app), when there is no shared tier.
     local: Mutex<BTreeMap<(String, String, String), Figures>>,
     shared: Option<SharedTier>,
@@ -144,7 +146,7 @@ pub struct Usage {
 impl std::fmt::Debug for Usage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Usage")
-            .field("claims", &self.claims.entry_count())
+            .field("claims", &self.claims.len())
             .field("shared", &self.shared.is_some())
             .finish_non_exhaustive()
     }
@@ -160,10 +162,7 @@ impl Usage {
         metrics: Arc<Metrics>,
     ) -> Usage {
         let usage = Usage {
-            claims: moka::sync::Cache::builder()
-                .max_capacity(MAX_CLAIMS)
-                .time_to_live(CLAIM_TTL)
-                .build(),
+            claims: quick_cache::sync::Cache::new(MAX_CLAIMS),
             local: Mutex::new(BTreeMap::new()),
             shared,
             quotas: ArcSwap::from_pointee(HashMap::new()),
@@ -235,6 +234,30 @@ impl Usage {
         .await
     }
 
+    /// Marks run `run_id` of `app` counted on this replica at `now`: `false` when it was
+    /// already, less than [`CLAIM_TTL`] before. One lock of the entry's shard decides, so of
+    /// two concurrent calls for one run exactly one gets `true`.
+    fn claim(&self, app: &str, run_id: &str, now: Instant) -> bool {
+        use quick_cache::sync::{EntryAction, EntryResult};
+        let key = (app.to_owned(), run_id.to_owned());
+        let renewed = |_: &(String, String), at: &mut Instant| {
+            let expired = now.saturating_duration_since(*at) >= CLAIM_TTL;
+            if expired {
+                *at = now;
+            }
+            EntryAction::Retain(expired)
+        };
+        match self.claims.entry(&key, None, renewed) {
+            EntryResult::Retained(fresh) => fresh,
+            EntryResult::Vacant(slot) => {
+                let _ = slot.insert(now);
+                true
+            }
+            // Not returned for `Retain`, nor for a wait without a timeout.
+            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => true,
+        }
+    }
+
     /// [`Usage::finished`] on a given day (`YYYY-MM-DD`).
     async fn count(
         &self,
@@ -244,12 +267,7 @@ impl Usage {
         run_id: &str,
         run: RunFigures<'_>,
     ) -> Counted {
-        let fresh = self
-            .claims
-            .entry((app.to_owned(), run_id.to_owned()))
-            .or_insert(())
-            .is_fresh();
-        if !fresh {
+        if !self.claim(app, run_id, Instant::now()) {
             return Counted::Duplicate;
         }
         let status = status_label(run.status);

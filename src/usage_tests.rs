@@ -68,6 +68,43 @@ async fn a_run_is_counted_once_whoever_reports_it() {
     );
 }
 
+#[test]
+fn a_claim_is_held_for_its_ttl_then_taken_again() {
+    let (u, _) = usage(&[]);
+    let run = "9f0c7a3e-0000-4000-8000-000000000002";
+    let t0 = Instant::now();
+    assert!(u.claim("app", run, t0));
+    assert!(!u.claim("app", run, t0));
+    assert!(!u.claim("app", run, t0 + CLAIM_TTL - Duration::from_secs(1)));
+    // Another app's run of the same id is another run.
+    assert!(u.claim("other", run, t0));
+    // Past the TTL it counts as absent, and the new claim holds from then on.
+    let later = t0 + CLAIM_TTL;
+    assert!(u.claim("app", run, later));
+    assert!(!u.claim("app", run, later + Duration::from_secs(1)));
+}
+
+#[test]
+fn concurrent_claims_of_one_run_give_it_to_exactly_one() {
+    let (u, _) = usage(&[]);
+    let u = Arc::new(u);
+    let now = Instant::now();
+    let won: usize = (0..8)
+        .map(|_| {
+            let u = Arc::clone(&u);
+            std::thread::spawn(move || {
+                (0..1000)
+                    .filter(|i| u.claim("app", &format!("run-{i}"), now))
+                    .count()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("no panic"))
+        .sum();
+    assert_eq!(won, 1000);
+}
+
 #[tokio::test]
 async fn an_unknown_status_is_counted_as_other() {
     let (u, _) = usage(&[]);
