@@ -46,7 +46,8 @@ pub struct Event {
 pub enum Data {
     /// No `data:` line.
     Empty,
-    /// Not a JSON object with a string `"event"` (or not valid JSON at all).
+    /// Not a JSON object with a string `"event"` (or not valid JSON at all). An event not acted
+    /// on is read only up to its name: what follows the name is not checked.
     Opaque,
     /// More than the cap: skipped, with what the first bytes named (Dify writes `event`,
     /// `task_id` and `workflow_run_id` before the large `data`).
@@ -349,10 +350,17 @@ impl Observer {
     }
 }
 
+/// The events the gateway acts on (a run's start and end, Dify's in-stream error): only for
+/// these is an event's whole data read and checked. Any other event (text chunks, nodes — most
+/// of a stream) is read only up to its name, which Dify writes first.
+const ACTED_ON: [&str; 3] = ["workflow_started", "workflow_finished", "error"];
+
 /// The top-level members of an event's data that matter, as they appear in it.
 #[derive(Default)]
 struct Top<'a> {
     event: Option<&'a RawValue>,
+    /// The `event` name of an event not [`ACTED_ON`], when reading stopped at it.
+    other: Option<Box<str>>,
     task_id: Option<&'a RawValue>,
     workflow_run_id: Option<&'a RawValue>,
     data: Option<&'a RawValue>,
@@ -370,8 +378,9 @@ enum Key {
     Other,
 }
 
-/// Fills a [`Top`] member by member, so a truncated object still yields its first members.
-struct TopVisitor<'t, 'a>(&'t mut Top<'a>);
+/// Fills a [`Top`] member by member, so a truncated object still yields its first members;
+/// with `.1`, stops at an `event` name not [`ACTED_ON`] (an error that only ends the reading).
+struct TopVisitor<'t, 'a>(&'t mut Top<'a>, bool);
 
 impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
     type Value = ();
@@ -383,6 +392,17 @@ impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key::<Key>()? {
             let slot = match key {
+                Key::Event if self.1 => {
+                    let raw = map.next_value()?;
+                    self.0.event = Some(raw);
+                    match value::<Box<str>>(Some(raw)) {
+                        Some(name) if !ACTED_ON.contains(&&*name) => {
+                            self.0.other = Some(name);
+                            return Err(serde::de::Error::custom("read up to its name"));
+                        }
+                        _ => continue,
+                    }
+                }
                 Key::Event => &mut self.0.event,
                 Key::TaskId => &mut self.0.task_id,
                 Key::WorkflowRunId => &mut self.0.workflow_run_id,
@@ -398,11 +418,12 @@ impl<'de> Visitor<'de> for TopVisitor<'_, 'de> {
     }
 }
 
-/// Reads `data`'s top-level members; `true` if it is one complete, valid JSON object.
-fn members(data: &[u8]) -> (Top<'_>, bool) {
+/// Reads `data`'s top-level members; `true` if it is one complete, valid JSON object. With
+/// `up_to_name`, an event not [`ACTED_ON`] is read only up to its name (`Top::other`).
+fn members(data: &[u8], up_to_name: bool) -> (Top<'_>, bool) {
     let mut top = Top::default();
     let mut de = serde_json::Deserializer::from_slice(data);
-    let valid = de.deserialize_map(TopVisitor(&mut top)).is_ok() && de.end().is_ok();
+    let valid = de.deserialize_map(TopVisitor(&mut top, up_to_name)).is_ok() && de.end().is_ok();
     (top, valid)
 }
 
@@ -413,7 +434,7 @@ fn value<T: DeserializeOwned>(raw: Option<&RawValue>) -> Option<T> {
 
 /// What an oversized event's head names.
 fn oversized(head: &[u8]) -> Data {
-    let (top, _) = members(head);
+    let (top, _) = members(head, false);
     Data::Oversized {
         name: value(top.event),
         workflow_run_id: value(top.workflow_run_id),
@@ -435,7 +456,10 @@ struct Run<'a> {
 
 /// Summarises a complete event's data.
 fn read(data: &[u8]) -> Data {
-    let (top, valid) = members(data);
+    let (top, valid) = members(data, true);
+    if let Some(name) = top.other {
+        return Data::Dify(DifyEvent::Other { name });
+    }
     let Some(name) = value::<Box<str>>(top.event).filter(|_| valid) else {
         return Data::Opaque;
     };

@@ -157,12 +157,32 @@ fn data_that_is_not_a_named_json_object_is_opaque() {
         "hello",
         "{\"no_event\":1}",
         "{\"event\":5}",
-        "{\"event\":\"x\"",
+        "{\"event\":\"workflow_finished\"",
+        "{\"event\":\"error\",\"status\":",
         "",
     ] {
         let events = whole(&format!("data: {data}\n\n"));
         assert_eq!(data_only(&events), vec![Data::Opaque], "{data}");
     }
+}
+
+#[test]
+fn an_event_not_acted_on_is_read_only_up_to_its_name() {
+    // Most of a stream (text chunks, nodes): named by its first member, the rest not read,
+    // so not checked either; wherever the name comes, reading stops there.
+    for data in [
+        "{\"event\":\"text_chunk\",\"data\":{\"text\":\"Caf\\u00e9\"}}",
+        "{\"event\":\"text_chunk\",\"data\":{\"text\":",
+        "{\"task_id\":\"t\",\"event\":\"text_chunk\",\"data\":[}",
+    ] {
+        let events = whole(&format!("data: {data}\n\n"));
+        assert_eq!(data_only(&events), vec![other("text_chunk")], "{data}");
+    }
+    // The events the gateway acts on are read whole: one whose data is cut is opaque.
+    let events = whole(
+        "data: {\"event\":\"workflow_started\",\"task_id\":\"t\",\"workflow_run_id\":\"r\"\n\n",
+    );
+    assert_eq!(data_only(&events), vec![Data::Opaque]);
 }
 
 #[test]
