@@ -558,7 +558,14 @@ impl Gateway {
                             .await
                             .map_err(|e| Refused::new(RejectReason::NoWebhook, e))?
                     }
-                    _ => d.serve_request(app, run, rid, client, &req.headers).await,
+                    // A fresh hit is answered without building the futures of the paths that
+                    // can wait; those are boxed, so the hit's own future stays small.
+                    _ => match d.try_hit(app, run, client, &req.headers) {
+                        Some(hit) => hit,
+                        None => {
+                            Box::pin(d.serve_request(app, run, rid, client, &req.headers)).await
+                        }
+                    },
                 };
                 info.cache = Some(served.cache);
                 info.error = served.error;

@@ -251,26 +251,46 @@ impl Ownership {
         }
     }
 
+    /// [`Ownership::check`] when this replica's memory answers it: `None` when the shared tier
+    /// must be asked (no record held here, or a held one has run out).
+    pub fn check_now(
+        &self,
+        app: AppId,
+        kind: Kind,
+        id: Uuid,
+        client: Option<&str>,
+    ) -> Option<Access> {
+        let Some(client) = client else {
+            return Some(Access::NotIsolated);
+        };
+        if !self.isolates(app) {
+            return Some(Access::NotIsolated);
+        }
+        match self.local.get(&(app, kind, id)) {
+            Some(r) if r.until > Instant::now() => Some(
+                r.client
+                    .map_or(Access::Unknown, |owner| judge(&owner, client)),
+            ),
+            Some(_) => None,
+            None => (self.shared.is_none() || self.app(app).is_none()).then_some(Access::Unknown),
+        }
+    }
+
     /// May `client` (its configured name; `None` when the gateway runs open) use `id`, a `kind`
     /// of `app`? Answered from memory when the record is held here, else from the shared tier
     /// (and then held here for what is left of it; a "no record" for `ownership.unknown_ttl`).
     pub async fn check(&self, app: AppId, kind: Kind, id: Uuid, client: Option<&str>) -> Access {
+        if let Some(access) = self.check_now(app, kind, id, client) {
+            return access;
+        }
         let Some(client) = client else {
             return Access::NotIsolated;
         };
-        if !self.isolates(app) {
-            return Access::NotIsolated;
-        }
         let key = (app, kind, id);
         let now = Instant::now();
-        match self.local.get(&key) {
-            Some(r) if r.until > now => {
-                return r
-                    .client
-                    .map_or(Access::Unknown, |owner| judge(&owner, client))
-            }
-            Some(_) => self.local.invalidate(&key),
-            None => {}
+        // A record held here has run out: asked again below.
+        if self.local.get(&key).is_some_and(|r| r.until <= now) {
+            self.local.invalidate(&key);
         }
         let (Some(shared), Some(a)) = (&self.shared, self.app(app)) else {
             return Access::Unknown;

@@ -190,3 +190,60 @@ async fn a_dead_shared_tier_never_lets_a_foreign_client_in_for_a_local_record() 
     assert_eq!(access, Access::Unverified);
     assert!(access.allowed());
 }
+
+#[tokio::test(start_paused = true)]
+async fn memory_alone_answers_what_it_holds() {
+    let ttl = Duration::from_secs(60);
+    let o = ownership(100, ttl, true);
+    let run = Uuid::new_v4();
+    assert_eq!(
+        o.check_now(A, Kind::Run, run, None),
+        Some(Access::NotIsolated)
+    );
+    // Without a shared tier, memory is all there is: an id not held is unknown, as for check.
+    assert_eq!(
+        o.check_now(A, Kind::Run, run, Some("team-b")),
+        Some(Access::Unknown)
+    );
+    o.record(A, Kind::Run, run, Some("team-a")).await;
+    assert_eq!(
+        o.check_now(A, Kind::Run, run, Some("team-a")),
+        Some(Access::Owner)
+    );
+    assert_eq!(
+        o.check_now(A, Kind::Run, run, Some("team-b")),
+        Some(Access::Foreign)
+    );
+    // A record that ran out is left to check, which drops it.
+    tokio::time::advance(ttl).await;
+    assert_eq!(o.check_now(A, Kind::Run, run, Some("team-b")), None);
+    assert_eq!(
+        o.check(A, Kind::Run, run, Some("team-b")).await,
+        Access::Unknown
+    );
+    let open = ownership(100, DAY, false);
+    assert_eq!(
+        open.check_now(A, Kind::Run, run, Some("team-b")),
+        Some(Access::NotIsolated)
+    );
+}
+
+#[tokio::test]
+async fn with_a_shared_tier_an_id_not_held_here_is_for_the_tier() {
+    let o = Ownership::new(
+        &OwnershipConfig {
+            max_records: 100,
+            ttl: DAY,
+            unknown_ttl: Duration::from_secs(1),
+        },
+        &[app("a", true)],
+        Some(dead_tier()),
+    );
+    let run = Uuid::new_v4();
+    assert_eq!(o.check_now(A, Kind::Run, run, Some("team-b")), None);
+    o.record(A, Kind::Run, run, Some("team-a")).await;
+    assert_eq!(
+        o.check_now(A, Kind::Run, run, Some("team-b")),
+        Some(Access::Foreign)
+    );
+}

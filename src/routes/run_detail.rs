@@ -101,6 +101,38 @@ impl RunDetail {
         &self.watchers
     }
 
+    /// The answer to a request a fresh cached entry serves as it is, made without waiting on
+    /// anything: the client may read the run by this replica's memory alone, and the request
+    /// asks for no wait. `None` sends the request down [`RunDetail::serve_request`], which
+    /// answers the same for such a request: this only spares a hit building the futures of the
+    /// paths that can wait.
+    pub fn try_hit(
+        &self,
+        app: &App,
+        run: RunId,
+        client: Option<&Arc<Client>>,
+        req: &HeaderMap,
+    ) -> Option<(Response<Body>, Served)> {
+        let access =
+            self.ownership
+                .check_now(app.id, Kind::Run, run.uuid(), client.map(|c| &*c.name))?;
+        if !access.allowed() || wait::preferred_wait(req).is_some() {
+            return None;
+        }
+        let found = self.cache.lookup(&CacheKey { app: app.id, run })?;
+        if !found.fresh {
+            return None;
+        }
+        let served = Served {
+            access,
+            ..Served::by(CacheOutcome::Hit)
+        };
+        Some((
+            conditional(answer(found.stored, CacheOutcome::Hit), req),
+            served,
+        ))
+    }
+
     /// [`RunDetail::serve`], then the conditional answer; with `Prefer: wait=N` on a running
     /// run whose body the client's `If-None-Match` (if any) still names, held until it changes
     /// (see [`super::wait`]).
