@@ -7,6 +7,8 @@
 #
 #   benches/callgrind-miss.sh                      # the current release build
 #   GATEWAY=/path/to/older/dify-gateway benches/callgrind-miss.sh
+#   HIT=1 benches/callgrind-miss.sh                # the hit path instead: one hot terminal run,
+#                                                  # access log off, wrk for 5 s (needs wrk)
 #
 # Prints instructions per request and the costliest functions (inclusive and self), and keeps
 # the callgrind output in bench-results/callgrind-<date>/.
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 N=${N:-2000}        # measured requests
 CONNS=${CONNS:-10}  # loadgen connections
+HIT=${HIT:-}        # 1: hits on one hot run instead of misses
 TOP=${TOP:-30}
 export DIFY_API_KEY=app-bench-callgrind TOKIO_WORKER_THREADS=1
 
@@ -35,8 +38,15 @@ cleanup() {
 trap cleanup EXIT
 
 read -r MOCK_PORT GW_PORT < <("$TARGET/examples/loadgen" ports 2 | paste -sd ' ')
-printf '[cache]\nrunning_ttl = "0s"\n' >"$OUT/gateway.toml"
-"$TARGET/examples/mock-dify" "127.0.0.1:$MOCK_PORT" 1000000 >"$OUT/mock.log" 2>&1 &
+if [ -n "$HIT" ]; then
+    command -v wrk >/dev/null || { echo "callgrind-miss.sh: HIT=1 needs wrk" >&2; exit 2; }
+    printf '[log]\naccess_log = false\n' >"$OUT/gateway.toml"
+    MOCK_SECS=0 # every run has ended: its answer is terminal, cached for good
+else
+    printf '[cache]\nrunning_ttl = "0s"\n' >"$OUT/gateway.toml"
+    MOCK_SECS=1000000
+fi
+"$TARGET/examples/mock-dify" "127.0.0.1:$MOCK_PORT" "$MOCK_SECS" >"$OUT/mock.log" 2>&1 &
 PIDS+=($!)
 valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
     "$GATEWAY" --config "$OUT/gateway.toml" --listen "127.0.0.1:$GW_PORT" \
@@ -52,14 +62,25 @@ load() {
     timeout 600 "$TARGET/examples/loadgen" warm --addr "127.0.0.1:$GW_PORT" --prefix "$1" \
         --count "$2" --conc "$CONNS"
 }
-load 8 500 >/dev/null # warm-up: pools, buffers, the allocator
-callgrind_control -z "$GW_PID" >/dev/null 2>&1
-load 9 "$N" >"$OUT/load.txt"
+if [ -n "$HIT" ]; then
+    HOT="http://127.0.0.1:$GW_PORT/v1/workflows/run/$(printf '%08x-0000-4000-8000-%012x' 2 1)"
+    curl -s -o /dev/null "$HOT"
+    timeout 60 wrk -t1 -c"$CONNS" -d3s "$HOT" >/dev/null # warm-up
+    callgrind_control -z "$GW_PID" >/dev/null 2>&1
+    timeout 60 wrk -t1 -c"$CONNS" -d5s "$HOT" >"$OUT/load.txt"
+    N=$(awk '/requests in/ {print $1}' "$OUT/load.txt")
+    WHAT=hits
+else
+    load 8 500 >/dev/null # warm-up: pools, buffers, the allocator
+    callgrind_control -z "$GW_PID" >/dev/null 2>&1
+    load 9 "$N" >"$OUT/load.txt"
+    WHAT=misses
+fi
 callgrind_control -d "$GW_PID" >/dev/null 2>&1
 sleep 1
 dump=$(ls -t "$OUT"/callgrind.out.* | head -1)
 total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')
-echo "== $(basename "$GATEWAY"): $N misses, $(awk -v t="$total" -v n="$N" 'BEGIN {printf "%.0f", t / n}') instructions per request (user space)"
+echo "== $(basename "$GATEWAY"): $N $WHAT, $(awk -v t="$total" -v n="$N" 'BEGIN {printf "%.0f", t / n}') instructions per request (user space)"
 echo "-- inclusive"
 callgrind_annotate --inclusive=yes --threshold=100 "$dump" 2>/dev/null | grep -E '^ *[0-9,]+ ' | head -"$TOP" \
     | awk -v n="$N" '{c = $1; gsub(",", "", c); $1 = ""; printf "%9.0f  %s\n", c / n, $0}' | cut -c1-170
