@@ -247,14 +247,17 @@ impl Usage {
             }
             EntryAction::Retain(expired)
         };
-        match self.claims.entry(&key, None, renewed) {
+        // No waiting (this runs on the runtime's threads): a claim being made elsewhere at this
+        // instant is that caller's.
+        match self.claims.entry(&key, Some(Duration::ZERO), renewed) {
             EntryResult::Retained(fresh) => fresh,
             EntryResult::Vacant(slot) => {
                 let _ = slot.insert(now);
                 true
             }
-            // Not returned for `Retain`, nor for a wait without a timeout.
-            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => true,
+            EntryResult::Timeout => false,
+            // Not returned for `Retain`.
+            EntryResult::Removed(..) | EntryResult::Replaced(..) => true,
         }
     }
 
