@@ -250,16 +250,31 @@ pub async fn follow(
         Watch::Blocking(Some(BytesMut::new()))
     };
     let mut last_upstream = Instant::now();
-    let mut last_sent = Instant::now();
-    let end = loop {
-        let mut wake = (last_upstream + bounds.idle).min(bounds.deadline);
+    let mut last_sent = last_upstream;
+    // When the next timeout or heartbeat is due; it only ever moves later.
+    let due = |last_upstream: Instant, last_sent: Instant, client: &Option<_>| {
+        let wake = (last_upstream + bounds.idle).min(bounds.deadline);
         if events && client.is_some() {
-            wake = wake.min(last_sent + bounds.heartbeat);
+            wake.min(last_sent + bounds.heartbeat)
+        } else {
+            wake
         }
+    };
+    // One timer for the whole answer, armed lazily: chunks move what is due later without
+    // touching it, and when it fires early it is set again to what is due by then. No timer
+    // work per chunk.
+    let timer = sleep_until(due(last_upstream, last_sent, &client));
+    tokio::pin!(timer);
+    let end = loop {
         let frame = tokio::select! {
             f = upstream.frame() => f,
-            _ = sleep_until(wake) => {
+            () = &mut timer => {
                 let now = Instant::now();
+                let wake = due(last_upstream, last_sent, &client);
+                if now < wake {
+                    timer.as_mut().reset(wake);
+                    continue;
+                }
                 if now >= bounds.deadline {
                     break End::RunTimeout;
                 }
@@ -274,6 +289,7 @@ pub async fn follow(
                     send(&mut client, sse::heartbeat(), bounds.idle).await;
                 }
                 last_sent = Instant::now();
+                timer.as_mut().reset(due(last_upstream, last_sent, &client));
                 continue;
             }
         };
@@ -310,17 +326,19 @@ pub async fn follow(
         }
         // Each chunk is read for the run's start and end just before it goes, so a hook that
         // waits (recording the run) holds back only the chunk that names it.
+        let mut sent = false;
         for data in std::iter::once(data).chain(more) {
             watch
                 .observe(&data, &mut hooks, bounds.max_answer_bytes)
                 .await;
-            if send(&mut client, data, bounds.idle).await {
-                last_sent = Instant::now();
-            }
+            sent |= send(&mut client, data, bounds.idle).await;
         }
         // Upstream silence is counted from here: time spent on a slow client is not the
         // upstream's.
         last_upstream = Instant::now();
+        if sent {
+            last_sent = last_upstream;
+        }
         if let Some(end) = ended {
             break end;
         }
@@ -379,6 +397,15 @@ async fn behind_ready_tasks() {
 async fn send(client: &mut Option<mpsc::Sender<Bytes>>, b: Bytes, patience: Duration) -> bool {
     let Some(tx) = client else {
         return false;
+    };
+    // A client keeping up has room: no timer is needed for it.
+    let b = match tx.try_send(b) {
+        Ok(()) => return true,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            *client = None;
+            return false;
+        }
+        Err(mpsc::error::TrySendError::Full(b)) => b,
     };
     match tokio::time::timeout(patience, tx.send(b)).await {
         Ok(Ok(())) => true,
