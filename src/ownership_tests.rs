@@ -160,9 +160,9 @@ fn dead_tier() -> SharedTier {
     SharedTier::new(SharedConfig::for_url(&format!("redis://127.0.0.1:{port}")).unwrap()).unwrap()
 }
 
-#[tokio::test]
-async fn a_dead_shared_tier_never_lets_a_foreign_client_in_for_a_local_record() {
-    let o = Ownership::new(
+/// An isolating app's ownership with a shared tier nobody answers on.
+fn behind_dead_tier() -> Ownership {
+    Ownership::new(
         &OwnershipConfig {
             max_records: 100,
             ttl: DAY,
@@ -170,7 +170,12 @@ async fn a_dead_shared_tier_never_lets_a_foreign_client_in_for_a_local_record() 
         },
         &[app("a", true)],
         Some(dead_tier()),
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_dead_shared_tier_never_lets_a_foreign_client_in_for_a_local_record() {
+    let o = behind_dead_tier();
     let run = Uuid::new_v4();
     assert_eq!(
         o.record(A, Kind::Run, run, Some("team-a")).await,
@@ -230,15 +235,7 @@ async fn memory_alone_answers_what_it_holds() {
 
 #[tokio::test]
 async fn with_a_shared_tier_an_id_not_held_here_is_for_the_tier() {
-    let o = Ownership::new(
-        &OwnershipConfig {
-            max_records: 100,
-            ttl: DAY,
-            unknown_ttl: Duration::from_secs(1),
-        },
-        &[app("a", true)],
-        Some(dead_tier()),
-    );
+    let o = behind_dead_tier();
     let run = Uuid::new_v4();
     assert_eq!(o.check_now(A, Kind::Run, run, Some("team-b")), None);
     o.record(A, Kind::Run, run, Some("team-a")).await;
