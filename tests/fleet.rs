@@ -185,13 +185,18 @@ async fn a_corrupt_value_in_redis_is_not_served_and_is_overwritten() {
     assert_eq!(up.hits(&id), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
-    let redis = RedisServer::start();
+/// Holds a long-poll on `b` for `RUN` (running, fresh for far longer than the wait), with the
+/// shared tier down while it joins when `down_at_join`; then `a` refreshes the run to
+/// `succeeded` and the held request must answer with it.
+async fn a_refresh_on_one_replica_wakes_a_long_poll_on_another(down_at_join: bool) {
+    let mut redis = RedisServer::start();
     let up = spawn_upstream().await;
     up.set(RUN, Reply::run(RUN, "\"running\""));
     // Entries stay fresh far longer than the wait: only another replica's fetch can wake it.
     let extra = "[cache]\nrunning_ttl = \"60s\"\n";
+    if down_at_join {
+        redis.stop();
+    }
     let a = spawn_gateway(fleet_config(&up, &redis, extra)).await;
     let b = spawn_gateway(fleet_config(&up, &redis, extra)).await;
     let url = b.run_url(RUN);
@@ -200,12 +205,23 @@ async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
     });
     let m = std::sync::Arc::clone(b.gateway.metrics());
     eventually("a held request on b", move || m.longpoll_waiters.get() == 1).await;
+    if down_at_join {
+        // The run's watcher starts with no subscription to hear the fleet on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        redis.restart();
+    }
     // b hears a's publication only once its subscription is up (it connects in the background).
     let tier = b.gateway.shared_tier().unwrap().clone();
     eventually("b subscribed to the fleet's notifications", move || {
         tier.subscribed()
     })
     .await;
+    // a's commands reach Redis again (its connection reconnects on use).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.gateway.shared_tier().unwrap().ping().await.is_err() {
+        assert!(Instant::now() < deadline, "a never reached Redis again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     up.set(RUN, Reply::run(RUN, "\"succeeded\""));
     // Replica a refreshes (its entry purged from both tiers) and publishes the new state.
     a.gateway
@@ -217,6 +233,16 @@ async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.json()["status"], "succeeded", "woken by a's refresh");
     assert_eq!(got.header("preference-applied"), Some("wait=25"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_on_one_replica_wakes_on_another_replicas_refresh() {
+    a_refresh_on_one_replica_wakes_a_long_poll_on_another(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_held_before_the_subscription_is_up_wakes_on_another_replicas_refresh() {
+    a_refresh_on_one_replica_wakes_a_long_poll_on_another(true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -373,11 +373,12 @@ impl SharedTier {
     }
 
     /// Completions of fetches of (`app_tag`, `run`) on any replica, from now on, while the
-    /// returned waiter lives; `None` when the subscription is down.
+    /// returned waiter lives. Registered while the subscription is down, the waiter is told
+    /// `Lost` when it comes up (whatever was published before then never reached it), and hears
+    /// every completion after that.
     pub(crate) fn completions(&self, app_tag: &str, run: RunId) -> Option<Completions> {
         let keys = self.keys("watch", app_tag, run).ok()?;
-        let waiter = self.inner.registry.register(&keys.run);
-        self.inner.registry.connected().then_some(waiter)
+        Some(self.inner.registry.register(&keys.run))
     }
 
     /// Deletes the value of (`app_tag`, `run`); `true` if there was one.

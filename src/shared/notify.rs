@@ -30,7 +30,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(50);
 pub(crate) enum Signal {
     /// The fetch for this run finished; `stored` says whether it left a value in Redis.
     Done { stored: bool },
-    /// The subscription broke: a completion may have been missed.
+    /// The subscription broke or came (back) up: a completion may have been missed.
     Lost,
 }
 
@@ -76,8 +76,14 @@ impl Registry {
         }
     }
 
+    /// Marks the subscription live, then wakes every waiter registered while it was down: a
+    /// completion published before it came up never reached them.
     fn set_connected(&self) {
-        self.connected.store(true, Ordering::SeqCst);
+        if !self.connected.swap(true, Ordering::SeqCst) {
+            for tx in self.table().values() {
+                let _ = tx.send(Signal::Lost);
+            }
+        }
     }
 
     /// Marks the subscription down, then wakes every waiter: what they wait for may be lost.
@@ -219,6 +225,26 @@ mod tests {
         drop(a2);
         drop(b);
         assert_eq!(r.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_registered_while_down_is_woken_when_the_subscription_comes_up() {
+        let r = Arc::new(Registry::default());
+        let mut early = r.register("t:a");
+        r.set_connected();
+        // Whatever was published before the subscription was up is told as a possible loss.
+        assert_eq!(early.recv().await, Some(Signal::Lost));
+        // From now on, completions reach it; a second confirmation wakes nobody.
+        r.set_connected();
+        r.dispatch("t:a", Signal::Done { stored: true });
+        assert_eq!(early.recv().await, Some(Signal::Done { stored: true }));
+        let mut late = r.register("t:a");
+        r.set_connected();
+        let none = tokio::time::timeout(Duration::from_millis(50), late.recv()).await;
+        assert!(
+            none.is_err(),
+            "woken by a subscription that never went down"
+        );
     }
 
     #[tokio::test]
