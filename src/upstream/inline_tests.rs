@@ -258,11 +258,14 @@ async fn a_refused_connect_is_a_connect_failure() {
     );
 }
 
-/// A TLS upstream that offers only HTTP/2 by ALPN, trusted through `ca_file`: the pool stands
-/// aside and the multiplexing client answers.
-#[tokio::test]
-async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
-    use http_body_util::BodyExt;
+/// A TLS upstream that offers only HTTP/2 by ALPN, allowing `max_streams` concurrent streams
+/// per connection: a GET is answered `BODY`; a POST's answer sends `BODY` and, when `hold`,
+/// stays open (a stream in progress) until the test ends. Returns an app trusting it through
+/// `ca_file`, the count of connections accepted and the CA file to remove.
+async fn h2_upstream(
+    max_streams: u32,
+    hold: bool,
+) -> (Upstream, Arc<AtomicUsize>, std::path::PathBuf) {
     use rustls::pki_types::pem::PemObject;
 
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -291,15 +294,32 @@ async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
                     return;
                 };
                 let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
+                    move |req: http::Request<hyper::body::Incoming>| async move {
                         assert_eq!(req.version(), http::Version::HTTP_2);
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from_static(BODY.as_bytes())),
-                        ))
+                        let (tx, rx) = tokio::sync::mpsc::channel::<
+                            Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+                        >(1);
+                        tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                            BODY.as_bytes(),
+                        ))))
+                        .await
+                        .unwrap();
+                        if req.method() == http::Method::POST && hold {
+                            // The stream stays open as long as the server runs.
+                            tokio::spawn(async move {
+                                tx.closed().await;
+                            });
+                        }
+                        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                            rx.recv().await.map(|f| (f, rx))
+                        });
+                        let body = http_body_util::StreamBody::new(frames);
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
                     },
                 );
                 let _ =
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(max_streams)
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                         .await;
             });
@@ -313,24 +333,64 @@ async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
     let up = upstream(&format!("https://localhost:{port}/v1"), |c| {
         c.upstream.ca_file = Some(ca.clone());
     });
-    for _ in 0..3 {
-        let a = get(&up).await.unwrap();
-        assert_eq!((a.status, &a.body[..]), (StatusCode::OK, BODY.as_bytes()));
-    }
-    // A passed-through request (a streamed body) goes the same way.
+    (up, accepted, ca)
+}
+
+fn post() -> http::Request<crate::upstream::PassBody> {
+    use http_body_util::BodyExt;
+
     let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"))
         .map_err(|never| match never {})
         .boxed_unsync();
     let mut post = http::Request::new(body);
     *post.method_mut() = http::Method::POST;
-    let resp = up.pass(post, "/workflows/run").await.unwrap();
-    let got = resp.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(got, BODY.as_bytes());
+    post
+}
+
+/// An upstream that speaks only HTTP/2: the pool stands aside and the multiplexing clients
+/// answer, one connection for the GETs and one for the passthroughs.
+#[tokio::test]
+async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
+    use http_body_util::BodyExt;
+
+    let (up, accepted, ca) = h2_upstream(100, false).await;
+    for _ in 0..3 {
+        let a = get(&up).await.unwrap();
+        assert_eq!((a.status, &a.body[..]), (StatusCode::OK, BODY.as_bytes()));
+    }
+    for _ in 0..2 {
+        let resp = up.pass(post(), "/workflows/run").await.unwrap();
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, BODY.as_bytes());
+    }
     let _ = std::fs::remove_file(&ca);
     let pool = up.inline.as_ref().unwrap();
     assert!(pool.inner.multiplexed.load(Ordering::Relaxed));
-    // The pool's one probe, then the multiplexing client's one connection for all four.
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // The pool's one probe, then one connection for the GETs and one for the passthroughs.
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+/// Streams in progress fill their connection's concurrent-stream limit: the run-detail GETs,
+/// on a connection of their own, are not queued behind them.
+#[tokio::test]
+async fn streams_filling_an_http2_connection_do_not_hold_up_the_gets() {
+    use http_body_util::BodyExt;
+
+    let (up, _accepted, ca) = h2_upstream(1, true).await;
+    // The probe finds HTTP/2 first.
+    get(&up).await.unwrap();
+    let mut stream = up.pass(post(), "/workflows/run").await.unwrap().into_body();
+    let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, BODY.as_bytes());
+    for _ in 0..3 {
+        let a = tokio::time::timeout(Duration::from_secs(5), get(&up))
+            .await
+            .expect("a GET queued behind an open stream")
+            .unwrap();
+        assert_eq!((a.status, &a.body[..]), (StatusCode::OK, BODY.as_bytes()));
+    }
+    let _ = std::fs::remove_file(&ca);
+    drop(stream);
 }
 
 /// An exchange's future is moved whole into its deadline's timer on every miss: the handshake of

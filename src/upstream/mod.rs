@@ -147,8 +147,12 @@ pub struct Upstream {
     /// Run-detail and other GETs over HTTP/1.1: connections driven by the requests using them.
     /// Passed-through requests too (their bodies stream): the answer's reader drives them.
     inline: Option<InlinePool>,
-    /// Every request when the upstream speaks HTTP/2 (or the base has no authority to dial).
+    /// Run-detail GETs when the upstream speaks HTTP/2 (or the base has no authority to dial).
     client: Client<HttpsConnector<HttpConnector>, PassBody>,
+    /// Passed-through requests then: a pool (so an HTTP/2 connection) of their own, so long
+    /// streams filling a connection's concurrent-stream limit or flow-control window never
+    /// queue the run-detail GETs behind them.
+    pass_client: Client<HttpsConnector<HttpConnector>, PassBody>,
     /// `scheme://authority/path` of the base, without a trailing slash.
     base: Arc<str>,
     /// The key and its tag, swapped together when the key rotates; a fetch loads them once
@@ -247,6 +251,7 @@ impl Upstream {
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host);
         let client = builder.build(connector.clone());
+        let pass_client = builder.build(connector.clone());
         let inline = InlinePool::new(
             connector,
             &app.base_url,
@@ -257,6 +262,7 @@ impl Upstream {
         Ok(Upstream {
             inline,
             client,
+            pass_client,
             base: app.base_url.to_string().trim_end_matches('/').into(),
             credentials: Arc::new(ArcSwap::from_pointee(credentials)),
             user_agent: HeaderValue::from_static(concat!(
@@ -458,13 +464,13 @@ impl inline::Rebuild for RunGet {
 }
 
 impl Upstream {
-    /// A passed-through request through the multiplexing client.
+    /// A passed-through request through the passthroughs' multiplexing client.
     async fn pass_multiplexed(
         &self,
         req: Request<PassBody>,
     ) -> Result<http::Response<UpstreamBody>, UpstreamError> {
         let resp = self
-            .client
+            .pass_client
             .request(req)
             .await
             .map_err(|e| classify_client_error(e, &self.base))?;
