@@ -420,7 +420,14 @@ impl From<Incoming> for UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// `body` read through `lease`. A body that is already at its end (a `204`, a
+    /// `Content-Length: 0`, an answer to `HEAD`) may never be polled: its connection goes back
+    /// to the pool now.
     pub(super) fn leased(body: Incoming, lease: Lease) -> Self {
+        if body.is_end_stream() {
+            lease.release();
+            return UpstreamBody { body, lease: None };
+        }
         UpstreamBody {
             body,
             lease: Some(lease),

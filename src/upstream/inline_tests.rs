@@ -36,6 +36,8 @@ enum Then {
     Close,
     /// Sends a head promising 100 bytes, 10 of them, and closes.
     CutBody,
+    /// Answers `204 No Content` and keeps the connection.
+    NoContent,
 }
 
 /// A raw HTTP/1.1 upstream: every connection follows `script` request by request (the last
@@ -117,6 +119,10 @@ async fn serve(
                 return;
             }
             Then::Close => return,
+            Then::NoContent => s
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap(),
             Then::CutBody => {
                 let cut = "HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789";
                 s.write_all(cut.as_bytes()).await.unwrap();
@@ -445,4 +451,21 @@ async fn a_passed_through_answer_returns_its_connection_only_when_read_to_its_en
         "{}",
         heads[0]
     );
+}
+
+/// An answer with no body (a `204`, like a stop or a delete) is never polled by whoever passes
+/// it on: its connection goes back to the pool all the same.
+#[tokio::test]
+async fn a_passed_through_answer_without_a_body_returns_its_connection() {
+    let server = raw(vec![Then::NoContent]).await;
+    let up = upstream(&server.base, |_| {});
+    for _ in 0..3 {
+        let mut req = post();
+        *req.method_mut() = http::Method::DELETE;
+        let resp = up.pass(req, "/files/f").await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        drop(resp);
+    }
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(idle_count(&up), 1);
 }
