@@ -7,8 +7,9 @@
 //! at most `pool_idle_timeout` since it was last used, and at most `pool_max_idle_per_host` of
 //! them; a request holds its connection from checkout until its answer's body is read and polls
 //! it itself. A connection whose exchange did not end cleanly (an error, a cap, a timeout, a
-//! cancelled fetch) is closed, never reused. A request that finds its reused connection closed
-//! by the upstream before any answer is sent once more on a new one (a GET is idempotent). If
+//! cancelled fetch) is closed, never reused. A GET that finds its reused connection closed or
+//! reset by the upstream before any answer is sent once more on a new one (it is idempotent);
+//! any other request only if hyper hands it back unsent. If
 //! the upstream picks HTTP/2 by ALPN, the pool stands aside for good and the multiplexing
 //! client serves its requests.
 
@@ -320,8 +321,9 @@ async fn reap(pool: Weak<Inner>) {
 
 /// Why an exchange on a connection failed.
 enum Failed {
-    /// The connection ended before any answer: a reused one may have been closed by the
-    /// upstream while idle. The request comes back if the upstream never read any of it.
+    /// The connection ended (closed or reset) before any answer: a reused one may have been
+    /// closed by the upstream while idle. The request comes back if the upstream never read any
+    /// of it.
     Closed(UpstreamError, Option<Box<Request<B>>>),
     Other(UpstreamError),
 }
@@ -351,7 +353,11 @@ impl Lease {
             Ok(Err(mut e)) => {
                 let unsent = e.take_message().map(Box::new);
                 let e = e.into_error();
-                if unsent.is_some() || e.is_canceled() || e.is_incomplete_message() {
+                if unsent.is_some()
+                    || e.is_canceled()
+                    || e.is_incomplete_message()
+                    || reset_by_peer(&e)
+                {
                     Err(Failed::Closed(protocol(&e), unsent))
                 } else {
                     Err(Failed::Other(protocol(&e)))
@@ -505,6 +511,21 @@ impl std::fmt::Debug for UpstreamBody {
 /// The connection a [`Lease::drive`] polled ended before the work did.
 #[derive(Debug)]
 pub(super) struct Ended;
+
+/// Did the upstream reset the connection (or close it under a write)? On a reused connection,
+/// before any answer, that is an idle connection the upstream had already given up.
+fn reset_by_peer(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted);
+        }
+        source = s.source();
+    }
+    false
+}
 
 fn protocol(e: &hyper::Error) -> UpstreamError {
     tracing::debug!(error = %e, "upstream exchange failed");

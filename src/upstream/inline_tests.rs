@@ -38,6 +38,8 @@ enum Then {
     CutBody,
     /// Answers `204 No Content` and keeps the connection.
     NoContent,
+    /// Resets the connection (`RST`) without answering.
+    Reset,
 }
 
 /// A raw HTTP/1.1 upstream: every connection follows `script` request by request (the last
@@ -119,6 +121,10 @@ async fn serve(
                 return;
             }
             Then::Close => return,
+            Then::Reset => {
+                s.set_zero_linger().unwrap();
+                return;
+            }
             Then::NoContent => s
                 .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
                 .await
@@ -194,6 +200,20 @@ async fn a_reused_connection_closed_before_answering_is_sent_again_on_a_new_one(
     assert_eq!((a.status, &a.body[..]), (StatusCode::OK, BODY.as_bytes()));
     assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
     assert_eq!(server.heads.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_reused_connection_reset_before_answering_is_sent_again_on_a_new_one() {
+    // Each connection answers its first request and resets on the second.
+    let server = raw(vec![Then::Answer, Then::Reset]).await;
+    let up = upstream(&server.base, |_| {});
+    for _ in 0..3 {
+        let a = get(&up).await.unwrap();
+        assert_eq!((a.status, &a.body[..]), (StatusCode::OK, BODY.as_bytes()));
+    }
+    // The second and third GETs each met a reset and were answered on a new connection.
+    assert_eq!(server.accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(server.heads.lock().unwrap().len(), 5);
 }
 
 #[tokio::test]
