@@ -109,6 +109,11 @@ struct Inner {
     idle_timeout: Duration,
     /// The upstream answered a connect with HTTP/2: every request goes to the multiplexing client.
     multiplexed: AtomicBool,
+    /// A connect has told which protocol the upstream picks (set after the first that succeeds).
+    probed: AtomicBool,
+    /// Held by the one request whose connect finds that out; the others needing a connection
+    /// meanwhile wait for it rather than each shaking hands with an upstream that may multiplex.
+    probe: tokio::sync::Mutex<()>,
     /// A task closes idle connections past their time while there are any.
     reaping: AtomicBool,
 }
@@ -154,6 +159,8 @@ impl InlinePool {
                 max_idle,
                 idle_timeout,
                 multiplexed: AtomicBool::new(false),
+                probed: AtomicBool::new(false),
+                probe: tokio::sync::Mutex::new(()),
                 reaping: AtomicBool::new(false),
             }),
         })
@@ -197,7 +204,7 @@ impl InlinePool {
         }
         // Boxed: a new connection is the rare case, and its handshake (a TLS session inside)
         // would otherwise size every exchange's future, which is moved whole on each miss.
-        let conn = match Box::pin(self.connect(base)).await? {
+        let conn = match Box::pin(self.probe_or_connect(base)).await? {
             Some(conn) => conn,
             None => {
                 *req.uri_mut() = absolute;
@@ -233,6 +240,22 @@ impl InlinePool {
         None
     }
 
+    /// A new connection, or `None` if the upstream chose HTTP/2. Until one connect has found out
+    /// which, only one request dials at a time: those arriving meanwhile wait for its outcome
+    /// and dial (in parallel) only if it was HTTP/1.1 or failed.
+    async fn probe_or_connect(&self, base: &str) -> Result<Option<Box<Conn>>, UpstreamError> {
+        if !self.inner.probed.load(Ordering::Acquire) {
+            match self.inner.probe.try_lock() {
+                Ok(_probing) => return self.connect(base).await,
+                Err(_) => drop(self.inner.probe.lock().await),
+            }
+            if self.inner.multiplexed.load(Ordering::Acquire) {
+                return Ok(None);
+            }
+        }
+        self.connect(base).await
+    }
+
     /// A new connection, or `None` if the upstream chose HTTP/2 (from now on, every request
     /// goes to the multiplexing client).
     async fn connect(&self, base: &str) -> Result<Option<Box<Conn>>, UpstreamError> {
@@ -246,9 +269,11 @@ impl InlinePool {
                 upstream = base,
                 "upstream negotiated HTTP/2; its GETs use the multiplexing client"
             );
-            self.inner.multiplexed.store(true, Ordering::Relaxed);
+            self.inner.multiplexed.store(true, Ordering::Release);
+            self.inner.probed.store(true, Ordering::Release);
             return Ok(None);
         }
+        self.inner.probed.store(true, Ordering::Release);
         let (send, driver) = http1::handshake(io).await.map_err(|e| {
             tracing::debug!(error = %e, "upstream HTTP/1.1 handshake failed");
             UpstreamError::Protocol
@@ -262,18 +287,20 @@ impl InlinePool {
             return;
         }
         let now = Instant::now();
+        let mut evicted = None;
         let start_reaper = {
             let mut idle = self.inner.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() >= self.inner.max_idle {
-                // The least recently used goes (closed outside the lock, when dropped).
                 if idle.is_empty() {
                     return;
                 }
-                drop(idle.remove(0));
+                // The least recently used goes (closed outside the lock, when dropped).
+                evicted = Some(idle.remove(0));
             }
             idle.push(Idle { conn, since: now });
             !self.inner.reaping.swap(true, Ordering::Relaxed)
         };
+        drop(evicted);
         if start_reaper {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(reap(Arc::downgrade(&self.inner)));

@@ -396,6 +396,40 @@ async fn an_http2_upstream_is_served_by_the_multiplexing_client() {
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
+/// Many first requests at once (a restart under load): one of them finds out that the upstream
+/// speaks HTTP/2, the others wait for that rather than each shaking hands for nothing; against
+/// an HTTP/1.1 upstream they then dial in parallel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_probe_the_protocol_once() {
+    let (up, accepted, ca) = h2_upstream(100, false).await;
+    let gets: Vec<_> = (0..20)
+        .map(|_| {
+            let up = up.clone();
+            tokio::spawn(async move { get(&up).await })
+        })
+        .collect();
+    for g in gets {
+        assert_eq!(g.await.unwrap().unwrap().status, StatusCode::OK);
+    }
+    let _ = std::fs::remove_file(&ca);
+    // The probe, then the GETs' multiplexed connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    let server = raw(vec![Then::Answer]).await;
+    let up = upstream(&server.base, |_| {});
+    let gets: Vec<_> = (0..20)
+        .map(|_| {
+            let up = up.clone();
+            tokio::spawn(async move { get(&up).await })
+        })
+        .collect();
+    for g in gets {
+        assert_eq!(g.await.unwrap().unwrap().body, BODY.as_bytes());
+    }
+    let n = server.accepted.load(Ordering::SeqCst);
+    assert!((1..=20).contains(&n), "{n} connections");
+}
+
 /// Streams in progress fill their connection's concurrent-stream limit: the run-detail GETs,
 /// on a connection of their own, are not queued behind them.
 #[tokio::test]

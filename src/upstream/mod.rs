@@ -250,14 +250,19 @@ impl Upstream {
             .timer(TokioTimer::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
             .pool_max_idle_per_host(cfg.pool_max_idle_per_host);
-        let client = builder.build(connector.clone());
-        let pass_client = builder.build(connector.clone());
         let inline = InlinePool::new(
-            connector,
+            connector.clone(),
             &app.base_url,
             cfg.pool_max_idle_per_host,
             cfg.pool_idle_timeout,
         );
+        if inline.is_some() {
+            // The multiplexing clients serve only an upstream the pool found speaking HTTP/2:
+            // told so, each dials one connection however many requests arrive at once.
+            builder.http2_only(true);
+        }
+        let client = builder.build(connector.clone());
+        let pass_client = builder.build(connector);
 
         Ok(Upstream {
             inline,
